@@ -1,0 +1,5 @@
+"""`python -m dmrepl` runs the CLI."""
+
+from dmrepl.cli import main
+
+main()

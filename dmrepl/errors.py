@@ -1,0 +1,55 @@
+"""Error types and the exit codes the CLI maps them to.
+
+Every error carries a message (what went wrong), optional context (the evidence)
+and a hint (what to do). The CLI renders them once; `--debug` re-raises.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes; documented in docs/cli.md."""
+
+    OK = 0
+    FAILURE = 1  # unexpected internal error
+    USAGE = 2  # bad arguments (typer also uses 2)
+    CONFIG = 3  # configuration file invalid
+    COMMAND_FAILED = 4  # an external command failed
+    NOT_ROOT = 5
+    NO_DEVICE_MAPPER = 6  # kernel lacks device-mapper or a needed target
+    BUSY = 7  # another run holds the lock
+    UNSAFE = 8  # a safety check refused to touch a device
+    VM_FAILED = 9  # the test VM could not run or ran no tests
+    INVALID_INPUT = 10  # a value (size, block size, ...) is out of range
+
+
+class DmreplError(Exception):
+    """Base class for errors shown to the user."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+    def __init__(self, message: str, *, hint: str | None = None, context: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.context = context
+
+
+class InvalidInput(DmreplError):
+    """A user-supplied value is malformed or out of range."""
+
+    exit_code = ExitCode.INVALID_INPUT
+
+
+class NotRoot(DmreplError):
+    exit_code = ExitCode.NOT_ROOT
+
+
+class NoDeviceMapper(DmreplError):
+    exit_code = ExitCode.NO_DEVICE_MAPPER
+
+
+class VmFailed(DmreplError):
+    exit_code = ExitCode.VM_FAILED

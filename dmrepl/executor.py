@@ -1,0 +1,204 @@
+"""The command gateway: the only module that runs external commands.
+
+Every command is an `Op` value (argv, optional stdin, whether it mutates state).
+A `Runner` executes it with `LC_ALL=C`, a timeout, no pty, and logs argv and
+duration; failures raise `CommandFailed` carrying argv, exit code and the whole
+stdout/stderr. `DryRunRunner` prints mutating ops instead of running them, so
+`--dry-run` shows exactly what would run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sh
+
+from dmrepl.errors import DmreplError, ExitCode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Op:
+    """One external command. Pure data: safe to print, compare and test."""
+
+    argv: tuple[str, ...]
+    stdin: str | None = None
+    mutating: bool = True
+    timeout_s: float | None = None  # None: the runner's default
+
+    def render(self) -> str:
+        """The shell-quoted command line, plus stdin if any (for dry-run and logs)."""
+        line = shlex.join(self.argv)
+        if self.stdin is not None:
+            line += " <<'EOF'\n" + self.stdin.rstrip("\n") + "\nEOF"
+        return line
+
+
+def command(*argv: str | int, stdin: str | None = None, mutating: bool = True) -> Op:
+    """Build an `Op` from arguments (ints are converted to strings)."""
+    return Op(tuple(str(a) for a in argv), stdin=stdin, mutating=mutating)
+
+
+def probe(*argv: str | int, stdin: str | None = None) -> Op:
+    """Build a read-only `Op`: it runs even under `--dry-run`."""
+    return command(*argv, stdin=stdin, mutating=False)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished command returned."""
+
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration_s: float
+
+
+class CommandFailed(DmreplError):
+    """An external command exited non-zero. Keeps the whole evidence."""
+
+    exit_code = ExitCode.COMMAND_FAILED
+
+    def __init__(self, argv: tuple[str, ...], returncode: int, stdout: str, stderr: str):
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        detail = stderr.strip() or stdout.strip() or "(no output)"
+        super().__init__(
+            f"{shlex.join(argv)} failed with exit code {returncode}",
+            context=detail,
+        )
+
+
+class CommandTimedOut(CommandFailed):
+    """An external command ran past its timeout and was killed (output so far is kept)."""
+
+    def __init__(self, argv: tuple[str, ...], timeout_s: float, stdout: str, stderr: str):
+        super().__init__(argv, -9, stdout, stderr)
+        self.timeout_s = timeout_s
+        self.message = f"{shlex.join(argv)} timed out after {timeout_s:g} s and was killed"
+        self.args = (self.message,)
+        self.hint = "the device may be suspended or the system overloaded; check `dmsetup info`"
+
+
+class CommandNotFound(DmreplError):
+    """The program is not installed or not on PATH."""
+
+    exit_code = ExitCode.COMMAND_FAILED
+
+
+def _decode(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    return data.decode("utf-8", errors="replace")
+
+
+def command_env() -> dict[str, str]:
+    """The environment for every command: ours, with a fixed C locale."""
+    return {**os.environ, "LC_ALL": "C", "LANG": "C"}
+
+
+class Runner:
+    """Runs `Op`s for real."""
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.timeout_s = timeout_s
+
+    def run(self, op: Op, *, ok_codes: Iterable[int] = (0,)) -> Result:
+        """Run `op` and return its result; raise `CommandFailed` on an exit code not in ok_codes."""
+        timeout = op.timeout_s if op.timeout_s is not None else self.timeout_s
+        stdout, stderr = io.BytesIO(), io.BytesIO()
+        started = time.monotonic()
+        log.debug("run: %s", op.render())
+        try:
+            exit_code = self._execute(op, timeout, _out=stdout, _err=stderr)
+        except sh.TimeoutException as exc:
+            raise CommandTimedOut(
+                op.argv, timeout, _decode(stdout.getvalue()), _decode(stderr.getvalue())
+            ) from exc
+        result = Result(
+            argv=op.argv,
+            exit_code=exit_code,
+            stdout=_decode(stdout.getvalue()),
+            stderr=_decode(stderr.getvalue()),
+            duration_s=time.monotonic() - started,
+        )
+        log.debug("exit %d after %.3f s: %s", exit_code, result.duration_s, op.argv[0])
+        if exit_code not in tuple(ok_codes):
+            raise CommandFailed(op.argv, exit_code, result.stdout, result.stderr)
+        return result
+
+    def stream(self, op: Op, sink: Callable[[str], object] | None = None) -> int:
+        """Run a long command, passing each output line (stdout and stderr) to `sink`.
+
+        Returns the exit code without raising: callers such as the test VM
+        runner interpret it themselves. No timeout unless the op sets one.
+        """
+        write = sink or _write_stdout
+        started = time.monotonic()
+        log.debug("stream: %s", op.render())
+        try:
+            exit_code = self._execute(op, op.timeout_s, _out=write, _err_to_out=True)
+        except sh.TimeoutException as exc:
+            raise CommandTimedOut(op.argv, op.timeout_s or 0.0, "", "") from exc
+        log.debug("exit %d after %.1f s", exit_code, time.monotonic() - started)
+        return exit_code
+
+    @staticmethod
+    def _execute(op: Op, timeout: float | None, **io_args: Any) -> int:
+        """Start `op` through sh without a pty, wait, and return its exit code."""
+        try:
+            program = sh.Command(op.argv[0])
+        except sh.CommandNotFound as exc:
+            raise CommandNotFound(
+                f"command not found: {op.argv[0]}",
+                hint="install it; the README's set-up commands install every tool dmrepl uses",
+            ) from exc
+        done = program(
+            *op.argv[1:],
+            _in=op.stdin,
+            _env=command_env(),
+            _timeout=timeout,
+            _tty_in=False,
+            _tty_out=False,
+            _ok_code=list(range(256)),
+            _return_cmd=True,
+            **io_args,
+        )
+        return int(done.exit_code)
+
+
+def _write_stdout(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
+class DryRunRunner(Runner):
+    """Prints mutating ops instead of running them; read-only probes still run."""
+
+    def __init__(self, sink: Callable[[str], object] = print, timeout_s: float = DEFAULT_TIMEOUT_S):
+        super().__init__(timeout_s)
+        self.sink = sink
+        self.printed: list[Op] = []
+
+    def run(self, op: Op, *, ok_codes: Iterable[int] = (0,)) -> Result:
+        if not op.mutating:
+            return super().run(op, ok_codes=ok_codes)
+        self.printed.append(op)
+        self.sink(op.render())
+        return Result(argv=op.argv, exit_code=0, stdout="", stderr="", duration_s=0.0)
