@@ -53,3 +53,16 @@ class NoDeviceMapper(DmreplError):
 
 class VmFailed(DmreplError):
     exit_code = ExitCode.VM_FAILED
+
+
+class ParseError(DmreplError):
+    """Output of the kernel or a tool had a shape we do not understand."""
+
+    def __init__(self, what: str, raw: str):
+        super().__init__(
+            f"cannot parse {what}",
+            context=raw if len(raw) <= 2000 else raw[:2000] + f"... ({len(raw)} chars)",
+            hint="this kernel or tool version may print something new; please report it with the text above",
+        )
+        self.what = what
+        self.raw = raw

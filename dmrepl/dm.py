@@ -1,0 +1,83 @@
+"""dmsetup operations as `Op` values, and read-only probes of dm devices.
+
+Every device dmrepl creates carries a dm UUID starting with `UUID_PREFIX`;
+probing and teardown only touch devices that carry it.
+"""
+
+from __future__ import annotations
+
+from dmrepl.errors import DmreplError
+from dmrepl.executor import Op, Runner, command, probe
+
+UUID_PREFIX = "DMREPL-"
+
+
+def mapper_path(name: str) -> str:
+    return f"/dev/mapper/{name}"
+
+
+def create(name: str, table: str, uuid: str) -> Op:
+    """Create and activate `name` with `table` (text on stdin)."""
+    if not uuid.startswith(UUID_PREFIX):
+        raise ValueError(f"dm UUID {uuid!r} lacks the reserved prefix {UUID_PREFIX!r}")
+    return command("dmsetup", "create", name, "--uuid", uuid, stdin=table)
+
+
+def remove(name: str) -> Op:
+    # --retry: udev rules or blkid may hold the node open for a moment after use.
+    return command("dmsetup", "remove", "--retry", name)
+
+
+def suspend(name: str) -> Op:
+    return command("dmsetup", "suspend", name)
+
+
+def resume(name: str) -> Op:
+    return command("dmsetup", "resume", name)
+
+
+def message(name: str, text: str) -> Op:
+    return command("dmsetup", "message", name, "0", text)
+
+
+def status(name: str) -> Op:
+    return probe("dmsetup", "status", name)
+
+
+def table(name: str) -> Op:
+    return probe("dmsetup", "table", name)
+
+
+def info_fields(name: str, fields: str) -> Op:
+    return probe("dmsetup", "info", "-c", "--noheadings", "--separator", ":", "-o", fields, name)
+
+
+def is_suspended(runner: Runner, name: str) -> bool:
+    """Whether `name` is suspended. Uses the device-info ioctl, which never blocks."""
+    state = runner.run(info_fields(name, "suspended")).stdout.strip()
+    return state == "Suspended"
+
+
+def require_active(runner: Runner, name: str) -> None:
+    """Refuse to talk to a suspended device.
+
+    `dmsetup message` and `dmsetup status` to a suspended era device block until
+    it is resumed (seen on Debian 6.1: it hung the whole test VM).
+    """
+    if is_suspended(runner, name):
+        raise DmreplError(
+            f"{name} is suspended; refusing to send it a message or ask its status",
+            hint=f"resume it first with `dmsetup resume {name}` if nothing else is using it",
+        )
+
+
+def list_owned(runner: Runner) -> list[tuple[str, str]]:
+    """(name, uuid) of every dm device whose UUID carries dmrepl's prefix."""
+    out = runner.run(probe("dmsetup", "info", "-c", "--noheadings", "--separator", ":",
+                           "-o", "name,uuid")).stdout
+    owned = []
+    for line in out.splitlines():
+        name, _, uuid = line.strip().partition(":")
+        if uuid.startswith(UUID_PREFIX):
+            owned.append((name, uuid))
+    return owned

@@ -1,0 +1,38 @@
+"""Loop devices on sparse files, for the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dmrepl.executor import Op, Runner, command, probe
+
+
+def create_sparse_file(path: Path, size_bytes: int) -> None:
+    """Create (or truncate to) a sparse file of `size_bytes`."""
+    with open(path, "wb") as handle:
+        handle.truncate(size_bytes)
+
+
+def attach(runner: Runner, path: Path) -> str:
+    """Attach `path` to a free loop device and return its node (e.g. /dev/loop0)."""
+    device = runner.run(command("losetup", "--find", "--show", str(path))).stdout.strip()
+    if not device.startswith("/dev/"):
+        raise RuntimeError(f"losetup printed {device!r} instead of a device node")
+    return device
+
+
+def detach(device: str) -> Op:
+    return command("losetup", "--detach", device)
+
+
+def device_sectors(runner: Runner, device: str) -> int:
+    """Size of a block device in 512-byte sectors."""
+    return int(runner.run(probe("blockdev", "--getsz", device)).stdout.strip())
+
+
+def kernel_has_device_mapper() -> bool:
+    """Whether this kernel has device-mapper and we are root (needed to use it)."""
+    return os.geteuid() == 0 and (
+        Path("/dev/mapper/control").exists() or Path("/sys/module/dm_mod").exists()
+    )
