@@ -73,8 +73,9 @@ def require_active(runner: Runner, name: str) -> None:
 
 def list_owned(runner: Runner) -> list[tuple[str, str]]:
     """(name, uuid) of every dm device whose UUID carries dmrepl's prefix."""
-    out = runner.run(probe("dmsetup", "info", "-c", "--noheadings", "--separator", ":",
-                           "-o", "name,uuid")).stdout
+    out = runner.run(
+        probe("dmsetup", "info", "-c", "--noheadings", "--separator", ":", "-o", "name,uuid")
+    ).stdout
     owned = []
     for line in out.splitlines():
         name, _, uuid = line.strip().partition(":")

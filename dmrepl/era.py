@@ -7,10 +7,10 @@ from contextlib import contextmanager
 
 from dmrepl import dm
 from dmrepl.eraxml import parse_era_invalidate
+from dmrepl.errors import ParseError
 from dmrepl.executor import Runner, probe
 from dmrepl.ranges import Extent, coalesce
 from dmrepl.status import EraStatus, parse_era_status, parse_status_line
-from dmrepl.errors import ParseError
 
 
 def read_status(runner: Runner, era_device: str) -> EraStatus:

@@ -10,7 +10,9 @@ soon as they are read, so millions of them parse in constant memory.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from xml.etree.ElementTree import Element, ParseError as XmlError, XMLPullParser
+from typing import cast
+from xml.etree.ElementTree import Element, XMLPullParser
+from xml.etree.ElementTree import ParseError as XmlError
 
 from dmrepl.errors import ParseError
 from dmrepl.ranges import Extent
@@ -18,7 +20,7 @@ from dmrepl.ranges import Extent
 
 def parse_era_invalidate(chunks: Iterable[str]) -> Iterator[Extent]:
     """Yield the era-block extents listed in era_invalidate output (text chunks)."""
-    parser = XMLPullParser(events=("start", "end"))
+    parser: XMLPullParser[Element] = XMLPullParser(events=("start", "end"))
     depth = 0
     seen_root = False
     for chunk in chunks:
@@ -27,13 +29,14 @@ def parse_era_invalidate(chunks: Iterable[str]) -> Iterator[Extent]:
             events = list(parser.read_events())
         except XmlError as exc:
             raise ParseError("era_invalidate output (not well-formed XML)", str(exc)) from exc
-        for event, element in events:
-            assert isinstance(element, Element)
+        for event, element in cast(list[tuple[str, Element]], events):
             if event == "start":
                 depth += 1
                 if depth == 1:
                     if element.tag != "blocks":
-                        raise ParseError("era_invalidate output (root is not <blocks>)", element.tag)
+                        raise ParseError(
+                            "era_invalidate output (root is not <blocks>)", element.tag
+                        )
                     seen_root = True
                 elif depth > 2:
                     raise ParseError("era_invalidate output (nested element)", element.tag)

@@ -62,7 +62,7 @@ class ParseError(DmreplError):
         super().__init__(
             f"cannot parse {what}",
             context=raw if len(raw) <= 2000 else raw[:2000] + f"... ({len(raw)} chars)",
-            hint="this kernel or tool version may print something new; please report it with the text above",
+            hint="this kernel or tool version may print something new; please report it",
         )
         self.what = what
         self.raw = raw

@@ -143,6 +143,14 @@ class Runner:
             raise CommandFailed(op.argv, exit_code, result.stdout, result.stderr)
         return result
 
+    def run_best_effort(self, op: Op) -> Result | None:
+        """Run `op` for teardown: a failure is logged and swallowed, never raised."""
+        try:
+            return self.run(op)
+        except CommandFailed as exc:
+            log.warning("ignored during cleanup: %s (%s)", exc.message, exc.context)
+            return None
+
     def stream(self, op: Op, sink: Callable[[str], object] | None = None) -> int:
         """Run a long command, passing each output line (stdout and stderr) to `sink`.
 

@@ -31,7 +31,9 @@ def parse_era_status(params: str) -> EraStatus:
     if not match:
         raise ParseError("dm-era status", params)
     block, used, total, era, held = match.groups()
-    return EraStatus(int(block), int(used), int(total), int(era), None if held == "-" else int(held))
+    return EraStatus(
+        int(block), int(used), int(total), int(era), None if held == "-" else int(held)
+    )
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version))
 
 
+def vng_program() -> str:
+    """virtme-ng's `vng`: beside the running Python (a venv) if installed there, else on PATH."""
+    beside = Path(sys.executable).parent / "vng"
+    return str(beside) if beside.exists() else "vng"
+
+
 def guest_script(command: str, cwd: Path) -> str:
     """The shell script the guest runs: load modules, enter the tree, run `command`."""
     modules = " ".join(GUEST_MODULES)
@@ -73,7 +80,17 @@ def plan_vm_run(
     timeout_s: float | None = None,
 ) -> Op:
     """The `vng` command that runs `command` as root in the guest."""
-    argv = ["vng", "--run", str(kernel), "--user", "root", "--memory", memory, "--cpus", str(cpus)]
+    argv = [
+        vng_program(),
+        "--run",
+        str(kernel),
+        "--user",
+        "root",
+        "--memory",
+        memory,
+        "--cpus",
+        str(cpus),
+    ]
     if not kvm:
         argv.append("--disable-kvm")
     for directory in rwdirs:

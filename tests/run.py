@@ -32,8 +32,9 @@ class Tally:
     skipped: int = 0
 
     def __add__(self, other: Tally) -> Tally:
-        return Tally(self.passed + other.passed, self.failed + other.failed,
-                     self.skipped + other.skipped)
+        return Tally(
+            self.passed + other.passed, self.failed + other.failed, self.skipped + other.skipped
+        )
 
     @property
     def executed(self) -> int:
@@ -56,8 +57,16 @@ def read_junit(path: Path) -> Tally:
 
 
 def pytest_command(tier: str, junit: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pytest", f"tests/{tier}", "-p", "no:cacheprovider",
-            f"--junitxml={junit}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        f"tests/{tier}",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        *extra,
+    ]
 
 
 def run_unit(results: Path, extra: list[str]) -> Tally:
@@ -101,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             kernel = run_kernel(results, args.pytest_args)
         except DmreplError as exc:
-            problems.append(f"the kernel tier could not run: {exc.message}"
-                            + (f" ({exc.hint})" if exc.hint else ""))
+            problems.append(
+                f"the kernel tier could not run: {exc.message}"
+                + (f" ({exc.hint})" if exc.hint else "")
+            )
             kernel = Tally(failed=1)
         if kernel.executed == 0:
             problems.append("the kernel tier executed no test (all skipped or none collected)")

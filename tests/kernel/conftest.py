@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dmrepl import dm, loop
-from dmrepl.executor import CommandFailed, Op, Runner, probe
+from dmrepl.executor import CommandFailed, Runner, probe
 
 REQUIRED_TARGETS = ("linear", "era", "snapshot", "mirror", "zero")
 
@@ -72,7 +72,7 @@ def make_loop(runner: Runner, workdir: Path, cleanup: ExitStack) -> Callable[[st
         path = workdir / f"{name}.img"
         loop.create_sparse_file(path, size_bytes)
         device = loop.attach(runner, path)
-        cleanup.callback(_quietly, runner, loop.detach(device))
+        cleanup.callback(runner.run_best_effort, loop.detach(device))
         return device
 
     return make
@@ -97,9 +97,4 @@ def _remove_dm(runner: Runner, name: str) -> None:
     with suppress(CommandFailed):
         if dm.is_suspended(runner, name):
             runner.run(dm.resume(name))
-    _quietly(runner, dm.remove(name))
-
-
-def _quietly(runner: Runner, op: Op) -> None:
-    with suppress(CommandFailed):
-        runner.run(op)
+    runner.run_best_effort(dm.remove(name))

@@ -6,21 +6,13 @@ import os
 from collections.abc import Callable
 
 from dmrepl import era, loop
+from dmrepl.demo import write_random
 from dmrepl.executor import Runner
 from dmrepl.ranges import Extent
 from dmrepl.tables import Era, Linear, single
 
 MiB = 2**20
 BLOCK = 128  # era block: 128 sectors = 64 KiB
-
-
-def write_at(device: str, sector: int, length_bytes: int) -> None:
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, os.urandom(length_bytes), sector * 512)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_written_since_lists_exact_blocks(
@@ -41,9 +33,9 @@ def test_written_since_lists_exact_blocks(
     assert start.held_root is None
     last_block = (origin_sectors - 1) // BLOCK
 
-    write_at(gate, 3 * BLOCK + 5, 512)  # one sector inside block 3
-    write_at(gate, 10 * BLOCK, 3 * BLOCK * 512)  # blocks 10, 11, 12 exactly
-    write_at(gate, origin_sectors - 1, 512)  # last sector of the partial last block
+    write_random(gate, (3 * BLOCK + 5) * 512, 512)  # one sector inside block 3
+    write_random(gate, (10 * BLOCK) * 512, 3 * BLOCK * 512)  # blocks 10, 11, 12 exactly
+    write_random(gate, (origin_sectors - 1) * 512, 512)  # last sector of the partial last block
 
     with era.metadata_snapshot(runner, era_name) as held:
         assert held.held_root is not None
