@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -69,13 +70,13 @@ def pytest_command(tier: str, junit: Path, extra: list[str]) -> list[str]:
     ]
 
 
-def run_unit(results: Path, extra: list[str]) -> Tally:
+def run_unit(results: Path, extra: list[str]) -> tuple[Tally, list[str]]:
     junit = results / "unit.xml"
-    subprocess.run(pytest_command("unit", junit, extra), cwd=ROOT, check=False)
-    return read_junit(junit)
+    code = subprocess.run(pytest_command("unit", junit, extra), cwd=ROOT, check=False).returncode
+    return check_tier("unit", code, read_junit(junit))
 
 
-def run_kernel(results: Path, extra: list[str]) -> Tally:
+def run_kernel(results: Path, extra: list[str]) -> tuple[Tally, list[str]]:
     junit = results / "kernel.xml"
     argv = pytest_command("kernel", junit, ["-m", "kernel", *extra])
     if loop.kernel_has_device_mapper():
@@ -83,13 +84,25 @@ def run_kernel(results: Path, extra: list[str]) -> Tally:
         code = subprocess.run(argv, cwd=ROOT, check=False).returncode
     else:
         print("kernel tier: no device-mapper here; booting Debian's kernel in a VM", flush=True)
-        command = "PYTHONDONTWRITEBYTECODE=1 " + " ".join(argv)
-        code = vm.run_in_vm(command, rwdirs=[results])
-    tally = read_junit(junit)
-    if code != 0 and tally.failed == 0:
-        print(f"kernel tier: exited with code {code} without a test failure report", flush=True)
-        tally = tally + Tally(failed=1)
-    return tally
+        try:
+            code = vm.run_in_vm("PYTHONDONTWRITEBYTECODE=1 " + shlex.join(argv), rwdirs=[results])
+        except DmreplError as exc:
+            hint = f" ({exc.hint})" if exc.hint else ""
+            return Tally(), [f"the kernel tier could not start the VM: {exc.message}{hint}"]
+    return check_tier("kernel", code, read_junit(junit))
+
+
+def check_tier(tier: str, exit_code: int, tally: Tally) -> tuple[Tally, list[str]]:
+    """Problems that make a tier red even when no test reported a failure."""
+    problems = []
+    if tally.executed == 0:
+        problems.append(
+            f"the {tier} tier executed no test (none collected, all skipped, "
+            f"or the run never started; exit code {exit_code})"
+        )
+    elif exit_code != 0 and tally.failed == 0:
+        problems.append(f"the {tier} tier exited with code {exit_code} but reported no failure")
+    return tally, problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,26 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     results = Path(tempfile.mkdtemp(prefix="dmrepl-results-", dir="/tmp"))
-    unit = kernel = Tally()
+    tiers: dict[str, Tally] = {}
     problems: list[str] = []
     if not args.kernel_only:
-        unit = run_unit(results, args.pytest_args)
-        if unit.executed == 0:
-            problems.append("the unit tier executed no test")
+        tiers["unit"], found = run_unit(results, args.pytest_args)
+        problems += found
     if not args.unit_only:
-        try:
-            kernel = run_kernel(results, args.pytest_args)
-        except DmreplError as exc:
-            problems.append(
-                f"the kernel tier could not run: {exc.message}"
-                + (f" ({exc.hint})" if exc.hint else "")
-            )
-            kernel = Tally(failed=1)
-        if kernel.executed == 0:
-            problems.append("the kernel tier executed no test (all skipped or none collected)")
-    total = unit + kernel
-    print(f"unit tier:   {unit.passed} passed, {unit.failed} failed, {unit.skipped} skipped")
-    print(f"kernel tier: {kernel.passed} passed, {kernel.failed} failed, {kernel.skipped} skipped")
+        tiers["kernel"], found = run_kernel(results, args.pytest_args)
+        problems += found
+    total = Tally()
+    for tier, tally in tiers.items():
+        print(f"{tier} tier: {tally.passed} passed, {tally.failed} failed, {tally.skipped} skipped")
+        total = total + tally
     for problem in problems:
         print(f"FAIL: {problem}")
     print(f"total: {total.passed} passed, {total.failed} failed, {total.skipped} skipped")
