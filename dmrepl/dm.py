@@ -6,6 +6,8 @@ probing and teardown only touch devices that carry it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from dmrepl.errors import DmreplError
 from dmrepl.executor import Op, Runner, command, probe
 
@@ -26,6 +28,11 @@ def create(name: str, table: str, uuid: str) -> Op:
 def remove(name: str) -> Op:
     # --retry: udev rules or blkid may hold the node open for a moment after use.
     return command("dmsetup", "remove", "--retry", name)
+
+
+def remove_deferred(name: str) -> Op:
+    """Remove now if closed, else as soon as the last opener closes it (nothing is failed)."""
+    return command("dmsetup", "remove", "--deferred", name)
 
 
 def suspend(name: str) -> Op:
@@ -73,12 +80,48 @@ def require_active(runner: Runner, name: str) -> None:
 
 def list_owned(runner: Runner) -> list[tuple[str, str]]:
     """(name, uuid) of every dm device whose UUID carries dmrepl's prefix."""
+    return [(name, uuid) for name, uuid, *_ in _info_rows(runner) if uuid.startswith(UUID_PREFIX)]
+
+
+@dataclass(frozen=True)
+class ObservedDevice:
+    """A dm device as the kernel reports it."""
+
+    name: str
+    uuid: str
+    kernel_name: str  # dm-N
+    suspended: bool
+    open_count: int
+    table: str  # live table ("" when none is loaded, e.g. after a killed create)
+
+
+def observe_owned(runner: Runner) -> dict[str, ObservedDevice]:
+    """Every dm device carrying dmrepl's UUID prefix, by name (with its live table)."""
+    observed = {}
+    for name, uuid, kernel_name, suspended, opened in _info_rows(runner):
+        if not uuid.startswith(UUID_PREFIX):
+            continue
+        live = runner.run(table(name)).stdout.strip()
+        observed[name] = ObservedDevice(name, uuid, kernel_name, suspended, opened, live)
+    return observed
+
+
+def observe_names(runner: Runner) -> dict[str, str]:
+    """UUID of every dm device by name (whoever owns it)."""
+    return {name: uuid for name, uuid, *_ in _info_rows(runner)}
+
+
+def _info_rows(runner: Runner) -> list[tuple[str, str, str, bool, int]]:
     out = runner.run(
-        probe("dmsetup", "info", "-c", "--noheadings", "--separator", ":", "-o", "name,uuid")
-    ).stdout
-    owned = []
+        probe(
+            "dmsetup", "info", "-c", "--noheadings", "--separator", "|",
+            "-o", "name,uuid,blkdevname,suspended,open",
+        )
+    ).stdout  # fmt: skip
+    rows = []
     for line in out.splitlines():
-        name, _, uuid = line.strip().partition(":")
-        if uuid.startswith(UUID_PREFIX):
-            owned.append((name, uuid))
-    return owned
+        if not line.strip() or line.strip() == "No devices found":
+            continue
+        name, uuid, kernel_name, suspended, opened = line.strip().split("|")
+        rows.append((name, uuid, kernel_name, suspended == "Suspended", int(opened)))
+    return rows

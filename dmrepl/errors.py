@@ -23,6 +23,12 @@ class ExitCode(IntEnum):
     UNSAFE = 8  # a safety check refused to touch a device
     VM_FAILED = 9  # the test VM could not run or ran no tests
     INVALID_INPUT = 10  # a value (size, block size, ...) is out of range
+    DEVICE_MISSING = 11  # a configured device does not exist or is not a block device
+    DEVICE_IN_USE = 12  # mounted, held by another device, swap, or used by another stack
+    DEVICE_OVERLAP = 13  # metadata area overlaps the origin, a leg or another metadata area
+    METADATA_TOO_SMALL = 14  # metadata area below dmrepl's computed minimum
+    STACK_MISMATCH = 15  # a running stack differs from the configuration
+    INTERRUPTED = 130  # SIGINT/SIGTERM: what was done has been undone
 
 
 class DmreplError(Exception):
@@ -41,6 +47,12 @@ class InvalidInput(DmreplError):
     """A user-supplied value is malformed or out of range."""
 
     exit_code = ExitCode.INVALID_INPUT
+
+
+class Interrupted(DmreplError):
+    """A signal stopped the operation; its partial work was undone."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 class NotRoot(DmreplError):

@@ -1,0 +1,326 @@
+"""The configuration file: groups of protected devices, read from TOML and validated up front.
+
+    [dmrepl]
+    state_dir = "/var/lib/dmrepl"          # optional
+
+    [group.db]
+    block_size = "2MiB"                    # optional default for the group's devices
+
+    [group.db.device.data]                 # gate: /dev/mapper/data
+    origin = "/dev/vdb"
+    metadata = "/dev/vdc"                  # device holding the era metadata area
+    metadata_offset = "0"                  # optional (sectors or units)
+    metadata_size = "8MiB"                 # optional; default: dmrepl's computed size
+    block_size = "2MiB"                    # era block size (multiple of 4 KiB)
+    cow_size = "1GiB"                      # or cow = "/dev/vdd": copy-on-write space for cuts
+    mirror_legs = ["/dev/vde"]             # optional local synchronous mirror legs
+    mirror_log = "core"                    # core | disk (then mirror_log_device = "...")
+    mirror_region_size = "512KiB"          # optional
+
+All problems are collected and reported at once, each naming its key and the file.
+Nothing here touches a device: checks against the system live in `dmrepl.safety`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmrepl.errors import DmreplError, ExitCode, InvalidInput
+from dmrepl.sizing import validate_block_size
+from dmrepl.units import parse_size_sectors
+
+DEFAULT_PATH = Path("/etc/dmrepl/dmrepl.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/dmrepl")
+DEFAULT_BLOCK = "2MiB"
+DEFAULT_REGION = "512KiB"
+# Names become dm device names and parts of dm UUIDs ("DMREPL-<layer>-<group>.<device>"),
+# so no dots and nothing udev would have to escape.
+NAME_RE = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_+-]{0,63}$")
+
+_GROUP_KEYS = {"block_size", "device"}
+_DEVICE_KEYS = {
+    "origin", "metadata", "metadata_offset", "metadata_size", "block_size", "cow", "cow_size",
+    "mirror_legs", "mirror_log", "mirror_log_device", "mirror_region_size",
+}  # fmt: skip
+
+
+class ConfigError(DmreplError):
+    """The configuration has problems; all of them are listed."""
+
+    exit_code = ExitCode.CONFIG
+
+    def __init__(self, path: Path, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
+        super().__init__(
+            f"{path}: {count} in the configuration",
+            context="\n".join(f"- {p}" for p in problems),
+            hint="fix them and run `dmrepl check-config`",
+        )
+
+
+@dataclass(frozen=True)
+class MirrorSpec:
+    """Local synchronous mirror legs under the snapshot-origin layer."""
+
+    legs: tuple[str, ...]
+    log: str  # "core" or "disk"
+    log_device: str | None
+    region_sectors: int
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One protected device of a group, as configured."""
+
+    group: str
+    name: str
+    origin: str
+    metadata: str
+    metadata_offset: int  # sectors
+    metadata_size: int | None  # sectors; None: computed
+    block_sectors: int
+    cow: str | None
+    cow_sectors: int | None
+    mirror: MirrorSpec | None
+
+    @property
+    def key(self) -> str:
+        return f"group.{self.group}.device.{self.name}"
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str
+    devices: tuple[DeviceSpec, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    state_dir: Path
+    groups: dict[str, GroupSpec]
+
+    def select(self, group: str | None) -> list[GroupSpec]:
+        """The named group, or all groups when `group` is None."""
+        if group is None:
+            return list(self.groups.values())
+        if group not in self.groups:
+            known = ", ".join(sorted(self.groups)) or "none"
+            raise InvalidInput(
+                f"no group {group!r} in {self.path}", hint=f"configured groups: {known}"
+            )
+        return [self.groups[group]]
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a configuration file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, ["the file does not exist (create it or pass --config)"]) from None
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read the file: {exc.strerror}"]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate TOML text; raise ConfigError listing every problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    reader = _Reader()
+    top = raw.get("dmrepl", {})
+    reader.unknown(top, {"state_dir"}, "dmrepl")
+    unknown_top = set(raw) - {"dmrepl", "group"}
+    for key in sorted(unknown_top):
+        reader.problem(key, "unknown section (expected [dmrepl] or [group.NAME])")
+    state_dir = Path(reader.string(top, "state_dir", "dmrepl") or DEFAULT_STATE_DIR)
+    groups: dict[str, GroupSpec] = {}
+    raw_groups = raw.get("group", {})
+    if not isinstance(raw_groups, dict) or not raw_groups:
+        reader.problem("group", "no groups configured (add a [group.NAME.device.NAME] table)")
+        raw_groups = {}
+    for group_name, group_raw in raw_groups.items():
+        group = reader.group(group_name, group_raw)
+        if group:
+            groups[group_name] = group
+    reader.cross_checks(groups)
+    if reader.problems:
+        raise ConfigError(path, reader.problems)
+    return Config(path=path, state_dir=state_dir, groups=groups)
+
+
+class _Reader:
+    """Collects problems while reading the raw TOML tree."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, key: str, text: str) -> None:
+        self.problems.append(f"{key}: {text}")
+
+    def unknown(self, table: dict[str, Any], allowed: set[str], where: str) -> None:
+        for key in sorted(set(table) - allowed):
+            self.problem(f"{where}.{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def name(self, name: str, key: str) -> bool:
+        if NAME_RE.match(name):
+            return True
+        self.problem(key, f"name {name!r} must be 1-64 of A-Z a-z 0-9 _ + - (no dots)")
+        return False
+
+    def string(self, table: dict[str, Any], field: str, where: str) -> str | None:
+        value = table.get(field)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.problem(f"{where}.{field}", f"must be a non-empty string, not {value!r}")
+            return None
+        return value
+
+    def path(self, table: dict[str, Any], field: str, where: str, required: bool) -> str | None:
+        value = self.string(table, field, where)
+        if value is None:
+            if required and field not in table:
+                self.problem(f"{where}.{field}", "missing (a block device path)")
+            return None
+        if not value.startswith("/"):
+            self.problem(f"{where}.{field}", f"{value!r} is not an absolute path")
+            return None
+        return value
+
+    def size(self, table: dict[str, Any], field: str, where: str) -> int | None:
+        value = table.get(field)
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            self.problem(
+                f"{where}.{field}", f'must be a size like "2MiB" or sectors, not {value!r}'
+            )
+            return None
+        try:
+            return int(parse_size_sectors(value, what=field))
+        except InvalidInput as exc:
+            self.problem(f"{where}.{field}", exc.message + (f" ({exc.hint})" if exc.hint else ""))
+            return None
+
+    def group(self, name: str, raw: Any) -> GroupSpec | None:
+        key = f"group.{name}"
+        if not self.name(name, key):
+            return None
+        if not isinstance(raw, dict):
+            self.problem(key, "must be a table")
+            return None
+        self.unknown(raw, _GROUP_KEYS, key)
+        default_block = self.size(raw, "block_size", key)
+        devices_raw = raw.get("device", {})
+        if not isinstance(devices_raw, dict) or not devices_raw:
+            self.problem(f"{key}.device", "no devices (add a [group.NAME.device.NAME] table)")
+            return None
+        devices = []
+        for device_name, device_raw in devices_raw.items():
+            device = self.device(name, device_name, device_raw, default_block)
+            if device:
+                devices.append(device)
+        return GroupSpec(name=name, devices=tuple(devices))
+
+    def device(
+        self, group: str, name: str, raw: Any, default_block: int | None
+    ) -> DeviceSpec | None:
+        key = f"group.{group}.device.{name}"
+        if not self.name(name, key):
+            return None
+        if not isinstance(raw, dict):
+            self.problem(key, "must be a table")
+            return None
+        before = len(self.problems)
+        self.unknown(raw, _DEVICE_KEYS, key)
+        origin = self.path(raw, "origin", key, required=True)
+        metadata = self.path(raw, "metadata", key, required=True)
+        offset = self.size(raw, "metadata_offset", key) or 0
+        if offset % 8:
+            self.problem(f"{key}.metadata_offset", f"{offset} sectors is not 4 KiB aligned")
+        metadata_size = self.size(raw, "metadata_size", key)
+        block = self.size(raw, "block_size", key) or default_block
+        if block is None:
+            block = int(parse_size_sectors(DEFAULT_BLOCK))
+        try:
+            validate_block_size(block)
+        except InvalidInput as exc:
+            self.problem(f"{key}.block_size", exc.message)
+        cow = self.path(raw, "cow", key, required=False)
+        cow_sectors = self.size(raw, "cow_size", key)
+        if cow and cow_sectors:
+            self.problem(f"{key}.cow", "give either cow (a device) or cow_size, not both")
+        mirror = self.mirror(raw, key)
+        if len(self.problems) > before or origin is None or metadata is None:
+            return None
+        return DeviceSpec(
+            group=group,
+            name=name,
+            origin=origin,
+            metadata=metadata,
+            metadata_offset=offset,
+            metadata_size=metadata_size,
+            block_sectors=block,
+            cow=cow,
+            cow_sectors=cow_sectors,
+            mirror=mirror,
+        )
+
+    def mirror(self, raw: dict[str, Any], key: str) -> MirrorSpec | None:
+        legs = raw.get("mirror_legs")
+        log = raw.get("mirror_log", "core")
+        log_device = self.path(raw, "mirror_log_device", key, required=False)
+        region = self.size(raw, "mirror_region_size", key) or int(
+            parse_size_sectors(DEFAULT_REGION)
+        )
+        if legs is None:
+            for field in ("mirror_log", "mirror_log_device", "mirror_region_size"):
+                if field in raw:
+                    self.problem(f"{key}.{field}", "set without mirror_legs")
+            return None
+        if not isinstance(legs, list) or not legs or not all(isinstance(x, str) for x in legs):
+            self.problem(f"{key}.mirror_legs", "must be a non-empty list of device paths")
+            return None
+        for leg in legs:
+            if not leg.startswith("/"):
+                self.problem(f"{key}.mirror_legs", f"{leg!r} is not an absolute path")
+        if log not in ("core", "disk"):
+            self.problem(f"{key}.mirror_log", f"{log!r} is not core or disk")
+        elif log == "disk" and log_device is None:
+            self.problem(f"{key}.mirror_log_device", 'required when mirror_log = "disk"')
+        elif log == "core" and log_device is not None:
+            self.problem(f"{key}.mirror_log_device", 'only used with mirror_log = "disk"')
+        if region & (region - 1):
+            self.problem(f"{key}.mirror_region_size", f"{region} sectors is not a power of two")
+        return MirrorSpec(tuple(legs), str(log), log_device, region)
+
+    def cross_checks(self, groups: dict[str, GroupSpec]) -> None:
+        """Names unique across groups; no device path used twice as origin or leg."""
+        seen_names: dict[str, str] = {}
+        seen_paths: dict[str, str] = {}
+        for group in groups.values():
+            for device in group.devices:
+                if device.name in seen_names:
+                    self.problem(
+                        device.key,
+                        f"device name {device.name!r} also used by {seen_names[device.name]}",
+                    )
+                seen_names[device.name] = device.key
+                used = [("origin", device.origin)]
+                if device.mirror:
+                    used += [("mirror_legs", leg) for leg in device.mirror.legs]
+                for field, path in used:
+                    if path in seen_paths:
+                        self.problem(f"{device.key}.{field}", f"{path} is also {seen_paths[path]}")
+                    seen_paths[path] = f"{device.key}.{field}"
