@@ -11,17 +11,25 @@ import logging
 import os
 import shlex
 import sys
+from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box as rich_box
 from rich.console import Console
 from rich.table import Table
 
-from dmrepl import __version__, loop, vm
+from dmrepl import __version__, builder, loop, vm
+from dmrepl.config import DEFAULT_PATH, load_config
 from dmrepl.demo import DemoResult, load_modules, run_demo
 from dmrepl.errors import DmreplError, NoDeviceMapper, NotRoot
 from dmrepl.executor import Runner
-from dmrepl.units import format_bytes, sectors_to_bytes
+from dmrepl.plan import Plan
+from dmrepl.probe import probe_block_device
+from dmrepl.sizing import metadata_size
+from dmrepl.status import Health
+from dmrepl.units import format_bytes, format_sectors, parse_size_sectors, sectors_to_bytes
 
 app = typer.Typer(
     name="dmrepl",
@@ -55,10 +63,9 @@ def global_options(
 ) -> None:
     """Replicate block devices to remote sites with mainline device-mapper targets."""
     Options.debug = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if debug:
+        logging.getLogger("dmrepl").setLevel(logging.DEBUG)
 
 
 def require_root() -> None:
@@ -113,6 +120,189 @@ def render_demo(result: DemoResult) -> None:
         f"{len(result.changed_blocks)} ranges, {format_bytes(sectors_to_bytes(total))} to ship "
         f"of a {format_bytes(sectors_to_bytes(result.origin_sectors))} device."
     )
+
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option("--config", "-c", envvar="DMREPL_CONFIG", help="Configuration file (TOML)."),
+]
+GroupArg = Annotated[str | None, typer.Argument(help="Group name (default: every group).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+DryRunOption = Annotated[
+    bool, typer.Option("--dry-run", help="Print the exact commands and tables; change nothing.")
+]
+
+
+def say(text: str) -> None:
+    err.print(text, markup=False)
+
+
+def print_plan(plan: Plan, dry_run: bool) -> None:
+    for note in plan.notes:
+        out.print(f"note: {note}", markup=False)
+    if dry_run:
+        for step in plan.steps:
+            out.print(f"# {step.what.splitlines()[0]}", markup=False)
+            out.print(step.op.render(), markup=False)
+    if plan.unchanged:
+        out.print(f"already as configured: {', '.join(plan.unchanged)}", markup=False)
+    if plan.empty:
+        out.print("nothing to do", markup=False)
+
+
+@app.command()
+def up(
+    group: GroupArg = None,
+    config: ConfigOption = DEFAULT_PATH,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Format new era metadata (tracking restarts).")
+    ] = False,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Build the device stacks of GROUP (or all groups); rebuild them after a reboot."""
+    require_root()
+    plan = builder.up(Runner(), load_config(config), group, fresh=fresh, dry_run=dry_run, say=say)
+    print_plan(plan, dry_run)
+
+
+@app.command()
+def down(
+    group: GroupArg = None,
+    config: ConfigOption = DEFAULT_PATH,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="If a gate is open, remove the stack once it is closed."),
+    ] = False,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Remove the device stacks of GROUP (or all groups). Data on the origins is untouched."""
+    require_root()
+    plan = builder.down(Runner(), load_config(config), group, force=force, dry_run=dry_run, say=say)
+    print_plan(plan, dry_run)
+
+
+@app.command("check-config")
+def check_config(config: ConfigOption = DEFAULT_PATH) -> None:
+    """Validate the configuration file (and, as root, the devices it names)."""
+    loaded = load_config(config)
+    count = sum(len(g.devices) for g in loaded.groups.values())
+    if os.geteuid() == 0:
+        builder.survey(Runner(), loaded.select(None), check=True)
+        out.print(f"{config}: {len(loaded.groups)} group(s), {count} device(s), devices checked")
+    else:
+        out.print(
+            f"{config}: {len(loaded.groups)} group(s), {count} device(s); run as root "
+            "to check the devices too"
+        )
+
+
+@app.command("status")
+def show_status(
+    group: GroupArg = None, config: ConfigOption = DEFAULT_PATH, as_json: JsonOption = False
+) -> None:
+    """Show each stack: layers, sizes, current era, metadata use, held snapshot, mirror legs."""
+    require_root()
+    states = builder.status(Runner(), load_config(config), group)
+    if as_json:
+        print(json.dumps([device_state_json(state) for state in states], indent=2))
+        return
+    for state in states:
+        render_device_state(state)
+
+
+def _leg_health(health: Health) -> str:
+    return "alive" if health is Health.ALIVE else f"failed ({health.value}: {health.name.lower()})"
+
+
+def device_state_json(state: builder.DeviceState) -> dict[str, object]:
+    """The `status --json` record of one device (a stable, documented shape)."""
+    record = asdict(state)
+    if state.mirror is not None:
+        record["mirror"] = {
+            "legs": [leg.health.value for leg in state.mirror.legs],
+            "leg_devices": [leg.device for leg in state.mirror.legs],
+            "in_sync": state.mirror.in_sync_regions,
+            "regions": state.mirror.regions,
+            "log": state.mirror.log.kind,
+        }
+    return record
+
+
+def render_device_state(state: builder.DeviceState) -> None:
+    running = "running" if state.running else "not running"
+    out.print(
+        f"{state.group}/{state.device}: {running}, gate {state.gate}, origin "
+        f"{format_sectors(state.origin_sectors)}, era block {state.block_sectors} sectors, "
+        f"metadata area {format_sectors(state.metadata_sectors)}",
+        markup=False,
+    )
+    if state.era is not None:
+        held = f"held (root {state.era.held_root})" if state.era.snapshot_held else "none held"
+        out.print(
+            f"  era {state.era.current_era}; metadata {state.era.metadata_used_blocks}/"
+            f"{state.era.metadata_total_blocks} blocks used; metadata snapshot {held}",
+            markup=False,
+        )
+    if state.mirror is not None:
+        mirror = state.mirror
+        legs = ", ".join(f"{leg.device} {_leg_health(leg.health)}" for leg in mirror.legs)
+        out.print(
+            f"  mirror: {mirror.in_sync_regions}/{mirror.regions} regions in sync; legs: {legs}",
+            markup=False,
+        )
+    table = Table(box=None if not out.is_terminal else rich_box.SIMPLE, show_edge=False)
+    for column in ("layer", "dm name", "present", "suspended", "open", "table"):
+        table.add_column(column)
+    for layer in state.layers:
+        match = {None: "-", True: "as configured", False: "DIFFERS"}[layer.matches]
+        table.add_row(
+            layer.layer,
+            layer.name,
+            "yes" if layer.present else "no",
+            "yes" if layer.suspended else "no",
+            str(layer.open_count),
+            match,
+        )
+    out.print(table)
+    for warning in state.warnings:
+        err.print(f"warning: {warning}", markup=False)
+
+
+@app.command()
+def size(
+    origin: Annotated[str, typer.Argument(help="Origin size (16T, 500GiB, sectors) or a device.")],
+    block_size: Annotated[
+        str, typer.Option("--block-size", "-b", help="Era block size (2MiB, 4096s, ...).")
+    ] = "2MiB",
+    as_json: JsonOption = False,
+) -> None:
+    """How big the dm-era metadata area must be for ORIGIN at an era block size."""
+    if origin.startswith("/"):
+        origin_sectors = probe_block_device(origin, role="origin").size_sectors
+    else:
+        origin_sectors = parse_size_sectors(origin, what="origin size")
+    block = parse_size_sectors(block_size, what="block size")
+    result = metadata_size(origin_sectors, block)
+    report = {
+        "origin_sectors": origin_sectors,
+        "block_sectors": block,
+        "era_blocks": result.era_blocks,
+        "provision_sectors": result.rounded_sectors(),
+        "minimum_sectors": result.required_sectors,
+        "steady_state_bytes": result.steady_bytes,
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out.print(f"origin         {format_sectors(origin_sectors)}", markup=False)
+    out.print(f"era block      {format_sectors(block)} -> {result.era_blocks} era blocks")
+    out.print(f"provision      {format_sectors(result.rounded_sectors())}", markup=False)
+    out.print(
+        f"minimum        {format_sectors(result.required_sectors)} (worst case: held "
+        "metadata snapshot while every block is rewritten)",
+        markup=False,
+    )
+    out.print(f"steady state   {format_bytes(result.steady_bytes)} used", markup=False)
 
 
 def render_error(error: DmreplError) -> None:

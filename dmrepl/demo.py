@@ -1,28 +1,33 @@
-"""The demo: an era stack on loop devices, some writes, and the changed ranges the kernel reports.
+"""The demo: a protected device on loop devices, some writes, and the changed ranges.
 
-Everything it creates lives under /tmp and carries dmrepl's dm UUID prefix; it
-is torn down in reverse order whatever happens.
+It writes a configuration for one device over two loop devices, builds the
+stack with the same `up` users run, writes at known offsets through the gate,
+and asks dm-era what changed. Everything lives under /tmp, and is torn down in
+reverse order whatever happens.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmrepl import dm, era, loop
+from dmrepl import builder, era, loop
+from dmrepl.config import Config, parse_config
 from dmrepl.executor import Op, Runner, command
 from dmrepl.ranges import Extent, blocks_to_sectors
-from dmrepl.tables import Era, Linear, single
+from dmrepl.stack import Layer
 
 MiB = 2**20
 ORIGIN_BYTES = 256 * MiB
 METADATA_BYTES = 8 * MiB
 BLOCK_SECTORS = 128  # 64 KiB era blocks
-PREFIX = "dmrepl-demo"
+GROUP = "demo"
+DEVICE = "dmrepl-demo"
 
 # (what, byte offset, length): offsets chosen to show single blocks, runs and the device end.
 DEMO_WRITES = (
@@ -57,27 +62,35 @@ class DemoResult:
         }
 
 
+def demo_config(workdir: Path, origin: str, metadata: str) -> Config:
+    """The demo's configuration: one group with one device over two loop devices."""
+    text = (
+        f'[dmrepl]\nstate_dir = "{workdir / "state"}"\n\n'
+        f"[group.{GROUP}.device.{DEVICE}]\n"
+        f'origin = "{origin}"\nmetadata = "{metadata}"\nblock_size = "{BLOCK_SECTORS}s"\n'
+    )
+    path = workdir / "dmrepl.toml"
+    path.write_text(text)
+    return parse_config(text, path)
+
+
 def run_demo(runner: Runner, say: Callable[[str], object] = print) -> DemoResult:
-    """Build the stack, write, list what changed since the first era, tear down."""
+    """Build the stack with `up`, write, list what changed since the first era, `down`."""
     with ExitStack() as undo:
         workdir = Path(tempfile.mkdtemp(prefix="dmrepl-demo-", dir="/tmp"))
-        undo.callback(_remove_tree, workdir)
+        undo.callback(shutil.rmtree, workdir, ignore_errors=True)
         origin = _loop(runner, undo, workdir / "origin.img", ORIGIN_BYTES)
         meta_loop = _loop(runner, undo, workdir / "meta.img", METADATA_BYTES)
         say(f"origin {origin} ({ORIGIN_BYTES // MiB} MiB), metadata {meta_loop}")
-
-        origin_sectors = loop.device_sectors(runner, origin)
-        meta_sectors = loop.device_sectors(runner, meta_loop)
-        meta = _create(runner, undo, "meta", single(meta_sectors, Linear(meta_loop)))
-        era_dev = _create(
-            runner, undo, "era", single(origin_sectors, Era(meta, origin, BLOCK_SECTORS))
-        )
-        gate = _create(runner, undo, "gate", single(origin_sectors, Linear(era_dev)))
-        access = _create(runner, undo, "access", single(meta_sectors, Linear(meta)))
-        era_name = f"{PREFIX}-era"
+        config = demo_config(workdir, origin, meta_loop)
+        builder.up(runner, config, GROUP, say=say)
+        undo.callback(builder.down, runner, config, GROUP, say=say)
+        (stack,) = builder.survey(runner, config.select(GROUP), check=False).stacks
+        gate, era_name = stack.require(Layer.GATE).path, stack.require(Layer.ERA).name
+        access = stack.require(Layer.ACCESS).path
 
         before = era.read_status(runner, era_name)
-        say(f"era device ready: era {before.current_era}, block {BLOCK_SECTORS} sectors")
+        say(f"{gate} ready: era {before.current_era}, era block {BLOCK_SECTORS} sectors")
         for what, offset, length in DEMO_WRITES:
             say(f"writing {what}")
             write_random(gate, offset, length)
@@ -86,13 +99,13 @@ def run_demo(runner: Runner, say: Callable[[str], object] = print) -> DemoResult
             changed = era.written_since(runner, access, before.current_era)
         return DemoResult(
             kernel=os.uname().release,
-            origin_sectors=origin_sectors,
+            origin_sectors=stack.origin_sectors,
             block_sectors=BLOCK_SECTORS,
             era_before=before.current_era,
             era_after_snapshot=held.current_era,
             writes=DEMO_WRITES,
             changed_blocks=tuple(changed),
-            changed_sectors=tuple(blocks_to_sectors(changed, BLOCK_SECTORS, origin_sectors)),
+            changed_sectors=tuple(blocks_to_sectors(changed, BLOCK_SECTORS, stack.origin_sectors)),
         )
 
 
@@ -103,13 +116,6 @@ def _loop(runner: Runner, undo: ExitStack, path: Path, size: int) -> str:
     return device
 
 
-def _create(runner: Runner, undo: ExitStack, layer: str, table: str) -> str:
-    name = f"{PREFIX}-{layer}"
-    runner.run(dm.create(name, table, uuid=f"{dm.UUID_PREFIX}demo-{layer}"))
-    undo.callback(runner.run_best_effort, dm.remove(name))
-    return dm.mapper_path(name)
-
-
 def write_random(device: str, offset: int, length: int) -> None:
     """Write `length` random bytes at `offset` and fsync (so the era device sees them now)."""
     fd = os.open(device, os.O_WRONLY)
@@ -118,12 +124,6 @@ def write_random(device: str, offset: int, length: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _remove_tree(path: Path) -> None:
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
 
 
 def load_modules() -> Op:

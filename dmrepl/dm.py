@@ -95,20 +95,37 @@ class ObservedDevice:
     table: str  # live table ("" when none is loaded, e.g. after a killed create)
 
 
-def observe_owned(runner: Runner) -> dict[str, ObservedDevice]:
-    """Every dm device carrying dmrepl's UUID prefix, by name (with its live table)."""
-    observed = {}
-    for name, uuid, kernel_name, suspended, opened in _info_rows(runner):
-        if not uuid.startswith(UUID_PREFIX):
-            continue
-        live = runner.run(table(name)).stdout.strip()
-        observed[name] = ObservedDevice(name, uuid, kernel_name, suspended, opened, live)
-    return observed
+@dataclass(frozen=True)
+class Observation:
+    """All dm devices at one moment: dmrepl's own (with tables) and every name's UUID."""
+
+    owned: dict[str, ObservedDevice]
+    names: dict[str, str]
 
 
-def observe_names(runner: Runner) -> dict[str, str]:
-    """UUID of every dm device by name (whoever owns it)."""
-    return {name: uuid for name, uuid, *_ in _info_rows(runner)}
+def observe(runner: Runner) -> Observation:
+    """Two commands for the whole system: `dmsetup info -c` and `dmsetup table`."""
+    rows = _info_rows(runner)
+    tables = _all_tables(runner) if any(r[1].startswith(UUID_PREFIX) for r in rows) else {}
+    owned = {
+        name: ObservedDevice(name, uuid, kernel_name, suspended, opened, tables.get(name, ""))
+        for name, uuid, kernel_name, suspended, opened in rows
+        if uuid.startswith(UUID_PREFIX)
+    }
+    return Observation(owned, {name: uuid for name, uuid, *_ in rows})
+
+
+def _all_tables(runner: Runner) -> dict[str, str]:
+    """Live tables of every device: `dmsetup table` prints `<name>: <line>` per table line."""
+    tables: dict[str, list[str]] = {}
+    for line in runner.run(probe("dmsetup", "table")).stdout.splitlines():
+        name, sep, rest = line.partition(": ")
+        if not sep:
+            continue  # "No devices found"
+        tables.setdefault(name, [])
+        if rest.strip():
+            tables[name].append(rest.strip())
+    return {name: "\n".join(lines) for name, lines in tables.items()}
 
 
 def _info_rows(runner: Runner) -> list[tuple[str, str, str, bool, int]]:

@@ -31,8 +31,19 @@ def device_sectors(runner: Runner, device: str) -> int:
     return int(runner.run(probe("blockdev", "--getsz", device)).stdout.strip())
 
 
-def kernel_has_device_mapper() -> bool:
-    """Whether this kernel has device-mapper and we are root (needed to use it)."""
-    return os.geteuid() == 0 and (
-        Path("/dev/mapper/control").exists() or Path("/sys/module/dm_mod").exists()
-    )
+def kernel_has_device_mapper(modules: Path = Path("/lib/modules")) -> bool:
+    """Whether we are root and the running kernel has device-mapper (loaded, or loadable).
+
+    /dev/mapper/control is no evidence: libdevmapper creates that node even when
+    the kernel lacks the driver.
+    """
+    if os.geteuid() != 0:
+        return False
+    if Path("/sys/module/dm_mod").exists():
+        return True
+    release = modules / os.uname().release
+    for index in ("modules.builtin", "modules.dep"):
+        path = release / index
+        if path.exists() and "/dm-mod.ko" in path.read_text():
+            return True
+    return False

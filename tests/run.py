@@ -78,7 +78,9 @@ def run_unit(results: Path, extra: list[str]) -> tuple[Tally, list[str]]:
 
 def run_kernel(results: Path, extra: list[str]) -> tuple[Tally, list[str]]:
     junit = results / "kernel.xml"
-    argv = pytest_command("kernel", junit, ["-m", "kernel", *extra])
+    # -v: one line per test, so progress shows through the VM console as it happens.
+    # --timeout: a test stuck in the kernel fails with a stack dump instead of hanging CI.
+    argv = pytest_command("kernel", junit, ["-m", "kernel", "-v", "--timeout=300", *extra])
     if loop.kernel_has_device_mapper():
         print("kernel tier: this kernel has device-mapper; running here", flush=True)
         code = subprocess.run(argv, cwd=ROOT, check=False).returncode

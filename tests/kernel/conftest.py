@@ -18,6 +18,7 @@ import pytest
 
 from dmrepl import dm, loop
 from dmrepl.executor import CommandFailed, Runner, probe
+from tests.kernel.stacks import Bed
 
 REQUIRED_TARGETS = ("linear", "era", "snapshot", "mirror", "zero")
 
@@ -98,3 +99,13 @@ def _remove_dm(runner: Runner, name: str) -> None:
         if dm.is_suspended(runner, name):
             runner.run(dm.resume(name))
     runner.run_best_effort(dm.remove(name))
+
+
+@pytest.fixture
+def bed(
+    runner: Runner, workdir: Path, make_loop: Callable[[str, int], str], cleanup: ExitStack
+) -> Bed:
+    """A config over loop devices; every device of its group is removed at teardown."""
+    test_bed = Bed(workdir, runner, make_loop)
+    cleanup.callback(test_bed.teardown)
+    return test_bed

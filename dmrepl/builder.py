@@ -1,0 +1,327 @@
+"""Stacks up and down: probe, check, plan, then apply with undo. The library API of the CLI.
+
+`apply_plan` is the executor of plans: it runs each step, registers its undo as
+soon as the step succeeded, and unwinds in reverse on any failure or on
+SIGINT/SIGTERM/SIGHUP (deferred to the next step boundary, so a dmsetup command
+is never cut in half and no device is created behind our back).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from types import FrameType
+
+from dmrepl import dm, era, probe
+from dmrepl.config import Config, DeviceSpec, GroupSpec
+from dmrepl.errors import Interrupted
+from dmrepl.executor import Runner
+from dmrepl.plan import Plan, plan_down, plan_up, table_matches
+from dmrepl.probe import BlockDevice, DeviceProblem, MetadataHeader, MetadataKind
+from dmrepl.safety import DeviceFacts, check_all, metadata_area_sectors
+from dmrepl.stack import Layer, StackSpec, plan_stack
+from dmrepl.state import StateStore
+from dmrepl.status import EraStatus, MirrorStatus, parse_mirror_status, parse_status_line
+from dmrepl.udev import NodeWaiter
+
+Say = Callable[[str], object]
+
+
+class _SignalLatch:
+    """Remembers SIGINT/SIGTERM/SIGHUP instead of dying; `check()` raises at a safe point."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def check(self) -> None:
+        if self.received is not None:
+            name = signal.Signals(self.received).name
+            raise Interrupted(f"stopped by {name}; undoing what this run did")
+
+
+@contextmanager
+def deferred_signals() -> Iterator[_SignalLatch]:
+    latch = _SignalLatch()
+    previous = {sig: signal.signal(sig, latch._handle) for sig in _SignalLatch.SIGNALS}
+    try:
+        yield latch
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def apply_plan(runner: Runner, plan: Plan, say: Say) -> None:
+    """Run every step; on failure or signal undo the completed ones in reverse."""
+    with deferred_signals() as latch, NodeWaiter() as nodes, ExitStack() as undo:
+        for step in plan.steps:
+            latch.check()
+            say(step.what)
+            runner.run(step.op)
+            if step.undo is not None:
+                undo.callback(runner.run_best_effort, step.undo)
+            if step.creates is not None:
+                nodes.wait(step.creates)
+        latch.check()
+        undo.pop_all()  # success: keep everything
+
+
+@dataclass(frozen=True)
+class Survey:
+    """Everything probed about the configured stacks, before planning."""
+
+    stacks: tuple[StackSpec, ...]
+    facts: tuple[DeviceFacts, ...]
+    observed: dict[str, dm.ObservedDevice]
+    names: dict[str, str]
+
+
+def survey(runner: Runner, groups: list[GroupSpec], *, check: bool = True) -> Survey:
+    """Probe devices and running stacks; with `check`, run the safety checks (raise if unsafe)."""
+    seen = dm.observe(runner)
+    observed, names = seen.owned, seen.names
+    facts = [_device_facts(device, observed) for group in groups for device in group.devices]
+    if check:
+        check_all(facts)
+    stacks = tuple(
+        plan_stack(f.spec, f.origin.size_sectors, metadata_area_sectors(f.spec, f))
+        for f in facts
+        if f.origin is not None and f.metadata is not None
+    )
+    return Survey(stacks, tuple(facts), observed, names)
+
+
+def _device_facts(device: DeviceSpec, observed: dict[str, dm.ObservedDevice]) -> DeviceFacts:
+    missing: list[str] = []
+
+    def get(path: str | None, role: str) -> BlockDevice | None:
+        if path is None:
+            return None
+        try:
+            return probe.probe_block_device(path, role=role)
+        except DeviceProblem as exc:
+            missing.append(f"{device.key}: {exc.message}")
+            return None
+
+    legs = tuple(get(leg, "mirror leg") for leg in (device.mirror.legs if device.mirror else ()))
+    log_device = get(device.mirror.log_device if device.mirror else None, "mirror log device")
+    own = frozenset(
+        running.kernel_name
+        for running in observed.values()
+        if running.uuid.endswith(f"-{device.group}.{device.name}")
+    )
+    return DeviceFacts(
+        spec=device,
+        origin=get(device.origin, "origin"),
+        metadata=get(device.metadata, "metadata device"),
+        legs=legs,
+        log_device=log_device,
+        missing=tuple(missing),
+        own_holders=own,
+    )
+
+
+def read_headers(
+    stacks: tuple[StackSpec, ...], observed: Mapping[str, dm.ObservedDevice]
+) -> dict[str, MetadataHeader]:
+    """Metadata superblocks of stacks whose era layer is not running (others are not read)."""
+    headers = {}
+    for stack in stacks:
+        device = stack.device
+        if stack.require(Layer.ERA).name in observed:
+            headers[device.name] = MetadataHeader(MetadataKind.ERA)
+        else:
+            headers[device.name] = probe.read_metadata_header(
+                device.metadata, device.metadata_offset
+            )
+    return headers
+
+
+def up(
+    runner: Runner,
+    config: Config,
+    group: str | None,
+    *,
+    fresh: bool = False,
+    dry_run: bool = False,
+    say: Say = print,
+) -> Plan:
+    """Build every configured stack of `group` (all groups when None)."""
+    found = survey(runner, config.select(group))
+    plan = plan_up(
+        found.stacks,
+        found.observed,
+        found.names,
+        read_headers(found.stacks, found.observed),
+        resolve=probe.dev_id_of,
+        fresh=fresh,
+    )
+    if dry_run or plan.empty:
+        return plan
+    apply_plan(runner, plan, say)
+    store = StateStore(config.state_dir)
+    try:
+        for stack in found.stacks:
+            notes = [n for n in plan.notes if n.startswith(f"{stack.device.name}:")]
+            for note in notes:
+                store.record(stack.device.group, stack.device.name, "metadata", note)
+            store.record(stack.device.group, stack.device.name, "up", "stack built")
+    finally:
+        store.close()
+    return plan
+
+
+def down(
+    runner: Runner,
+    config: Config,
+    group: str | None,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    say: Say = print,
+) -> Plan:
+    """Remove every layer of the configured stacks of `group`, top down."""
+    found = survey(runner, config.select(group), check=False)
+    stacks = found.stacks or tuple(_stacks_without_probe(config.select(group)))
+    plan = plan_down(stacks, found.observed, force=force)
+    if dry_run or plan.empty:
+        return plan
+    _drop_held_snapshots(runner, stacks, found.observed, say)
+    apply_plan(runner, plan, say)
+    return plan
+
+
+def _stacks_without_probe(groups: list[GroupSpec]) -> Iterator[StackSpec]:
+    """Layer names for `down` when the origin is gone (sizes do not matter for removal)."""
+    for group in groups:
+        for device in group.devices:
+            yield plan_stack(device, 1, 1)
+
+
+def _drop_held_snapshots(
+    runner: Runner, stacks: tuple[StackSpec, ...], observed: dict[str, dm.ObservedDevice], say: Say
+) -> None:
+    """A metadata snapshot left held by a killed run is dropped before the era device goes."""
+    for stack in stacks:
+        name = stack.require(Layer.ERA).name
+        running = observed.get(name)
+        if running is None or running.suspended or not running.table:
+            continue
+        if era.read_status(runner, name).snapshot_held:
+            say(f"drop the metadata snapshot left held on {name}")
+            runner.run(dm.message(name, "drop_metadata_snap"))
+
+
+@dataclass(frozen=True)
+class LayerState:
+    layer: str
+    name: str
+    present: bool
+    suspended: bool
+    open_count: int
+    matches: bool | None  # table equals the configured one (None: not present)
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    group: str
+    device: str
+    gate: str
+    origin_sectors: int
+    metadata_sectors: int
+    block_sectors: int
+    layers: tuple[LayerState, ...]
+    era: EraStatus | None
+    mirror: MirrorStatus | None
+    warnings: tuple[str, ...]
+
+    @property
+    def running(self) -> bool:
+        return all(layer.present for layer in self.layers)
+
+
+METADATA_WARN_FRACTION = 0.75
+
+
+def status(runner: Runner, config: Config, group: str | None) -> list[DeviceState]:
+    """Observed state of every configured stack (read-only)."""
+    found = survey(runner, config.select(group), check=False)
+    states = []
+    for stack in found.stacks:
+        layers = []
+        for layer in stack.layers:
+            running = found.observed.get(layer.name)
+            matches = None
+            if running is not None:
+                matches = table_matches(layer, running.table, probe.dev_id_of)
+            layers.append(
+                LayerState(
+                    layer.layer.value,
+                    layer.name,
+                    running is not None,
+                    bool(running and running.suspended),
+                    running.open_count if running else 0,
+                    matches,
+                )
+            )
+        era_state, warnings = _era_state(runner, stack, found.observed)
+        mirror_state = _mirror_state(runner, stack, found.observed)
+        if mirror_state is not None:
+            warnings += [
+                f"{stack.device.name}: mirror leg {leg.device} has failed ({leg.health.name})"
+                for leg in mirror_state.failed_legs
+            ]
+        states.append(
+            DeviceState(
+                group=stack.device.group,
+                device=stack.device.name,
+                gate=stack.require(Layer.GATE).path,
+                origin_sectors=stack.origin_sectors,
+                metadata_sectors=stack.metadata_sectors,
+                block_sectors=stack.device.block_sectors,
+                layers=tuple(layers),
+                era=era_state,
+                mirror=mirror_state,
+                warnings=tuple(warnings),
+            )
+        )
+    return states
+
+
+def _mirror_state(
+    runner: Runner, stack: StackSpec, observed: Mapping[str, dm.ObservedDevice]
+) -> MirrorStatus | None:
+    mirror = stack.get(Layer.MIRROR)
+    if mirror is None or mirror.name not in observed or observed[mirror.name].suspended:
+        return None
+    line = parse_status_line(runner.run(dm.status(mirror.name)).stdout)
+    return parse_mirror_status(line.params)
+
+
+def _era_state(
+    runner: Runner, stack: StackSpec, observed: Mapping[str, dm.ObservedDevice]
+) -> tuple[EraStatus | None, list[str]]:
+    name = stack.require(Layer.ERA).name
+    running = observed.get(name)
+    if running is None:
+        return None, []
+    if running.suspended:
+        # Never ask a suspended era device for its status: the ioctl blocks until resume.
+        return None, [f"{name} is suspended (an interrupted cut?); run `dmrepl up` to resume it"]
+    state = era.read_status(runner, name)
+    warnings = []
+    used = state.metadata_used_blocks / max(state.metadata_total_blocks, 1)
+    if used >= METADATA_WARN_FRACTION:
+        warnings.append(
+            f"{name}: metadata {used:.0%} used ({state.metadata_used_blocks}/"
+            f"{state.metadata_total_blocks} blocks); dm-era fails writes when it is full"
+        )
+    if state.snapshot_held:
+        warnings.append(f"{name}: a metadata snapshot is held (root {state.held_root})")
+    return state, warnings

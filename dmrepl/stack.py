@@ -1,0 +1,129 @@
+"""The device stack of one protected device (DESIGN.md section 2), as pure values.
+
+    origin                                       the data
+      [<name>-mirror  mirror origin + legs]      optional local synchronous legs
+      <name>-orig     snapshot-origin            lets a cut take a point-in-time snapshot
+      <name>-era      era <name>-meta <name>-orig <block>
+      <name>          linear <name>-era 0        the gate users mount
+    <name>-meta       linear <metadata> <offset> the carved metadata area
+    <name>-access     linear <name>-meta 0       read path for era_invalidate
+
+Every layer carries the dm UUID `DMREPL-<layer>-<group>.<device>`; names in the
+config may not contain dots, so the UUID parses back unambiguously.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from dmrepl.config import DeviceSpec
+from dmrepl.dm import UUID_PREFIX, mapper_path
+from dmrepl.tables import Era, Linear, Mirror, SnapshotOrigin, TableLine, Target, render_table
+
+
+class Layer(Enum):
+    """Layers in creation order; the value is the dm-name suffix and UUID tag."""
+
+    META = "meta"
+    ACCESS = "access"
+    MIRROR = "mirror"
+    ORIGIN = "orig"
+    ERA = "era"
+    GATE = "gate"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One dm device of a stack as it should be."""
+
+    layer: Layer
+    name: str
+    uuid: str
+    length: int
+    target: Target
+
+    @property
+    def path(self) -> str:
+        return mapper_path(self.name)
+
+    @property
+    def table(self) -> str:
+        return render_table([TableLine(0, self.length, self.target)])
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """The whole stack of one device, in creation order."""
+
+    device: DeviceSpec
+    origin_sectors: int
+    metadata_sectors: int
+    layers: tuple[LayerSpec, ...]
+
+    def get(self, layer: Layer) -> LayerSpec | None:
+        return next((spec for spec in self.layers if spec.layer is layer), None)
+
+    def require(self, layer: Layer) -> LayerSpec:
+        spec = self.get(layer)
+        if spec is None:
+            raise KeyError(f"{self.device.name} has no {layer.value} layer")
+        return spec
+
+
+def layer_name(device: str, layer: Layer) -> str:
+    return device if layer is Layer.GATE else f"{device}-{layer.value}"
+
+
+def layer_uuid(group: str, device: str, layer: Layer) -> str:
+    return f"{UUID_PREFIX}{layer.value}-{group}.{device}"
+
+
+def parse_layer_uuid(uuid: str) -> tuple[Layer, str, str] | None:
+    """(layer, group, device) from a dmrepl UUID; None for anything else."""
+    if not uuid.startswith(UUID_PREFIX):
+        return None
+    tag, _, rest = uuid[len(UUID_PREFIX) :].partition("-")
+    group, dot, device = rest.partition(".")
+    try:
+        layer = Layer(tag)
+    except ValueError:
+        return None
+    if not dot or not group or not device:
+        return None
+    return layer, group, device
+
+
+def plan_stack(device: DeviceSpec, origin_sectors: int, metadata_sectors: int) -> StackSpec:
+    """The layers of `device` over an origin of `origin_sectors` and its metadata area."""
+
+    def spec(layer: Layer, length: int, target: Target) -> LayerSpec:
+        return LayerSpec(
+            layer,
+            layer_name(device.name, layer),
+            layer_uuid(device.group, device.name, layer),
+            length,
+            target,
+        )
+
+    meta = spec(Layer.META, metadata_sectors, Linear(device.metadata, device.metadata_offset))
+    layers = [meta, spec(Layer.ACCESS, metadata_sectors, Linear(meta.path, 0))]
+    below_origin = device.origin
+    if device.mirror:
+        mirror = device.mirror
+        target = Mirror(
+            log=mirror.log,
+            log_device=mirror.log_device,
+            region_sectors=mirror.region_sectors,
+            legs=((device.origin, 0), *((leg, 0) for leg in mirror.legs)),
+        )
+        # No handle_errors: with it, a write failing on one leg is held until userspace
+        # (dmeventd) reconfigures the mirror, and a plain suspend then fails it with EIO
+        # (dm-raid1.c do_failures/hold_bio). Without it the write completes on the
+        # surviving legs and status still marks the failed leg 'D'.
+        layers.append(spec(Layer.MIRROR, origin_sectors, target))
+        below_origin = layers[-1].path
+    layers.append(spec(Layer.ORIGIN, origin_sectors, SnapshotOrigin(below_origin)))
+    era = spec(Layer.ERA, origin_sectors, Era(meta.path, layers[-1].path, device.block_sectors))
+    layers += [era, spec(Layer.GATE, origin_sectors, Linear(era.path, 0))]
+    return StackSpec(device, origin_sectors, metadata_sectors, tuple(layers))
