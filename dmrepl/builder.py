@@ -294,6 +294,21 @@ def status(runner: Runner, config: Config, group: str | None) -> list[DeviceStat
     return states
 
 
+def metadata_warnings(era_name: str, state: EraStatus) -> list[str]:
+    """Warnings about an era device's metadata: nearly full (no kernel event warns of it), or
+    a metadata snapshot held (by a cut in progress, or left by a killed run)."""
+    warnings = []
+    used = state.metadata_used_blocks / max(state.metadata_total_blocks, 1)
+    if used >= METADATA_WARN_FRACTION:
+        warnings.append(
+            f"{era_name}: metadata {used:.0%} used ({state.metadata_used_blocks}/"
+            f"{state.metadata_total_blocks} blocks); dm-era fails writes when it is full"
+        )
+    if state.snapshot_held:
+        warnings.append(f"{era_name}: a metadata snapshot is held (root {state.held_root})")
+    return warnings
+
+
 def _mirror_state(
     runner: Runner, stack: StackSpec, observed: Mapping[str, dm.ObservedDevice]
 ) -> MirrorStatus | None:
@@ -315,13 +330,5 @@ def _era_state(
         # Never ask a suspended era device for its status: the ioctl blocks until resume.
         return None, [f"{name} is suspended (an interrupted cut?); run `dmrepl up` to resume it"]
     state = era.read_status(runner, name)
-    warnings = []
-    used = state.metadata_used_blocks / max(state.metadata_total_blocks, 1)
-    if used >= METADATA_WARN_FRACTION:
-        warnings.append(
-            f"{name}: metadata {used:.0%} used ({state.metadata_used_blocks}/"
-            f"{state.metadata_total_blocks} blocks); dm-era fails writes when it is full"
-        )
-    if state.snapshot_held:
-        warnings.append(f"{name}: a metadata snapshot is held (root {state.held_root})")
+    warnings = metadata_warnings(name, state)
     return state, warnings

@@ -14,6 +14,7 @@ import pytest
 
 from dmrepl import era
 from dmrepl.demo import write_random
+from dmrepl.state import StateStore
 from tests.kernel.stacks import Bed, dm_names, read_bytes, run_cli_here
 
 MiB = 2**20
@@ -41,6 +42,15 @@ def test_up_write_down_up_keeps_data_and_tracking(bed: Bed) -> None:
     assert bed.owned() == []
     again = bed.cli("up")
     assert "reusing existing metadata" in again.stdout
+    store = StateStore(bed.workdir / "state")
+    kinds = [(e.kind, e.detail.split(" (")[0]) for e in reversed(store.events(bed.group))]
+    store.close()
+    assert kinds == [
+        ("metadata", "a: new metadata"),
+        ("up", "stack built"),
+        ("metadata", "a: reusing existing metadata"),
+        ("up", "stack built"),
+    ]
 
     assert read_bytes(gate, 5 * MiB, 128 * 1024) == written
     (after,) = status_json(bed)
