@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from dmrepl.config import DeviceSpec, MirrorSpec
+from dmrepl.config import MirrorSpec
 from dmrepl.dm import ObservedDevice
 from dmrepl.plan import StackMismatch, plan_down, plan_up
 from dmrepl.probe import MetadataHeader, MetadataKind
 from dmrepl.stack import Layer, StackSpec, layer_uuid, parse_layer_uuid, plan_stack
 from dmrepl.tables import TableLine, normalise_table, render_table, table_devices
+from tests.unit.factories import device_spec
 
 IDS = {"/dev/vdb": "254:16", "/dev/vdc": "254:32", "/dev/vde": "254:64"}
 EMPTY = MetadataHeader(MetadataKind.EMPTY)
 
 
-def device(**extra: object) -> DeviceSpec:
-    fields: dict[str, object] = dict(
-        group="g", name="d", origin="/dev/vdb", metadata="/dev/vdc", metadata_offset=0,
-        metadata_size=None, block_sectors=128, cow=None, cow_sectors=None, mirror=None,
-    )  # fmt: skip
-    fields.update(extra)
-    return DeviceSpec(**fields)  # type: ignore[arg-type]
-
-
 def stack(**extra: object) -> StackSpec:
-    return plan_stack(device(**extra), origin_sectors=65536, metadata_sectors=2048)
+    return plan_stack(device_spec(**extra), origin_sectors=65536, metadata_sectors=2048)
 
 
 def running(spec: StackSpec, **overrides: object) -> dict[str, ObservedDevice]:

@@ -10,6 +10,7 @@ from dmrepl.config import DeviceSpec, MirrorSpec
 from dmrepl.errors import ExitCode
 from dmrepl.probe import BlockDevice
 from dmrepl.safety import DeviceFacts, UnsafeStack, check_all, check_device
+from tests.unit.factories import device_spec
 
 GiB = 2 * 2**20  # sectors
 
@@ -23,18 +24,9 @@ def block(path: str, dev: str, size: int, **extra: object) -> BlockDevice:
     return BlockDevice(**fields)  # type: ignore[arg-type]
 
 
-def spec(**extra: object) -> DeviceSpec:
-    fields: dict[str, object] = dict(
-        group="g", name="d", origin="/dev/vdb", metadata="/dev/vdc", metadata_offset=0,
-        metadata_size=None, block_sectors=128, cow=None, cow_sectors=None, mirror=None,
-    )  # fmt: skip
-    fields.update(extra)
-    return DeviceSpec(**fields)  # type: ignore[arg-type]
-
-
 def facts(device: DeviceSpec | None = None, **extra: object) -> DeviceFacts:
     fields: dict[str, object] = dict(
-        spec=device or spec(), origin=block("/dev/vdb", "254:16", GiB),
+        spec=device or device_spec(), origin=block("/dev/vdb", "254:16", GiB),
         metadata=block("/dev/vdc", "254:32", GiB), legs=(), log_device=None, missing=(),
         own_holders=frozenset(),
     )  # fmt: skip
@@ -71,7 +63,7 @@ def test_held_origin_unless_held_by_own_stack() -> None:
 
 
 def test_metadata_too_small_names_the_exact_minimum() -> None:
-    problems = check_device(facts(spec(metadata_size=64)))
+    problems = check_device(facts(device_spec(metadata_size=64)))
     assert [p.code for p in problems] == [ExitCode.METADATA_TOO_SMALL]
     assert "below the minimum" in problems[0].text
     assert "at least" in problems[0].hint and "sectors" in problems[0].hint
@@ -83,7 +75,7 @@ def test_metadata_area_past_device_end() -> None:
 
 
 def test_metadata_on_the_origin_overlaps() -> None:
-    same = facts(spec(metadata="/dev/vdb"), metadata=block("/dev/vdb", "254:16", GiB))
+    same = facts(device_spec(metadata="/dev/vdb"), metadata=block("/dev/vdb", "254:16", GiB))
     assert ExitCode.DEVICE_OVERLAP in codes(same)
 
 
@@ -99,9 +91,9 @@ def test_partitions_side_by_side_do_not_overlap() -> None:
 
 
 def test_two_metadata_areas_overlap() -> None:
-    first = facts(spec(name="a", origin="/dev/vdb"))
+    first = facts(device_spec(name="a", origin="/dev/vdb"))
     second = facts(
-        spec(name="b", origin="/dev/vdd", metadata_offset=1024),
+        device_spec(name="b", origin="/dev/vdd", metadata_offset=1024),
         origin=block("/dev/vdd", "254:48", GiB),
     )
     with pytest.raises(UnsafeStack) as caught:
@@ -110,7 +102,7 @@ def test_two_metadata_areas_overlap() -> None:
     assert "metadata areas overlap" in (caught.value.context or "")
     # Far enough apart: fine.
     far = dataclasses.replace(
-        second, spec=spec(name="b", origin="/dev/vdd", metadata_offset=GiB // 2)
+        second, spec=device_spec(name="b", origin="/dev/vdd", metadata_offset=GiB // 2)
     )
     check_all([first, far])
 
@@ -118,15 +110,17 @@ def test_two_metadata_areas_overlap() -> None:
 def test_small_mirror_leg_and_leg_on_origin() -> None:
     mirror = MirrorSpec(legs=("/dev/vde",), log="core", log_device=None, region_sectors=1024)
     small_leg = block("/dev/vde", "254:64", GiB // 2)
-    assert codes(facts(spec(mirror=mirror), legs=(small_leg,))) == [ExitCode.INVALID_INPUT]
+    assert codes(facts(device_spec(mirror=mirror), legs=(small_leg,))) == [ExitCode.INVALID_INPUT]
     leg_on_origin = block("/dev/vdb", "254:16", GiB)
-    assert ExitCode.DEVICE_OVERLAP in codes(facts(spec(mirror=mirror), legs=(leg_on_origin,)))
+    assert ExitCode.DEVICE_OVERLAP in codes(
+        facts(device_spec(mirror=mirror), legs=(leg_on_origin,))
+    )
 
 
 def test_unsafe_stack_lists_every_problem_and_uses_first_code() -> None:
     mounted = block("/dev/vdb", "254:16", GiB, mountpoints=("/srv",), holders=("sda9",))
     with pytest.raises(UnsafeStack) as caught:
-        check_all([facts(spec(metadata_size=64), origin=mounted)])
+        check_all([facts(device_spec(metadata_size=64), origin=mounted)])
     assert caught.value.exit_code == ExitCode.DEVICE_IN_USE
     assert len(caught.value.problems) == 3
     assert "nothing was changed" in caught.value.message
