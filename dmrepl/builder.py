@@ -29,7 +29,7 @@ from dmrepl.udev import NodeWaiter
 Say = Callable[[str], object]
 
 
-class _SignalLatch:
+class SignalLatch:
     """Remembers SIGINT/SIGTERM/SIGHUP instead of dying; `check()` raises at a safe point."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -47,9 +47,9 @@ class _SignalLatch:
 
 
 @contextmanager
-def deferred_signals() -> Iterator[_SignalLatch]:
-    latch = _SignalLatch()
-    previous = {sig: signal.signal(sig, latch._handle) for sig in _SignalLatch.SIGNALS}
+def deferred_signals() -> Iterator[SignalLatch]:
+    latch = SignalLatch()
+    previous = {sig: signal.signal(sig, latch._handle) for sig in SignalLatch.SIGNALS}
     try:
         yield latch
     finally:

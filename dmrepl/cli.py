@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dmrepl import __version__, builder, loop, vm
+from dmrepl import changes as changes_api
 from dmrepl.config import DEFAULT_PATH, load_config
 from dmrepl.demo import DemoResult, load_modules, run_demo
 from dmrepl.errors import DmreplError, NoDeviceMapper, NotRoot
@@ -28,6 +30,7 @@ from dmrepl.executor import Runner
 from dmrepl.plan import Plan
 from dmrepl.probe import probe_block_device
 from dmrepl.sizing import metadata_size
+from dmrepl.state import StateStore
 from dmrepl.status import Health
 from dmrepl.units import format_bytes, format_sectors, parse_size_sectors, sectors_to_bytes
 
@@ -202,12 +205,28 @@ def show_status(
 ) -> None:
     """Show each stack: layers, sizes, current era, metadata use, held snapshot, mirror legs."""
     require_root()
-    states = builder.status(Runner(), load_config(config), group)
+    loaded = load_config(config)
+    states = builder.status(Runner(), loaded, group)
     if as_json:
         print(json.dumps([device_state_json(state) for state in states], indent=2))
         return
     for state in states:
         render_device_state(state)
+    store = StateStore(loaded.state_dir)
+    try:
+        for spec in loaded.select(group):
+            recent = store.cuts(spec.name, limit=5)
+            if recent:
+                out.print(f"last cuts of {spec.name}:", markup=False)
+            for cut in recent:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cut.time))
+                eras = ", ".join(f"{d} era {e}" for d, e in sorted(cut.eras.items()))
+                out.print(
+                    f"  cut {cut.seq}  {when}  stall {cut.stall_s * 1000:.0f} ms  {eras}",
+                    markup=False,
+                )
+    finally:
+        store.close()
 
 
 def _leg_health(health: Health) -> str:
@@ -266,6 +285,70 @@ def render_device_state(state: builder.DeviceState) -> None:
     out.print(table)
     for warning in state.warnings:
         err.print(f"warning: {warning}", markup=False)
+
+
+@app.command("changes")
+def show_changes(
+    group: Annotated[str, typer.Argument(help="Group name.")],
+    config: ConfigOption = DEFAULT_PATH,
+    since_cut: Annotated[
+        int | None, typer.Option("--since-cut", help="List changes since this cut.")
+    ] = None,
+    since_era: Annotated[
+        int | None, typer.Option("--since-era", help="List changes since this era.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Take a cut of GROUP and list the ranges written since a cut (default: the last one)."""
+    require_root()
+    result = changes_api.changes(
+        Runner(), load_config(config), group, since_cut=since_cut, since_era=since_era,
+        say=(lambda _: None) if as_json else say,
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(changes_json(result), indent=2))
+        return
+    out.print(
+        f"cut {result.cut.seq} of {result.group}: changes since {result.since} "
+        f"(writers stalled {result.cut.stall_s * 1000:.0f} ms)",
+        markup=False,
+    )
+    for device in result.devices:
+        changed = format_bytes(sectors_to_bytes(device.changed_sectors))
+        out.print(
+            f"{device.device}: eras {device.since_era}..{device.cut_era}, "
+            f"{len(device.ranges)} ranges, {changed}",
+            markup=False,
+        )
+        for extent in device.ranges:
+            out.print(
+                f"  sectors [{extent.begin}, {extent.end})  "
+                f"{format_bytes(sectors_to_bytes(extent.length))}",
+                markup=False,
+            )
+
+
+def changes_json(result: changes_api.ChangesResult) -> dict[str, object]:
+    """`changes --json`: ranges are half-open [begin, end) in 512-byte sectors."""
+    return {
+        "group": result.group,
+        "cut": result.cut.seq,
+        "stall_s": result.cut.stall_s,
+        "since": result.since,
+        "recovered": result.recovered,
+        "devices": [
+            {
+                "device": d.device,
+                "since_era": d.since_era,
+                "cut_era": d.cut_era,
+                "block_sectors": d.block_sectors,
+                "origin_sectors": d.origin_sectors,
+                "changed_sectors": d.changed_sectors,
+                "ranges": [[e.begin, e.end] for e in d.ranges],
+            }
+            for d in result.devices
+        ],
+    }
 
 
 @app.command()

@@ -19,7 +19,16 @@ from enum import Enum
 
 from dmrepl.config import DeviceSpec
 from dmrepl.dm import UUID_PREFIX, mapper_path
-from dmrepl.tables import Era, Linear, Mirror, SnapshotOrigin, TableLine, Target, render_table
+from dmrepl.tables import (
+    Era,
+    Linear,
+    Mirror,
+    Snapshot,
+    SnapshotOrigin,
+    TableLine,
+    Target,
+    render_table,
+)
 
 
 class Layer(Enum):
@@ -31,6 +40,7 @@ class Layer(Enum):
     ORIGIN = "orig"
     ERA = "era"
     GATE = "gate"
+    PIT = "pit"  # not built by `up`: exists only while a cut is being captured
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,24 @@ class StackSpec:
         if spec is None:
             raise KeyError(f"{self.device.name} has no {layer.value} layer")
         return spec
+
+
+def pit_spec(stack: StackSpec, cow: str, chunk_sectors: int = 8) -> LayerSpec:
+    """The point-in-time snapshot of a cut: of the device under `-orig`, COW on `cow`.
+
+    Transient (N): it lives only while a cut is captured, so nothing needs to survive a
+    reload. dm-snapshot pairs it with the snapshot-origin on the same device.
+    """
+    below = stack.require(Layer.ORIGIN).target
+    assert isinstance(below, SnapshotOrigin)
+    device = stack.device
+    return LayerSpec(
+        Layer.PIT,
+        layer_name(device.name, Layer.PIT),
+        layer_uuid(device.group, device.name, Layer.PIT),
+        stack.origin_sectors,
+        Snapshot(below.device, cow, "N", chunk_sectors),
+    )
 
 
 def layer_name(device: str, layer: Layer) -> str:

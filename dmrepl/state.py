@@ -12,6 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS cuts (
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time REAL NOT NULL,
+    stall_s REAL NOT NULL,
+    PRIMARY KEY (grp, seq)
+);
+CREATE TABLE IF NOT EXISTS cut_devices (
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    era INTEGER NOT NULL,
+    PRIMARY KEY (grp, seq, device)
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
@@ -30,6 +44,18 @@ class Event:
     device: str
     kind: str
     detail: str
+
+
+@dataclass(frozen=True)
+class CutRecord:
+    """A completed cut: every write to the group's devices before it carries an era at most
+    `eras[device]`; every write after it carries a later era."""
+
+    group: str
+    seq: int
+    time: float
+    stall_s: float
+    eras: dict[str, int]
 
 
 class StateStore:
@@ -59,3 +85,42 @@ class StateStore:
             args = (group,)
         rows = self.db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [Event(*row) for row in rows]
+
+    def record_cut(self, group: str, eras: dict[str, int], stall_s: float) -> CutRecord:
+        """Store a new cut with the next sequence number of its group."""
+        with self.db:
+            (last,) = self.db.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM cuts WHERE grp = ?", (group,)
+            ).fetchone()
+            record = CutRecord(group, int(last) + 1, time.time(), stall_s, dict(eras))
+            self.db.execute(
+                "INSERT INTO cuts (grp, seq, time, stall_s) VALUES (?, ?, ?, ?)",
+                (group, record.seq, record.time, stall_s),
+            )
+            self.db.executemany(
+                "INSERT INTO cut_devices (grp, seq, device, era) VALUES (?, ?, ?, ?)",
+                [(group, record.seq, device, era) for device, era in eras.items()],
+            )
+        return record
+
+    def cuts(self, group: str, limit: int = 20) -> list[CutRecord]:
+        """The group's latest cuts, newest first."""
+        rows = self.db.execute(
+            "SELECT seq, time, stall_s FROM cuts WHERE grp = ? ORDER BY seq DESC LIMIT ?",
+            (group, limit),
+        ).fetchall()
+        return [self._cut(group, seq, when, stall) for seq, when, stall in rows]
+
+    def cut(self, group: str, seq: int) -> CutRecord | None:
+        row = self.db.execute(
+            "SELECT time, stall_s FROM cuts WHERE grp = ? AND seq = ?", (group, seq)
+        ).fetchone()
+        return None if row is None else self._cut(group, seq, row[0], row[1])
+
+    def _cut(self, group: str, seq: int, when: float, stall_s: float) -> CutRecord:
+        eras = dict(
+            self.db.execute(
+                "SELECT device, era FROM cut_devices WHERE grp = ? AND seq = ?", (group, seq)
+            ).fetchall()
+        )
+        return CutRecord(group, seq, when, stall_s, eras)

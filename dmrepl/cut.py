@@ -1,0 +1,185 @@
+"""Point-in-time cuts of a write-ordered group (DESIGN.md section 4) and their change lists.
+
+A cut suspends every gate of the group (flushing in-flight I/O and freezing a
+mounted filesystem), takes a metadata snapshot on every era device (which also
+closes the current era), optionally creates a `-pit` snapshot of every origin,
+and resumes the gates. Writers stall only for those steps. While the cut is
+held, `era_invalidate` reads the metadata snapshots; afterwards the snapshots
+are dropped and the `-pit` devices removed, always.
+
+Era arithmetic: a take that moved era e to e+1 means every write before the cut
+carries an era <= e and every write after it an era >= e+1. The cut records e;
+whoever has applied that cut next asks for `written-since(e + 1)`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+from dmrepl import dm, era
+from dmrepl.builder import Say, SignalLatch, deferred_signals
+from dmrepl.errors import DmreplError
+from dmrepl.executor import Op, Runner
+from dmrepl.ranges import Extent, blocks_to_sectors
+from dmrepl.stack import Layer, LayerSpec, StackSpec, pit_spec
+from dmrepl.status import parse_snapshot_status, parse_status_line
+
+
+class CowOverflow(DmreplError):
+    """A `-pit` snapshot ran out of copy-on-write space: its image is no longer the cut."""
+
+
+@dataclass(frozen=True)
+class DeviceCut:
+    stack: StackSpec
+    era: int  # the last era before the cut
+    pit: LayerSpec | None  # the point-in-time image, when the cut has one
+
+
+@dataclass(frozen=True)
+class HeldCut:
+    """A cut whose metadata snapshots (and `-pit` images) exist until it is released."""
+
+    devices: tuple[DeviceCut, ...]
+    stall_s: float  # how long the gates were suspended
+    latch: SignalLatch
+
+    @property
+    def eras(self) -> dict[str, int]:
+        return {d.stack.device.name: d.era for d in self.devices}
+
+
+def recover(runner: Runner, stacks: tuple[StackSpec, ...], say: Say) -> list[str]:
+    """Repair what a killed cut left behind; returns what was done.
+
+    A suspended gate, `-orig` or era device is resumed; a stale `-pit` is removed
+    (its COW is then unused); a metadata snapshot still held is dropped.
+    """
+    observed = dm.observe(runner).owned
+    done: list[str] = []
+
+    def act(text: str, op: Op) -> None:
+        say(text)
+        runner.run(op)
+        done.append(text)
+
+    for stack in stacks:
+        pit = stack.device.name + "-pit"
+        for layer in (Layer.ORIGIN, Layer.ERA, Layer.GATE):
+            name = stack.require(layer).name
+            if name in observed and observed[name].suspended:
+                act(f"resume {name} (left suspended by an interrupted cut)", dm.resume(name))
+        if pit in observed:
+            if observed[pit].suspended:
+                runner.run(dm.resume(pit))
+            act(f"remove stale {pit}", dm.remove(pit))
+        era_name = stack.require(Layer.ERA).name
+        if era_name in observed and era.read_status(runner, era_name).snapshot_held:
+            act(
+                f"drop the metadata snapshot left held on {era_name}",
+                dm.message(era_name, "drop_metadata_snap"),
+            )
+    return done
+
+
+@contextmanager
+def held_cut(
+    runner: Runner,
+    stacks: tuple[StackSpec, ...],
+    *,
+    cow_for: Callable[[StackSpec], str] | None = None,
+    say: Say = print,
+) -> Iterator[HeldCut]:
+    """Take a cut of every stack at once and hold it for the body.
+
+    With `cow_for` (device -> COW device), each device also gets a `-pit` image.
+    Any failure, SIGINT or SIGTERM undoes every step in reverse; whatever happens,
+    gates are resumed before the body runs and everything is released after it.
+    """
+    with deferred_signals() as latch, ExitStack() as release:
+        started = time.monotonic()
+        devices: list[DeviceCut] = []
+        with ExitStack() as gates:
+            for stack in stacks:  # 1. freeze writers (flushes in-flight I/O)
+                gate = stack.require(Layer.GATE).name
+                latch.check()
+                runner.run(dm.suspend(gate))
+                gates.callback(runner.run_best_effort, dm.resume(gate))
+            for stack in stacks:  # 2. close the era and pin its metadata (era stays active)
+                name = stack.require(Layer.ERA).name
+                latch.check()
+                runner.run(dm.message(name, "take_metadata_snap"))
+                release.callback(runner.run_best_effort, dm.message(name, "drop_metadata_snap"))
+                devices.append(
+                    DeviceCut(stack, era.read_status(runner, name).current_era - 1, None)
+                )
+            if cow_for is not None:  # 3. the point-in-time images
+                devices = [_create_pit(runner, cut, cow_for, release, latch) for cut in devices]
+            latch.check()
+        stall = time.monotonic() - started  # 4. gates resumed by leaving the block above
+        say(f"cut taken; writers stalled {stall * 1000:.0f} ms")
+        yield HeldCut(tuple(devices), stall, latch)
+        latch.check()
+
+
+def _create_pit(
+    runner: Runner,
+    cut: DeviceCut,
+    cow_for: Callable[[StackSpec], str],
+    release: ExitStack,
+    latch: SignalLatch,
+) -> DeviceCut:
+    """Load `-pit` with its snapshot-origin suspended, as dm-snapshot requires."""
+    pit = pit_spec(cut.stack, cow_for(cut.stack))
+    origin = cut.stack.require(Layer.ORIGIN).name
+    latch.check()
+    runner.run(dm.suspend(origin))
+    try:
+        runner.run(dm.create(pit.name, pit.table, pit.uuid))
+        release.callback(runner.run_best_effort, dm.remove(pit.name))
+    finally:
+        runner.run(dm.resume(origin))
+    return DeviceCut(cut.stack, cut.era, pit)
+
+
+def check_pits(runner: Runner, held: HeldCut) -> None:
+    """Raise CowOverflow if any `-pit` lost its image (Invalid/Overflow COW)."""
+    for cut in held.devices:
+        if cut.pit is None:
+            continue
+        status = parse_snapshot_status(
+            parse_status_line(runner.run(dm.status(cut.pit.name)).stdout).params
+        )
+        if status.full:
+            raise CowOverflow(
+                f"{cut.pit.name}: the copy-on-write space ran out ({status.state.value}); "
+                "its image is no longer the cut and was not used",
+                hint="give the device a larger cow_size (or cow device) and run again",
+            )
+
+
+def list_changes(
+    runner: Runner, held: HeldCut, since: Mapping[str, int]
+) -> dict[str, list[Extent]]:
+    """Sector ranges written between era `since[device]` and the cut, per device.
+
+    Read from the held metadata snapshots, coalesced and clamped at the device end.
+    """
+    changes: dict[str, list[Extent]] = {}
+    for cut in held.devices:
+        name = cut.stack.device.name
+        first = since[name]
+        if first > cut.era + 1:
+            raise DmreplError(
+                f"{name}: era {first} is after this cut (whose last era is {cut.era})",
+                hint="ask for an era or cut from before this one",
+            )
+        held.latch.check()
+        blocks = era.written_since(runner, cut.stack.require(Layer.ACCESS).path, first)
+        changes[name] = list(
+            blocks_to_sectors(blocks, cut.stack.device.block_sectors, cut.stack.origin_sectors)
+        )
+    return changes

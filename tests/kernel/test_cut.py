@@ -1,0 +1,184 @@
+"""Cuts and change lists on the real kernel: exact blocks, PIT images, recovery after kill -9."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dmrepl import builder, dm, era, loop
+from dmrepl.config import load_config
+from dmrepl.cut import check_pits, held_cut, recover
+from dmrepl.demo import write_random
+from dmrepl.stack import Layer, pit_spec
+from tests.kernel.stacks import Bed, read_bytes
+
+MiB = 2**20
+BLOCK = 64 * 1024  # the beds' era block
+BLOCK_SECTORS = BLOCK // 512
+
+
+def write_blocks(gate: str, blocks: list[int]) -> None:
+    for block in blocks:
+        write_random(gate, block * BLOCK + 512, 512)  # one sector inside each block
+
+
+def changes(bed: Bed, *args: str) -> dict[str, object]:
+    result: dict[str, object] = json.loads(bed.cli("changes", bed.group, "--json", *args).stdout)
+    return result
+
+
+def blocks_of(result: dict[str, object], device: str) -> list[int]:
+    """The era blocks a `changes --json` result lists for a device."""
+    (entry,) = [d for d in result["devices"] if d["device"] == device]  # type: ignore[attr-defined]
+    blocks: list[int] = []
+    for begin, end in entry["ranges"]:
+        blocks += range(begin // BLOCK_SECTORS, -(-end // BLOCK_SECTORS))
+    return blocks
+
+
+@pytest.fixture
+def group(bed: Bed) -> Bed:
+    bed.add_device("ca")
+    bed.add_device("cb")
+    bed.cli("up")
+    return bed
+
+
+def test_each_change_list_is_exactly_the_blocks_written_after_the_cut(group: Bed) -> None:
+    write_blocks("/dev/mapper/ca", [1, 2, 40])
+    first = changes(group)
+    assert first["cut"] == 1 and first["since"] == "tracking began"
+    assert blocks_of(first, "ca") == [1, 2, 40] and blocks_of(first, "cb") == []
+
+    write_blocks("/dev/mapper/ca", [5])
+    write_blocks("/dev/mapper/cb", [7, 8])
+    second = changes(group)
+    assert second["cut"] == 2 and second["since"].startswith("cut 1")  # type: ignore[union-attr]
+    assert blocks_of(second, "ca") == [5] and blocks_of(second, "cb") == [7, 8]
+
+    write_blocks("/dev/mapper/ca", [2, 100])
+    third = changes(group, "--since-cut", "1")
+    assert blocks_of(third, "ca") == [2, 5, 100]
+    assert blocks_of(third, "cb") == [7, 8]
+
+    fourth = changes(group, "--since-cut", "3")
+    assert blocks_of(fourth, "ca") == [] and blocks_of(fourth, "cb") == []
+    everything = changes(group, "--since-era", "1")
+    assert blocks_of(everything, "ca") == [1, 2, 5, 40, 100]
+
+    shown = group.cli("status").stdout
+    assert "last cuts of" in shown and "cut 5" in shown
+    # Nothing is left held or suspended after a cut.
+    for name in ("ca-era", "cb-era"):
+        assert era.read_status(group.runner, name).held_root is None
+
+
+def test_unknown_cut_is_refused_with_the_known_ones(group: Bed) -> None:
+    changes(group)
+    refused = group.cli("changes", group.group, "--since-cut", "9", check=False)
+    assert refused.returncode == 10
+    assert "has no cut 9" in refused.stderr and "recorded cuts: 1" in refused.stderr
+
+
+def test_pit_images_hold_the_cut_while_writers_go_on(group: Bed, workdir: Path) -> None:
+    gate = "/dev/mapper/ca"
+    write_random(gate, 3 * MiB, MiB)
+    before = hashlib.sha256(read_bytes(gate, 0, 32 * MiB)).hexdigest()
+    config = load_config(group.config)
+    stacks = builder.survey(group.runner, config.select(group.group), check=False).stacks
+    cows: dict[str, str] = {}
+
+    def cow_for(stack: builder.StackSpec) -> str:
+        path = workdir / f"{stack.device.name}.cow"
+        loop.create_sparse_file(path, 32 * MiB)
+        cows[stack.device.name] = loop.attach(group.runner, path)
+        return cows[stack.device.name]
+
+    try:
+        with held_cut(group.runner, stacks, cow_for=cow_for) as held:
+            write_random(gate, 3 * MiB, MiB)  # after the cut: the live device moves on
+            (pit,) = [d.pit for d in held.devices if d.stack.device.name == "ca"]
+            assert pit is not None
+            image = hashlib.sha256(read_bytes(pit.path, 0, 32 * MiB)).hexdigest()
+            check_pits(group.runner, held)
+        assert image == before
+        assert hashlib.sha256(read_bytes(gate, 0, 32 * MiB)).hexdigest() != before
+        assert not [n for n in dm.observe(group.runner).owned if n.endswith("-pit")]
+    finally:
+        for device in cows.values():
+            group.runner.run_best_effort(loop.detach(device))
+
+
+def killing_dmsetup(workdir: Path, pattern: str) -> dict[str, str]:
+    """An environment whose `dmsetup`, after running a command matching `pattern`,
+    kills the dmrepl process that called it with SIGKILL."""
+    bindir = workdir / "killbin"
+    bindir.mkdir(exist_ok=True)
+    real = subprocess.run(["which", "dmsetup"], capture_output=True, text=True).stdout.strip()
+    wrapper = bindir / "dmsetup"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'{real} "$@"; status=$?\n'
+        f'case "$*" in {pattern}) kill -9 $PPID;; esac\n'
+        "exit $status\n"
+    )
+    wrapper.chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(
+    "phase",
+    [
+        "suspend\\ c[ab]",  # a gate suspended
+        "message\\ c[ab]-era\\ 0\\ take_metadata_snap",  # gates suspended, snapshot held
+        "resume\\ ca",  # gates resumed (cb first), snapshots still held
+    ],
+)
+def test_kill_9_during_a_cut_is_repaired_and_loses_no_block(
+    group: Bed, workdir: Path, phase: str
+) -> None:
+    write_blocks("/dev/mapper/ca", [3])
+    changes(group)  # cut 1 completes
+    write_blocks("/dev/mapper/ca", [9, 10])
+    write_blocks("/dev/mapper/cb", [11])
+    killed = subprocess.run(
+        [sys.executable, "-m", "dmrepl", "changes", group.group, "--config", str(group.config)],
+        env=killing_dmsetup(workdir, phase),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr
+    after = changes(group)
+    assert after["recovered"], "nothing was repaired"
+    assert blocks_of(after, "ca") == [9, 10] and blocks_of(after, "cb") == [11]
+    observed = dm.observe(group.runner).owned
+    assert not [n for n, d in observed.items() if d.suspended]
+    for name in ("ca-era", "cb-era"):
+        assert era.read_status(group.runner, name).held_root is None
+
+
+def test_stale_pit_and_suspended_origin_are_recovered(group: Bed, workdir: Path) -> None:
+    config = load_config(group.config)
+    stacks = builder.survey(group.runner, config.select(group.group), check=False).stacks
+    path = workdir / "stale.cow"
+    loop.create_sparse_file(path, 8 * MiB)
+    cow = loop.attach(group.runner, path)
+    try:
+        stack = stacks[0]
+        pit = pit_spec(stack, cow)
+        origin = stack.require(Layer.ORIGIN).name
+        group.runner.run(dm.suspend(origin))
+        group.runner.run(dm.create(pit.name, pit.table, pit.uuid))  # left with -orig suspended
+        done = recover(group.runner, stacks, say=lambda _: None)
+        assert any("resume" in d and origin in d for d in done)
+        assert any("remove stale" in d for d in done)
+        assert pit.name not in dm.observe(group.runner).owned
+    finally:
+        group.runner.run_best_effort(loop.detach(cow))
