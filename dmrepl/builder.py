@@ -8,53 +8,22 @@ is never cut in half and no device is created behind our back).
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
-from types import FrameType
 
 from dmrepl import dm, era, probe
 from dmrepl.config import Config, DeviceSpec, GroupSpec
-from dmrepl.errors import Interrupted
+from dmrepl.cut import recover
 from dmrepl.executor import Runner
 from dmrepl.plan import Plan, plan_down, plan_up, table_matches
 from dmrepl.probe import BlockDevice, DeviceProblem, MetadataHeader, MetadataKind
 from dmrepl.safety import DeviceFacts, check_all, metadata_area_sectors
+from dmrepl.signals import Say, deferred_signals
 from dmrepl.stack import Layer, StackSpec, plan_stack
 from dmrepl.state import StateStore
 from dmrepl.status import EraStatus, MirrorStatus, parse_mirror_status, parse_status_line
 from dmrepl.udev import NodeWaiter
-
-Say = Callable[[str], object]
-
-
-class SignalLatch:
-    """Remembers SIGINT/SIGTERM/SIGHUP instead of dying; `check()` raises at a safe point."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
-
-    def check(self) -> None:
-        if self.received is not None:
-            name = signal.Signals(self.received).name
-            raise Interrupted(f"stopped by {name}; undoing what this run did")
-
-
-@contextmanager
-def deferred_signals() -> Iterator[SignalLatch]:
-    latch = SignalLatch()
-    previous = {sig: signal.signal(sig, latch._handle) for sig in SignalLatch.SIGNALS}
-    try:
-        yield latch
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def apply_plan(runner: Runner, plan: Plan, say: Say) -> None:
@@ -192,7 +161,9 @@ def down(
     plan = plan_down(stacks, found.observed, force=force)
     if dry_run or plan.empty:
         return plan
-    _drop_held_snapshots(runner, stacks, found.observed, say)
+    if recover(runner, stacks, say):
+        # What a killed cut left (a stale -pit holds the origin) is gone; plan afresh.
+        plan = plan_down(stacks, dm.observe(runner).owned, force=force)
     apply_plan(runner, plan, say)
     return plan
 
@@ -202,20 +173,6 @@ def _stacks_without_probe(groups: list[GroupSpec]) -> Iterator[StackSpec]:
     for group in groups:
         for device in group.devices:
             yield plan_stack(device, 1, 1)
-
-
-def _drop_held_snapshots(
-    runner: Runner, stacks: tuple[StackSpec, ...], observed: dict[str, dm.ObservedDevice], say: Say
-) -> None:
-    """A metadata snapshot left held by a killed run is dropped before the era device goes."""
-    for stack in stacks:
-        name = stack.require(Layer.ERA).name
-        running = observed.get(name)
-        if running is None or running.suspended or not running.table:
-            continue
-        if era.read_status(runner, name).snapshot_held:
-            say(f"drop the metadata snapshot left held on {name}")
-            runner.run(dm.message(name, "drop_metadata_snap"))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dmrepl.cut import held_cut, list_changes, recover
 from dmrepl.errors import DmreplError, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.ranges import Extent
+from dmrepl.signals import Say
 from dmrepl.stack import StackSpec
 from dmrepl.state import CutRecord, StateStore
 
@@ -46,7 +47,7 @@ def changes(
     *,
     since_cut: int | None = None,
     since_era: int | None = None,
-    say: builder.Say = print,
+    say: Say = print,
 ) -> ChangesResult:
     """Take a cut of `group` and list, per device, the ranges written since a cut or era.
 

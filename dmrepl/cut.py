@@ -20,10 +20,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from dmrepl import dm, era
-from dmrepl.builder import Say, SignalLatch, deferred_signals
 from dmrepl.errors import DmreplError
 from dmrepl.executor import Op, Runner
 from dmrepl.ranges import Extent, blocks_to_sectors
+from dmrepl.signals import Say, SignalLatch, deferred_signals
 from dmrepl.stack import Layer, LayerSpec, StackSpec, pit_spec
 from dmrepl.status import parse_snapshot_status, parse_status_line
 

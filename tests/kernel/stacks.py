@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmrepl import dm
 from dmrepl.executor import Runner
+from tests.clirun import run_cli_here
 
 MiB = 2**20
 
@@ -95,24 +95,3 @@ def read_bytes(path: str, offset: int, length: int) -> bytes:
         return os.pread(fd, length, offset)
     finally:
         os.close(fd)
-
-
-def run_cli_here(*args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process (faster than a subprocess in the emulated VM)."""
-    import contextlib
-    import io
-
-    from dmrepl import cli
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = ["dmrepl", *args]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            cli.main()
-    except SystemExit as done:
-        code = int(done.code or 0)
-    finally:
-        sys.argv = saved
-    return code, stdout.getvalue(), stderr.getvalue()

@@ -180,5 +180,12 @@ def test_stale_pit_and_suspended_origin_are_recovered(group: Bed, workdir: Path)
         assert any("resume" in d and origin in d for d in done)
         assert any("remove stale" in d for d in done)
         assert pit.name not in dm.observe(group.runner).owned
+
+        # `down` repairs the same state itself: the stale -pit holds the origin.
+        group.runner.run(dm.suspend(origin))
+        group.runner.run(dm.create(pit.name, pit.table, pit.uuid))
+        down = group.cli("down")
+        assert "remove stale" in down.stderr
+        assert group.owned() == []
     finally:
         group.runner.run_best_effort(loop.detach(cow))

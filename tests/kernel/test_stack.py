@@ -15,7 +15,8 @@ import pytest
 from dmrepl import era
 from dmrepl.demo import write_random
 from dmrepl.state import StateStore
-from tests.kernel.stacks import Bed, dm_names, read_bytes, run_cli_here
+from tests.clirun import run_cli_here
+from tests.kernel.stacks import Bed, dm_names, read_bytes
 
 MiB = 2**20
 GOLDEN = Path(__file__).parent.parent / "data" / "golden"

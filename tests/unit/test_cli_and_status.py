@@ -7,7 +7,7 @@ import pytest
 from dmrepl import cli, udev
 from dmrepl.builder import metadata_warnings
 from dmrepl.status import EraStatus
-from tests.kernel.stacks import run_cli_here
+from tests.clirun import run_cli_here
 
 
 def test_metadata_warning_from_three_quarters_full() -> None:
