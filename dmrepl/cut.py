@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-from dmrepl import dm, era
+from dmrepl import dm, era, loop
 from dmrepl.errors import DmreplError
 from dmrepl.executor import Op, Runner
 from dmrepl.ranges import Extent, blocks_to_sectors
@@ -143,6 +144,35 @@ def _create_pit(
     finally:
         runner.run(dm.resume(origin))
     return DeviceCut(cut.stack, cut.era, pit)
+
+
+@contextmanager
+def cow_devices(
+    runner: Runner, stacks: tuple[StackSpec, ...], state_dir: Path
+) -> Iterator[Callable[[StackSpec], str]]:
+    """Copy-on-write devices for `-pit` images, as configured per device.
+
+    `cow = "/dev/..."` is used as it is. Otherwise a sparse file of `cow_size`
+    (default: the origin's size, so it can never overflow; it only takes the
+    space of what is overwritten while the cut is held) under `<state>/cow/`
+    is attached to a loop device, and detached and deleted afterwards.
+    """
+    with ExitStack() as cleanup:
+        chosen: dict[str, str] = {}
+        for stack in stacks:
+            device = stack.device
+            if device.cow is not None:
+                chosen[device.name] = device.cow
+                continue
+            directory = state_dir / "cow"
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = directory / f"{device.group}.{device.name}.cow"
+            sectors = device.cow_sectors or stack.origin_sectors
+            loop.create_sparse_file(path, sectors * 512)
+            cleanup.callback(path.unlink, missing_ok=True)
+            chosen[device.name] = loop.attach(runner, path)
+            cleanup.callback(runner.run_best_effort, loop.detach(chosen[device.name]))
+        yield lambda stack: chosen[stack.device.name]
 
 
 def check_pits(runner: Runner, held: HeldCut) -> None:

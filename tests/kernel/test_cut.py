@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from dmrepl import builder, dm, era, loop
 from dmrepl.config import load_config
-from dmrepl.cut import check_pits, held_cut, recover
+from dmrepl.cut import CowOverflow, check_pits, cow_devices, held_cut, recover
 from dmrepl.demo import write_random
 from dmrepl.stack import Layer, pit_spec
 from tests.kernel.stacks import Bed, read_bytes
@@ -189,3 +190,67 @@ def test_stale_pit_and_suspended_origin_are_recovered(group: Bed, workdir: Path)
         assert group.owned() == []
     finally:
         group.runner.run_best_effort(loop.detach(cow))
+
+
+def stacks_of(bed: Bed) -> tuple[builder.StackSpec, ...]:
+    return builder.survey(bed.runner, load_config(bed.config).select(bed.group), check=False).stacks
+
+
+def test_cow_too_small_for_the_writes_is_detected(group: Bed) -> None:
+    group.devices["ca"]["cow_size"] = "1MiB"
+    group.write()
+    stacks = stacks_of(group)
+    with cow_devices(group.runner, stacks, group.workdir / "state") as cow_for:
+        with (
+            pytest.raises(CowOverflow, match="copy-on-write space ran out") as caught,
+            held_cut(group.runner, stacks, cow_for=cow_for, say=lambda _: None) as held,
+        ):
+            write_random("/dev/mapper/ca", 0, 4 * MiB)  # 4 MiB of COW needed, 1 MiB there
+            check_pits(group.runner, held)
+        assert "was not used" in caught.value.message
+    owned = dm.observe(group.runner).owned
+    assert not [n for n in owned if n.endswith("-pit")]
+    assert not [n for n, d in owned.items() if d.suspended]
+    assert not list((group.workdir / "state" / "cow").iterdir())  # COW files removed
+
+
+WRITER = """
+import mmap, os, struct, sys
+buf = mmap.mmap(-1, 4096)
+fds = [os.open(p, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC) for p in sys.argv[1:3]]
+n = 0
+while True:
+    n += 1
+    buf.seek(0)
+    buf.write(struct.pack("<Q", n))
+    for fd in fds:  # A, then B: B never gets sequence n before A has it
+        os.pwrite(fd, buf, 0)
+"""
+
+
+def sequence(path: str) -> int:
+    value: int = struct.unpack("<Q", read_bytes(path, 0, 8))[0]
+    return value
+
+
+def test_group_cut_is_atomic_across_devices(group: Bed) -> None:
+    stacks = stacks_of(group)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, "/dev/mapper/ca", "/dev/mapper/cb"])
+    seen: list[tuple[int, int]] = []
+    try:
+        with cow_devices(group.runner, stacks, group.workdir / "state") as cow_for:
+            while len(seen) < 8:
+                with held_cut(group.runner, stacks, cow_for=cow_for, say=lambda _: None) as held:
+                    pits = {d.stack.device.name: d.pit for d in held.devices}
+                    a, b = (sequence(pits[name].path) for name in ("ca", "cb"))  # type: ignore[union-attr]
+                    check_pits(group.runner, held)
+                if a == 0:
+                    continue  # the writer has not started yet
+                seen.append((a, b))
+                assert b <= a <= b + 1, f"cut {len(seen)}: A={a} B={b}"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert writer.returncode is not None
+    assert [a for a, _ in seen] == sorted(a for a, _ in seen)
+    assert seen[-1][0] > seen[0][0], f"the writer made no progress between cuts: {seen}"
