@@ -254,3 +254,46 @@ def test_group_cut_is_atomic_across_devices(group: Bed) -> None:
     assert writer.returncode is not None
     assert [a for a, _ in seen] == sorted(a for a, _ in seen)
     assert seen[-1][0] > seen[0][0], f"the writer made no progress between cuts: {seen}"
+
+
+APPENDER = """
+import os, sys
+with open(sys.argv[1], "ab") as log:
+    n = 0
+    while True:
+        n += 1
+        log.write(b"%08d " % n + b"x" * 4087)
+        if n % 16 == 0:
+            log.flush()
+            os.fsync(log.fileno())
+"""
+
+
+def test_pit_of_a_mounted_ext4_under_writes_is_fsck_clean(group: Bed, workdir: Path) -> None:
+    gate = "/dev/mapper/ca"
+    subprocess.run(["mkfs.ext4", "-q", gate], check=True)
+    mountpoint = workdir / "mnt"
+    mountpoint.mkdir()
+    subprocess.run(["mount", gate, str(mountpoint)], check=True)
+    writer = subprocess.Popen([sys.executable, "-c", APPENDER, str(mountpoint / "log")])
+    results = []
+    sizes = []
+    try:
+        stacks = stacks_of(group)
+        with cow_devices(group.runner, stacks, group.workdir / "state") as cow_for:
+            for _ in range(4):
+                with held_cut(group.runner, stacks, cow_for=cow_for, say=lambda _: None) as held:
+                    (pit,) = [d.pit for d in held.devices if d.stack.device.name == "ca"]
+                    assert pit is not None
+                    fsck = subprocess.run(
+                        ["fsck.ext4", "-fn", pit.path], capture_output=True, text=True
+                    )
+                    results.append((fsck.returncode, fsck.stdout + fsck.stderr))
+                    check_pits(group.runner, held)
+                sizes.append((mountpoint / "log").stat().st_size)
+    finally:
+        writer.kill()
+        writer.wait()
+        subprocess.run(["umount", str(mountpoint)], check=False)
+    assert [code for code, _ in results] == [0, 0, 0, 0], results
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0], f"the writer did not write: {sizes}"
