@@ -20,7 +20,7 @@ from dmrepl.plan import Plan, plan_down, plan_up, table_matches
 from dmrepl.probe import BlockDevice, DeviceProblem, MetadataHeader, MetadataKind
 from dmrepl.safety import DeviceFacts, check_all, metadata_area_sectors
 from dmrepl.signals import Say, deferred_signals
-from dmrepl.stack import Layer, StackSpec, plan_stack
+from dmrepl.stack import Layer, StackSpec, parse_layer_uuid, plan_stack
 from dmrepl.state import StateStore
 from dmrepl.status import EraStatus, MirrorStatus, parse_mirror_status, parse_status_line
 from dmrepl.udev import NodeWaiter
@@ -83,7 +83,7 @@ def _device_facts(device: DeviceSpec, observed: dict[str, dm.ObservedDevice]) ->
     own = frozenset(
         running.kernel_name
         for running in observed.values()
-        if running.uuid.endswith(f"-{device.group}.{device.name}")
+        if (parsed := parse_layer_uuid(running.uuid)) and parsed[1:] == (device.group, device.name)
     )
     return DeviceFacts(
         spec=device,

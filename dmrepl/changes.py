@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dmrepl import builder, dm
@@ -56,8 +57,9 @@ def changes(
     if since_cut is not None and since_era is not None:
         raise InvalidInput("give --since-cut or --since-era, not both")
     (spec,) = config.select(group)
-    stacks = builder.survey(runner, [spec], check=False).stacks
-    _require_running(runner, stacks)
+    found = builder.survey(runner, [spec], check=False)
+    stacks = found.stacks
+    _require_running(stacks, found.observed)
     recovered = recover(runner, stacks, say)
     store = StateStore(config.state_dir)
     try:
@@ -113,8 +115,7 @@ def _since(
     return {d: record.eras[d] + 1 if d in record.eras else FIRST_ERA for d in devices}, label
 
 
-def _require_running(runner: Runner, stacks: tuple[StackSpec, ...]) -> None:
-    owned = dm.observe(runner).owned
+def _require_running(stacks: tuple[StackSpec, ...], owned: Mapping[str, dm.ObservedDevice]) -> None:
     missing = [layer.name for s in stacks for layer in s.layers if layer.name not in owned]
     if missing:
         raise DmreplError(

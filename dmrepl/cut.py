@@ -25,7 +25,7 @@ from dmrepl.errors import DmreplError
 from dmrepl.executor import Op, Runner
 from dmrepl.ranges import Extent, blocks_to_sectors
 from dmrepl.signals import Say, SignalLatch, deferred_signals
-from dmrepl.stack import Layer, LayerSpec, StackSpec, pit_spec
+from dmrepl.stack import Layer, LayerSpec, StackSpec, layer_name, pit_spec
 from dmrepl.status import parse_snapshot_status, parse_status_line
 
 
@@ -68,7 +68,7 @@ def recover(runner: Runner, stacks: tuple[StackSpec, ...], say: Say) -> list[str
         done.append(text)
 
     for stack in stacks:
-        pit = stack.device.name + "-pit"
+        pit = layer_name(stack.device.name, Layer.PIT)
         for layer in (Layer.ORIGIN, Layer.ERA, Layer.GATE):
             name = stack.require(layer).name
             if name in observed and observed[name].suspended:
