@@ -10,6 +10,7 @@ developed on, the guest hangs at boot under KVM. Set DMREPL_VM_KVM=1 to use KVM.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shlex
@@ -22,6 +23,8 @@ from dmrepl.executor import Op, Runner
 
 GUEST_MODULES = ("loop", "dm-era", "dm-snapshot", "dm-mirror", "dm-flakey", "dm-delay", "dm-zero")
 DEFAULT_MEMORY = "4G"  # loop files live in the guest's RAM-backed /tmp
+# Two emulated guests on a two-core host starve each other into timeouts: runs queue here.
+VM_LOCK = Path("/tmp/dmrepl-vm.lock")
 
 
 def find_guest_kernel(boot: Path = Path("/boot"), modules: Path = Path("/lib/modules")) -> Path:
@@ -107,7 +110,10 @@ def run_in_vm(
     sink: Callable[[str], object] | None = None,
     timeout_s: float | None = None,
 ) -> int:
-    """Boot the guest kernel, run `command` (shell text) as root, return its exit code."""
+    """Boot the guest kernel, run `command` (shell text) as root, return its exit code.
+
+    One guest at a time per host: a second caller waits for the first to finish.
+    """
     op = plan_vm_run(
         command,
         kernel=find_guest_kernel(),
@@ -118,4 +124,6 @@ def run_in_vm(
         kvm=os.environ.get("DMREPL_VM_KVM") == "1",
         timeout_s=timeout_s,
     )
-    return (runner or Runner()).stream(op, sink)
+    with VM_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return (runner or Runner()).stream(op, sink)
