@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from dmrepl import dm
-from dmrepl.eraxml import parse_era_invalidate
+from dmrepl.eraxml import EraInvalidateParser
 from dmrepl.errors import ParseError
-from dmrepl.executor import Runner, probe
-from dmrepl.ranges import Extent, coalesce
+from dmrepl.executor import CommandFailed, Runner, probe
+from dmrepl.ranges import Extent
 from dmrepl.status import EraStatus, parse_era_status, parse_status_line
+
+
+class EraToolFailed(CommandFailed):
+    """era_invalidate exited non-zero, its reason on stderr.
+
+    thin-provisioning-tools 0.9.0 (C++) exits 1 (captured in tests/data/era/);
+    the Rust rewrite is said to exit 64 (not captured here). Any non-zero code
+    is a failure.
+    """
+
+    def __init__(self, argv: tuple[str, ...], device: str, returncode: int, stderr: str):
+        super().__init__(argv, returncode, "", stderr)
+        first = next((line for line in stderr.splitlines() if line.strip()), "(no message)")
+        self.device = device
+        self.message = f"era_invalidate failed on {device} (exit code {returncode}): {first}"
+        self.args = (self.message,)
+        self.hint = (
+            "is a metadata snapshot held on the era device, and is this its metadata "
+            "(access) device? run `dmrepl status`"
+        )
 
 
 def read_status(runner: Runner, era_device: str) -> EraStatus:
@@ -44,10 +65,43 @@ def written_since(
 
     Run against the read path onto the metadata (the era target holds the
     metadata device itself exclusively). With `metadata_snapshot`, reads the
-    held snapshot; the caller must hold one.
+    held snapshot; the caller must hold one. The tool's output is parsed as it
+    arrives, so memory follows the number of coalesced ranges, not its length.
+    Raises `EraToolFailed` when the tool fails, `ParseError` on output it cannot read.
     """
     argv = ["era_invalidate", "--written-since", str(era)]
     if metadata_snapshot:
         argv.insert(1, "--metadata-snapshot")
-    out = runner.run(probe(*argv, access_device)).stdout
-    return list(coalesce(parse_era_invalidate([out])))
+    op = dataclasses.replace(probe(*argv, access_device), timeout_s=runner.timeout_s)
+    reader = _StreamedList()
+    errors: list[str] = []
+    code = runner.stream(op, reader.feed, stderr=errors.append)
+    if code != 0:
+        raise EraToolFailed(op.argv, access_device, code, "".join(errors))
+    return reader.result()
+
+
+class _StreamedList:
+    """The stdout sink: feeds the parser and keeps the finished extents.
+
+    It runs on the runner's reader thread, where an exception would be lost
+    (and leave the tool blocked on a full pipe), so an error is kept and
+    raised by `result` once the tool has exited.
+    """
+
+    def __init__(self) -> None:
+        self.parser = EraInvalidateParser()
+        self.extents: list[Extent] = []
+        self.error: Exception | None = None
+
+    def feed(self, text: str) -> bool:
+        try:
+            self.extents += self.parser.feed(text)
+        except Exception as exc:  # raised by result(), on the caller's thread
+            self.error = exc
+        return self.error is not None  # True: pass no more lines
+
+    def result(self) -> list[Extent]:
+        if self.error is not None:
+            raise self.error
+        return self.extents + self.parser.close()

@@ -151,17 +151,28 @@ class Runner:
             log.warning("ignored during cleanup: %s (%s)", exc.message, exc.context)
             return None
 
-    def stream(self, op: Op, sink: Callable[[str], object] | None = None) -> int:
+    def stream(
+        self,
+        op: Op,
+        sink: Callable[[str], object] | None = None,
+        *,
+        stderr: Callable[[str], object] | None = None,
+    ) -> int:
         """Run a long command, passing each output line (stdout and stderr) to `sink`.
 
+        With `stderr`, stderr lines go there instead, and `sink` gets stdout only.
         Returns the exit code without raising: callers such as the test VM
         runner interpret it themselves. No timeout unless the op sets one.
+        Both callbacks run on sh's reader threads and must not raise (the reader
+        would die and the command block on a full pipe); one that returns True
+        gets no further lines, while the rest of the output is still read.
         """
         write = sink or _write_stdout
+        errors: dict[str, Any] = {"_err": stderr} if stderr is not None else {"_err_to_out": True}
         started = time.monotonic()
         log.debug("stream: %s", op.render())
         try:
-            exit_code = self._execute(op, op.timeout_s, _out=write, _err_to_out=True)
+            exit_code = self._execute(op, op.timeout_s, _out=write, **errors)
         except sh.TimeoutException as exc:
             raise CommandTimedOut(op.argv, op.timeout_s or 0.0, "", "") from exc
         log.debug("exit %d after %.1f s", exit_code, time.monotonic() - started)
