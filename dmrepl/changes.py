@@ -59,7 +59,7 @@ def changes(
     (spec,) = config.select(group)
     found = builder.survey(runner, [spec], check=False)
     stacks = found.stacks
-    _require_running(stacks, found.observed)
+    require_running(stacks, found.observed)
     recovered = recover(runner, stacks, say)
     store = StateStore(config.state_dir)
     try:
@@ -115,7 +115,7 @@ def _since(
     return {d: record.eras[d] + 1 if d in record.eras else FIRST_ERA for d in devices}, label
 
 
-def _require_running(stacks: tuple[StackSpec, ...], owned: Mapping[str, dm.ObservedDevice]) -> None:
+def require_running(stacks: tuple[StackSpec, ...], owned: Mapping[str, dm.ObservedDevice]) -> None:
     missing = [layer.name for s in stacks for layer in s.layers if layer.name not in owned]
     if missing:
         raise DmreplError(

@@ -10,8 +10,11 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -19,16 +22,32 @@ from typing import Annotated
 import typer
 from rich import box as rich_box
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
-from dmrepl import __version__, builder, loop, vm
+from dmrepl import __version__, builder, loop, replicate, vm
 from dmrepl import changes as changes_api
 from dmrepl.config import DEFAULT_PATH, load_config
 from dmrepl.demo import DemoResult, load_modules, run_demo
-from dmrepl.errors import DmreplError, NoDeviceMapper, NotRoot
+from dmrepl.errors import (
+    DmreplError,
+    ExitCode,
+    Interrupted,
+    InvalidInput,
+    NoDeviceMapper,
+    NotRoot,
+)
 from dmrepl.executor import Runner
 from dmrepl.plan import Plan
 from dmrepl.probe import probe_block_device
+from dmrepl.rebuild import apply_dir
 from dmrepl.sizing import metadata_size
 from dmrepl.state import StateStore
 from dmrepl.status import Health
@@ -208,7 +227,9 @@ def show_status(
     loaded = load_config(config)
     states = builder.status(Runner(), loaded, group)
     if as_json:
-        print(json.dumps([device_state_json(state) for state in states], indent=2))
+        devices = [device_state_json(state) for state in states]
+        sites = [asdict(site) for site in replicate.site_status(loaded, group)]
+        print(json.dumps({"devices": devices, "sites": sites}, indent=2))
         return
     for state in states:
         render_device_state(state)
@@ -227,6 +248,29 @@ def show_status(
                 )
     finally:
         store.close()
+    for site in replicate.site_status(loaded, group):
+        render_site_status(site)
+
+
+def render_site_status(site: replicate.SiteStatus) -> None:
+    cursor = "none" if site.cursor is None else f"cut {site.cursor}"
+    lag = []
+    if site.lag_cuts is not None:
+        lag.append(f"{site.lag_cuts} cuts")
+    if site.lag_eras is not None:
+        lag.append(f"{site.lag_eras} eras")
+    if site.lag_bytes is not None:
+        lag.append(format_bytes(site.lag_bytes))
+    elif site.cursor is not None and site.lag_cuts:
+        lag.append("resync needed")
+    if site.lag_s is not None:
+        lag.append(f"{site.lag_s:.0f} s")
+    out.print(
+        f"site {site.group}/{site.site} ({site.transport}, {site.policy}): {site.state}; "
+        f"holds {cursor}; lag {', '.join(lag) or '-'}"
+        + (f"; {site.detail}" if site.detail else ""),
+        markup=False,
+    )
 
 
 def _leg_health(health: Health) -> str:
@@ -349,6 +393,165 @@ def changes_json(result: changes_api.ChangesResult) -> dict[str, object]:
             for d in result.devices
         ],
     }
+
+
+class CliProgress:
+    """Progress bars (rate, ETA) on a terminal; one plain line per task otherwise."""
+
+    def __init__(self) -> None:
+        self.bars: Progress | None = None
+
+    def __call__(self, what: str, total: int) -> Callable[[int], object]:
+        if not err.is_terminal:
+            err.print(f"{what}: {format_bytes(total)}", markup=False)
+            return lambda _done: None
+        if self.bars is None:
+            self.bars = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
+            )  # fmt: skip
+            self.bars.start()
+        bars = self.bars
+        task = bars.add_task(what, total=total or None)
+        return lambda done: bars.advance(task, done)
+
+    def stop(self) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+
+def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zeroed: bool) -> int:
+    """One cycle of each selected group that has sites; the exit code for the worst outcome."""
+    loaded = load_config(config)
+    groups = [g.name for g in loaded.select(group) if g.sites or group is not None]
+    if not groups:
+        raise InvalidInput(f"no group in {config} has sites", hint="add a [group.G.site.S] table")
+    worst = ExitCode.OK
+    for name in groups:
+        progress = CliProgress()
+        try:
+            result = replicate.sync(
+                Runner(), loaded, name, seed_sites=seed_sites, target_zeroed=zeroed,
+                say=say, progress=progress,
+            )  # fmt: skip
+        finally:
+            progress.stop()
+        render_sync(result)
+        if any(site.state != "in sync" for site in result.sites):
+            worst = ExitCode.SITES_BEHIND
+    return int(worst)
+
+
+def render_sync(result: replicate.SyncResult) -> None:
+    for line in result.recovered:
+        out.print(f"recovered: {line}", markup=False)
+    out.print(
+        f"cut {result.cut.seq} of {result.group}: {format_bytes(result.changed_bytes)} changed, "
+        f"writers stalled {result.cut.stall_s * 1000:.0f} ms; spool "
+        f"{format_bytes(result.spool_bytes)}",
+        markup=False,
+    )
+    for site in result.sites:
+        shipped = sum(d.data_bytes for d in site.delivered)
+        cuts = ", ".join(str(d.seq) for d in site.delivered)
+        what = f"applied cuts {cuts} ({format_bytes(shipped)})" if cuts else "nothing applied"
+        if site.seeded is not None:
+            what = (
+                f"seeded: {format_bytes(site.seeded.written)} written of "
+                f"{format_bytes(site.seeded.compared)}"
+            )
+        held = "none" if site.cursor is None else f"cut {site.cursor}"
+        detail = f"; {site.detail}" if site.detail else ""
+        out.print(f"  site {site.site}: {site.state}, holds {held}; {what}{detail}", markup=False)
+
+
+@app.command()
+def sync(group: GroupArg = None, config: ConfigOption = DEFAULT_PATH) -> None:
+    """One replication cycle: recover, cut, capture, ship to every reachable site (for cron)."""
+    require_root()
+    raise typer.Exit(_sync_once(config, group, (), False))
+
+
+@app.command()
+def seed(
+    group: Annotated[str, typer.Argument(help="Group name.")],
+    site: Annotated[str, typer.Option("--site", help="The site to copy everything to.")],
+    config: ConfigOption = DEFAULT_PATH,
+    target_zeroed: Annotated[
+        bool,
+        typer.Option("--target-zeroed", help="The replicas are known to be all zeros."),
+    ] = False,
+) -> None:
+    """Full copy of GROUP to SITE from a fresh cut, writing only chunks that differ."""
+    require_root()
+    raise typer.Exit(_sync_once(config, group, (site,), target_zeroed))
+
+
+@app.command()
+def run(
+    group: GroupArg = None,
+    config: ConfigOption = DEFAULT_PATH,
+    interval: Annotated[
+        str, typer.Option("--interval", help="Time between cycles: 30s, 5m, 1h.")
+    ] = "30s",
+) -> None:
+    """Run `sync` every INTERVAL until SIGTERM or SIGINT (finishes the cycle in progress)."""
+    require_root()
+    seconds = parse_interval(interval)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    code = 0
+    while not stop.is_set():
+        try:
+            code = _sync_once(config, group, (), False)
+        except DmreplError as error:
+            if isinstance(error, Interrupted):
+                break
+            render_error(error)
+            code = int(error.exit_code)
+        stop.wait(seconds)
+    err.print("stopped", markup=False)
+    raise typer.Exit(code)
+
+
+def parse_interval(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise InvalidInput(f"interval {text!r} is not like 30s, 5m or 1h") from None
+    if seconds <= 0:
+        raise InvalidInput(f"interval {text!r} must be positive")
+    return seconds
+
+
+@app.command("apply")
+def apply_deltas(
+    directory: Annotated[Path, typer.Argument(help="A dir site's directory of delta files.")],
+    group: Annotated[str, typer.Option("--group", help="The group the deltas belong to.")],
+    to: Annotated[
+        list[str], typer.Option("--to", help="DEVICE=/dev/TARGET for every group device.")
+    ],
+    from_cut: Annotated[
+        int | None, typer.Option("--from-cut", help="The cut the targets already hold.")
+    ] = None,
+    to_cut: Annotated[int | None, typer.Option("--cut", help="Stop at this cut.")] = None,
+) -> None:
+    """Rebuild devices from a dir site's deltas (or roll them forward with --from-cut)."""
+    targets: dict[str, str] = {}
+    for item in to:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path.startswith("/"):
+            raise InvalidInput(f"--to {item!r} is not DEVICE=/dev/TARGET")
+        targets[name] = path
+    result = apply_dir(directory, group, targets, from_cut=from_cut, to_cut=to_cut, say=say)
+    out.print(
+        f"targets hold cut {result.cut} of {group} ({len(result.applied)} deltas, "
+        f"{format_bytes(result.data_bytes)})",
+        markup=False,
+    )
 
 
 @app.command()

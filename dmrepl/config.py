@@ -5,6 +5,7 @@
 
     [group.db]
     block_size = "2MiB"                    # optional default for the group's devices
+    spool_size = "4GiB"                    # optional cap of the group's replication log
 
     [group.db.device.data]                 # gate: /dev/mapper/data
     origin = "/dev/vdb"
@@ -16,6 +17,14 @@
     mirror_legs = ["/dev/vde"]             # optional local synchronous mirror legs
     mirror_log = "core"                    # core | disk (then mirror_log_device = "...")
     mirror_region_size = "512KiB"          # optional
+
+    [group.db.site.dr]                     # a replica of every device of the group
+    transport = "blockdev"                 # blockdev | dir
+    policy = "asynchronous"                # the only policy implemented so far
+    journal = "/dev/vdh"                   # blockdev: optional; default a file in the state dir
+    path = "/srv/dr"                       # dir: where delta files go (instead of replicas)
+    [group.db.site.dr.replica]
+    data = "/dev/nbd0"                     # blockdev: one replica per group device
 
 All problems are collected and reported at once, each naming its key and the file.
 Nothing here touches a device: checks against the system live in `dmrepl.safety`.
@@ -37,11 +46,16 @@ DEFAULT_PATH = Path("/etc/dmrepl/dmrepl.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/dmrepl")
 DEFAULT_BLOCK = "2MiB"
 DEFAULT_REGION = "512KiB"
+DEFAULT_SPOOL = "4GiB"
+TRANSPORTS = ("blockdev", "dir")
+POLICIES = ("asynchronous", "synchronous", "stall")
+IMPLEMENTED_POLICIES = ("asynchronous",)
 # Names become dm device names and parts of dm UUIDs ("DMREPL-<layer>-<group>.<device>"),
 # so no dots and nothing udev would have to escape.
 NAME_RE = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_+-]{0,63}$")
 
-_GROUP_KEYS = {"block_size", "device"}
+_GROUP_KEYS = {"block_size", "device", "site", "spool_size"}
+_SITE_KEYS = {"transport", "policy", "journal", "path", "replica"}
 _DEVICE_KEYS = {
     "origin", "metadata", "metadata_offset", "metadata_size", "block_size", "cow", "cow_size",
     "mirror_legs", "mirror_log", "mirror_log_device", "mirror_region_size",
@@ -95,9 +109,37 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True)
+class SiteSpec:
+    """A place holding one replica of every device of a group."""
+
+    group: str
+    name: str
+    transport: str  # "blockdev" or "dir"
+    policy: str
+    replicas: dict[str, str]  # blockdev: group device name -> replica device path
+    journal: str | None  # blockdev: journal device or file; None: a file in the state dir
+    path: str | None  # dir: the directory receiving delta files
+
+    @property
+    def key(self) -> str:
+        return f"group.{self.group}.site.{self.name}"
+
+
+@dataclass(frozen=True)
 class GroupSpec:
     name: str
     devices: tuple[DeviceSpec, ...]
+    sites: tuple[SiteSpec, ...] = ()
+    spool_bytes: int = 4 * 2**30
+
+    def site(self, name: str) -> SiteSpec:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        known = ", ".join(s.name for s in self.sites) or "none"
+        raise InvalidInput(
+            f"group {self.name} has no site {name!r}", hint=f"configured sites: {known}"
+        )
 
 
 @dataclass(frozen=True)
@@ -231,7 +273,69 @@ class _Reader:
             device = self.device(name, device_name, device_raw, default_block)
             if device:
                 devices.append(device)
-        return GroupSpec(name=name, devices=tuple(devices))
+        spool = self.size(raw, "spool_size", key) or int(parse_size_sectors(DEFAULT_SPOOL))
+        sites_raw = raw.get("site", {})
+        if not isinstance(sites_raw, dict):
+            self.problem(f"{key}.site", "must be a table of [group.NAME.site.NAME] tables")
+            sites_raw = {}
+        names = [d.name for d in devices]
+        sites = [self.site(name, s, r, names) for s, r in sites_raw.items()]
+        return GroupSpec(
+            name=name,
+            devices=tuple(devices),
+            sites=tuple(s for s in sites if s is not None),
+            spool_bytes=spool * 512,
+        )
+
+    def site(self, group: str, name: str, raw: Any, devices: list[str]) -> SiteSpec | None:
+        key = f"group.{group}.site.{name}"
+        if not self.name(name, key):
+            return None
+        if not isinstance(raw, dict):
+            self.problem(key, "must be a table")
+            return None
+        before = len(self.problems)
+        self.unknown(raw, _SITE_KEYS, key)
+        transport = raw.get("transport")
+        if transport not in TRANSPORTS:
+            self.problem(f"{key}.transport", f"{transport!r} is not one of {', '.join(TRANSPORTS)}")
+        policy = raw.get("policy", "asynchronous")
+        if policy not in POLICIES:
+            self.problem(f"{key}.policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
+        elif policy not in IMPLEMENTED_POLICIES:
+            self.problem(f"{key}.policy", f"{policy!r} is not implemented yet (use asynchronous)")
+        journal = self.path(raw, "journal", key, required=False)
+        path = self.path(raw, "path", key, required=False)
+        replicas = self.replicas(raw.get("replica"), f"{key}.replica", devices, transport)
+        if transport == "dir":
+            if path is None and "path" not in raw:
+                self.problem(f"{key}.path", "missing (the directory receiving delta files)")
+            for field in ("journal", "replica"):
+                if field in raw:
+                    self.problem(f"{key}.{field}", 'only used with transport = "blockdev"')
+        elif transport == "blockdev" and "path" in raw:
+            self.problem(f"{key}.path", 'only used with transport = "dir"')
+        if len(self.problems) > before:
+            return None
+        return SiteSpec(group, name, str(transport), str(policy), replicas, journal, path)
+
+    def replicas(self, raw: Any, key: str, devices: list[str], transport: object) -> dict[str, str]:
+        """blockdev: exactly one absolute replica path per group device."""
+        if transport != "blockdev":
+            return {}
+        if not isinstance(raw, dict):
+            self.problem(key, "missing: a table naming the replica of every group device")
+            return {}
+        replicas: dict[str, str] = {}
+        for device in devices:
+            value = self.path(raw, device, key, required=False)
+            if value is None and device not in raw:
+                self.problem(f"{key}.{device}", "missing (the replica of this group device)")
+            elif value is not None:
+                replicas[device] = value
+        for extra in sorted(set(raw) - set(devices)):
+            self.problem(f"{key}.{extra}", "not a device of this group")
+        return replicas
 
     def device(
         self, group: str, name: str, raw: Any, default_block: int | None
@@ -317,10 +421,22 @@ class _Reader:
                         f"device name {device.name!r} also used by {seen_names[device.name]}",
                     )
                 seen_names[device.name] = device.key
-                used = [("origin", device.origin)]
+                used = [(device.key, "origin", device.origin)]
                 if device.mirror:
-                    used += [("mirror_legs", leg) for leg in device.mirror.legs]
-                for field, path in used:
-                    if path in seen_paths:
-                        self.problem(f"{device.key}.{field}", f"{path} is also {seen_paths[path]}")
-                    seen_paths[path] = f"{device.key}.{field}"
+                    used += [(device.key, "mirror_legs", leg) for leg in device.mirror.legs]
+                self.claim(used, seen_paths)
+            for site in group.sites:
+                used = [(f"{site.key}.replica", d, path) for d, path in site.replicas.items()]
+                if site.journal is not None:
+                    used.append((site.key, "journal", site.journal))
+                self.claim(used, seen_paths)
+                for device in group.devices:
+                    if device.metadata in [path for _, _, path in used]:
+                        self.problem(site.key, f"{device.metadata} is {device.key}.metadata")
+
+    def claim(self, used: list[tuple[str, str, str]], seen_paths: dict[str, str]) -> None:
+        """Report a path that two roles want (an origin, a leg, a replica, a journal)."""
+        for where, field, path in used:
+            if path in seen_paths:
+                self.problem(f"{where}.{field}", f"{path} is also {seen_paths[path]}")
+            seen_paths[path] = f"{where}.{field}"

@@ -1,7 +1,8 @@
 """The state store: a SQLite database under the state directory.
 
-Holds what must survive reboots that the kernel does not keep: for now, a log of
-stack events (metadata formatted or reused, stacks built and removed).
+Holds what must survive reboots that the kernel does not keep: a log of stack
+events (metadata formatted or reused, stacks built and removed), the cuts of each
+group, and each site's cursor (the last cut it applied durably) and health.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ CREATE TABLE IF NOT EXISTS cut_devices (
     device TEXT NOT NULL,
     era INTEGER NOT NULL,
     PRIMARY KEY (grp, seq, device)
+);
+CREATE TABLE IF NOT EXISTS sites (
+    grp TEXT NOT NULL,
+    site TEXT NOT NULL,
+    seq INTEGER,
+    applied REAL,
+    state TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    checked REAL NOT NULL,
+    PRIMARY KEY (grp, site)
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -58,6 +69,19 @@ class CutRecord:
     eras: dict[str, int]
 
 
+@dataclass(frozen=True)
+class SiteRecord:
+    """What the primary knows of a site: its cursor and how the last attempt went."""
+
+    group: str
+    site: str
+    seq: int | None  # the last cut it applied durably; None: never seeded
+    applied: float | None  # when that apply finished
+    state: str  # in sync, behind, down, resyncing, seeding, ...
+    detail: str  # the last error, if any
+    checked: float
+
+
 class StateStore:
     """Opens (creating if needed) `<state_dir>/state.db`."""
 
@@ -86,13 +110,19 @@ class StateStore:
         rows = self.db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [Event(*row) for row in rows]
 
-    def record_cut(self, group: str, eras: dict[str, int], stall_s: float) -> CutRecord:
-        """Store a new cut with the next sequence number of its group."""
+    def next_cut_seq(self, group: str) -> int:
+        (last,) = self.db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM cuts WHERE grp = ?", (group,)
+        ).fetchone()
+        return int(last) + 1
+
+    def record_cut(
+        self, group: str, eras: dict[str, int], stall_s: float, seq: int | None = None
+    ) -> CutRecord:
+        """Store a new cut (by default with the next sequence number of its group)."""
         with self.db:
-            (last,) = self.db.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM cuts WHERE grp = ?", (group,)
-            ).fetchone()
-            record = CutRecord(group, int(last) + 1, time.time(), stall_s, dict(eras))
+            seq = self.next_cut_seq(group) if seq is None else seq
+            record = CutRecord(group, seq, time.time(), stall_s, dict(eras))
             self.db.execute(
                 "INSERT INTO cuts (grp, seq, time, stall_s) VALUES (?, ?, ?, ?)",
                 (group, record.seq, record.time, stall_s),
@@ -124,3 +154,41 @@ class StateStore:
             ).fetchall()
         )
         return CutRecord(group, seq, when, stall_s, eras)
+
+    def site(self, group: str, site: str) -> SiteRecord | None:
+        row = self.db.execute(
+            "SELECT seq, applied, state, detail, checked FROM sites WHERE grp = ? AND site = ?",
+            (group, site),
+        ).fetchone()
+        return None if row is None else SiteRecord(group, site, *row)
+
+    def set_cursor(self, group: str, site: str, seq: int, state: str = "in sync") -> None:
+        """The site applied cut `seq` durably."""
+        now = time.time()
+        with self.db:
+            self.db.execute(
+                "INSERT INTO sites (grp, site, seq, applied, state, detail, checked) "
+                "VALUES (?, ?, ?, ?, ?, '', ?) ON CONFLICT (grp, site) DO UPDATE SET "
+                "seq = excluded.seq, applied = excluded.applied, state = excluded.state, "
+                "detail = '', checked = excluded.checked",
+                (group, site, seq, now, state, now),
+            )
+
+    def set_site_state(self, group: str, site: str, state: str, detail: str = "") -> None:
+        """How the last attempt to reach the site went (its cursor is unchanged)."""
+        with self.db:
+            self.db.execute(
+                "INSERT INTO sites (grp, site, seq, applied, state, detail, checked) "
+                "VALUES (?, ?, NULL, NULL, ?, ?, ?) ON CONFLICT (grp, site) DO UPDATE SET "
+                "state = excluded.state, detail = excluded.detail, checked = excluded.checked",
+                (group, site, state, detail, time.time()),
+            )
+
+    def forget_cursor(self, group: str, site: str, why: str) -> None:
+        """The site no longer holds a known cut (it must be seeded again)."""
+        with self.db:
+            self.db.execute(
+                "UPDATE sites SET seq = NULL, applied = NULL, state = 'needs seed', detail = ?, "
+                "checked = ? WHERE grp = ? AND site = ?",
+                (why, time.time(), group, site),
+            )

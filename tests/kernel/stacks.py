@@ -24,6 +24,9 @@ class Bed:
     make_loop: Callable[[str, int], str]
     group: str = field(default_factory=lambda: f"kt{os.getpid()}")
     devices: dict[str, dict[str, object]] = field(default_factory=dict)
+    origin_mib: dict[str, int] = field(default_factory=dict)
+    group_fields: dict[str, object] = field(default_factory=dict)
+    sites: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
     def config(self) -> Path:
@@ -37,20 +40,44 @@ class Bed:
             **extra,
         }
         self.devices[name] = device
+        self.origin_mib[name] = origin_mib
         self.write()
         return device
 
+    def add_site(
+        self,
+        name: str,
+        transport: str = "blockdev",
+        replicas: dict[str, str] | None = None,
+        **fields: object,
+    ) -> dict[str, str]:
+        """A site; blockdev replicas default to new loop devices the size of each origin."""
+        if transport == "blockdev" and replicas is None:
+            replicas = {
+                device: self.make_loop(f"{name}-{device}-replica", mib * MiB)
+                for device, mib in self.origin_mib.items()
+            }
+        self.sites[name] = {"transport": transport, **fields}
+        if replicas is not None:
+            self.sites[name]["replica"] = replicas
+        self.write()
+        return replicas or {}
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
     def write(self) -> None:
-        lines = ["[dmrepl]", f'state_dir = "{self.workdir / "state"}"', ""]
+        lines = ["[dmrepl]", f'state_dir = "{self.state_dir}"', ""]
+        lines += _table(f"group.{self.group}", self.group_fields)
         for name, fields in self.devices.items():
-            lines.append(f"[group.{self.group}.device.{name}]")
+            lines += _table(f"group.{self.group}.device.{name}", fields)
+        for name, fields in self.sites.items():
+            plain = {k: v for k, v in fields.items() if not isinstance(v, dict)}
+            lines += _table(f"group.{self.group}.site.{name}", plain)
             for key, value in fields.items():
-                if isinstance(value, list):
-                    rendered = "[" + ", ".join(f'"{v}"' for v in value) + "]"
-                else:
-                    rendered = f'"{value}"'
-                lines.append(f"{key} = {rendered}")
-            lines.append("")
+                if isinstance(value, dict):
+                    lines += _table(f"group.{self.group}.site.{name}.{key}", value)
         self.config.write_text("\n".join(lines))
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -81,6 +108,17 @@ class Bed:
                 if dm.is_suspended(self.runner, name):
                     self.runner.run_best_effort(dm.resume(name))
                 self.runner.run_best_effort(dm.remove(name))
+
+
+def _table(name: str, fields: dict[str, object]) -> list[str]:
+    lines = [f"[{name}]"]
+    for key, value in fields.items():
+        if isinstance(value, list):
+            rendered = "[" + ", ".join(f'"{v}"' for v in value) + "]"
+        else:
+            rendered = f'"{value}"'
+        lines.append(f"{key} = {rendered}")
+    return [*lines, ""]
 
 
 def dm_names(runner: Runner) -> list[str]:

@@ -23,7 +23,7 @@ GOLDEN = Path(__file__).parent.parent / "data" / "golden"
 
 
 def status_json(bed: Bed) -> list[dict[str, object]]:
-    result: list[dict[str, object]] = json.loads(bed.cli("status", "--json").stdout)
+    result: list[dict[str, object]] = json.loads(bed.cli("status", "--json").stdout)["devices"]
     return result
 
 

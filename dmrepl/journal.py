@@ -1,0 +1,184 @@
+"""A site's journal: the redo log that makes applying a delta to replicas atomic.
+
+Layout (a file that grows as needed, or a block device of fixed size):
+
+    bytes 0-4095      header slot A      \\ two slots, written alternately; the valid one
+    bytes 4096-8191   header slot B      / with the higher generation wins, so a torn
+    bytes 8192-...    the delta stream     header write loses at most the newest state
+
+A header is: magic, version, generation, state, cut seq, delta length, crc32.
+States: IDLE (nothing applied yet), COMMITTED (the delta at 8192 is complete,
+verified and must be applied), APPLIED (cut seq is on the replicas).
+
+Apply protocol: write the delta into the data area and fsync; verify it back;
+write COMMITTED and fsync; write the records to the replicas and fsync them;
+write APPLIED and fsync. A run that dies after COMMITTED is finished by the next
+one (`replay`): records carry absolute data, so applying twice is harmless.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import BinaryIO
+
+from dmrepl import delta
+from dmrepl.errors import DmreplError
+
+MAGIC = b"DMREPLJN"
+VERSION = 1
+SLOT_BYTES = 4096
+DATA_OFFSET = 2 * SLOT_BYTES
+COPY_CHUNK = 1 << 20
+_HEADER = struct.Struct("<8sIQIqQ")  # magic, version, generation, state, seq, length
+_CRC = struct.Struct("<I")
+
+
+class JournalState(IntEnum):
+    IDLE = 0
+    COMMITTED = 1
+    APPLIED = 2
+
+
+class JournalError(DmreplError):
+    """The journal cannot be used (too small, unreadable, or both header slots invalid)."""
+
+
+@dataclass(frozen=True)
+class JournalHeader:
+    generation: int
+    state: JournalState
+    seq: int  # COMMITTED: the cut being applied; APPLIED: the cut on the replicas
+    length: int  # bytes of the delta in the data area
+
+    def encode(self) -> bytes:
+        body = _HEADER.pack(MAGIC, VERSION, self.generation, int(self.state), self.seq, self.length)
+        return (body + _CRC.pack(zlib.crc32(body))).ljust(SLOT_BYTES, b"\0")
+
+
+def decode_header(slot: bytes) -> JournalHeader | None:
+    """The header in one slot, or None if the slot is empty or torn."""
+    body = slot[: _HEADER.size]
+    if len(slot) < _HEADER.size + _CRC.size:
+        return None
+    (crc,) = _CRC.unpack_from(slot, _HEADER.size)
+    magic, version, generation, state, seq, length = _HEADER.unpack(body)
+    if magic != MAGIC or zlib.crc32(body) != crc or version != VERSION:
+        return None
+    try:
+        return JournalHeader(generation, JournalState(state), seq, length)
+    except ValueError:
+        return None
+
+
+class Journal:
+    """An open journal file or device."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot open the journal {path}: {exc.strerror}",
+                hint="check the site's `journal` setting",
+            ) from None
+        self.is_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        self.header = self._read_header()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read_header(self) -> JournalHeader:
+        slots = [decode_header(os.pread(self.fd, SLOT_BYTES, i * SLOT_BYTES)) for i in (0, 1)]
+        valid = [h for h in slots if h is not None]
+        if valid:
+            return max(valid, key=lambda h: h.generation)
+        if any(os.pread(self.fd, SLOT_BYTES, 0)):
+            raise JournalError(
+                f"{self.path}: neither journal header slot is valid (not a dmrepl journal?)",
+                hint="if this really is the site's journal device, zero its first 8 KiB "
+                "and re-seed the site: `dmrepl seed GROUP --site SITE`",
+            )
+        return JournalHeader(0, JournalState.IDLE, 0, 0)
+
+    def _write_header(self, state: JournalState, seq: int, length: int) -> None:
+        header = JournalHeader(self.header.generation + 1, state, seq, length)
+        os.pwrite(self.fd, header.encode(), (header.generation % 2) * SLOT_BYTES)
+        os.fsync(self.fd)
+        self.header = header
+
+    def capacity(self) -> int | None:
+        """Bytes the data area can hold (None: a file, which grows)."""
+        if not self.is_device:
+            return None
+        return os.lseek(self.fd, 0, os.SEEK_END) - DATA_OFFSET
+
+    def stage(self, source: BinaryIO) -> int:
+        """Copy a delta stream into the data area and fsync; returns its length.
+
+        Refused while a committed delta is still unapplied (it would be overwritten).
+        """
+        if self.header.state is JournalState.COMMITTED:
+            raise JournalError(f"{self.path}: a committed delta is not applied yet")
+        capacity = self.capacity()
+        length = 0
+        while chunk := source.read(COPY_CHUNK):
+            if capacity is not None and length + len(chunk) > capacity:
+                raise JournalError(
+                    f"{self.path}: the delta does not fit the journal device "
+                    f"({capacity} bytes of data area)",
+                    hint="give the site a larger journal device (or a file)",
+                )
+            os.pwrite(self.fd, chunk, DATA_OFFSET + length)
+            length += len(chunk)
+        os.fsync(self.fd)
+        return length
+
+    def staged(self, length: int) -> BinaryIO:
+        """A reader over `length` bytes of the data area."""
+        return io.BufferedReader(_Region(self.fd, DATA_OFFSET, length), COPY_CHUNK)
+
+    def commit(self, seq: int, length: int) -> delta.DeltaHeader:
+        """Verify the staged delta end to end, then mark it COMMITTED (durably)."""
+        with self.staged(length) as reader:
+            header, _ = delta.verify(reader, f"{self.path} (journal)")
+        if header.seq != seq:
+            raise JournalError(f"{self.path}: staged delta is cut {header.seq}, not {seq}")
+        self._write_header(JournalState.COMMITTED, seq, length)
+        return header
+
+    def mark_applied(self, seq: int) -> None:
+        self._write_header(JournalState.APPLIED, seq, 0)
+
+
+class _Region(io.RawIOBase):
+    """A read-only window [start, start + length) of a file descriptor."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self.length - self.pos)
+        if want <= 0:
+            return 0
+        data = os.pread(self.fd, want, self.start + self.pos)
+        view[: len(data)] = data
+        self.pos += len(data)
+        return len(data)

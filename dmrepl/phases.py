@@ -1,0 +1,23 @@
+"""Named points of a replication cycle, so fault-injection tests can `kill -9` at each.
+
+Production code calls `reached(name)`; nothing happens unless a test installed
+a hook (tests/kernel/crashrun.py kills its own process at a chosen phase).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+PHASES = ("capture", "captured", "journal-write", "journal-committed", "apply", "applied", "cursor")
+
+_hook: Callable[[str], None] | None = None
+
+
+def reached(phase: str) -> None:
+    if _hook is not None:
+        _hook(phase)
+
+
+def set_hook(hook: Callable[[str], None] | None) -> None:
+    global _hook
+    _hook = hook

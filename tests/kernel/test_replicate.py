@@ -1,0 +1,303 @@
+"""Replication on the real kernel: sync, kill -9 at every phase, outages, locks, corruption."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dmrepl import dm, phases
+from dmrepl.config import load_config
+from dmrepl.demo import write_random
+from dmrepl.lock import group_lock
+from dmrepl.sites import BlockdevSite
+from dmrepl.stack import Layer, layer_name
+from tests.kernel.stacks import Bed
+
+MiB = 2**20
+BLOCK = 64 * 1024
+
+
+def digest(path: str) -> str:
+    """sha256 of a whole device, read past the page cache."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while chunk := os.read(fd, 4 * MiB):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def pit_digests() -> Iterator[list[dict[str, str]]]:
+    """Records the digest of every `-pit` image at the moment a capture is complete."""
+    seen: list[dict[str, str]] = []
+
+    def hook(phase: str) -> None:
+        if phase == "captured":
+            found = {}
+            for name in os.listdir("/dev/mapper"):
+                if name.endswith("-pit"):
+                    found[name.removesuffix("-pit")] = digest(f"/dev/mapper/{name}")
+            seen.append(found)
+
+    phases.set_hook(hook)
+    yield seen
+    phases.set_hook(None)
+
+
+def sync(bed: Bed, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return bed.cli("sync", bed.group, *args, check=check)
+
+
+def test_ext4_replica_equals_each_cut_and_mounts_clean(
+    bed: Bed, workdir: Path, pit_digests: list[dict[str, str]]
+) -> None:
+    bed.add_device("ra", origin_mib=48)
+    replicas = bed.add_site("dr")
+    bed.cli("up")
+    gate, replica = "/dev/mapper/ra", replicas["ra"]
+    subprocess.run(["mkfs.ext4", "-q", gate], check=True)
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", gate, str(mnt)], check=True)
+    try:
+        expected: dict[str, bytes] = {}
+        for cycle in range(3):
+            for i in range(3):
+                data = os.urandom(200_000 + cycle * 1000 + i)
+                (mnt / f"c{cycle}-{i}").write_bytes(data)
+                expected[f"c{cycle}-{i}"] = data
+            os.sync()
+            result = sync(bed)
+            assert "site dr: in sync" in result.stdout, result.stdout
+            assert digest(replica) == pit_digests[-1]["ra"], f"cycle {cycle}"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    fsck = subprocess.run(["fsck.ext4", "-fn", replica], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    subprocess.run(["mount", "-o", "ro,noload", replica, str(mnt)], check=True)
+    try:
+        for name, data in expected.items():
+            assert (mnt / name).read_bytes() == data, name
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    # the first cycle seeded, the next two shipped only deltas from the spool
+    status = bed.cli("status").stdout
+    assert "site " + bed.group + "/dr (blockdev, asynchronous): in sync; holds cut 3" in status
+
+
+def write_raw(gate: str, blocks: list[int]) -> None:
+    for block in blocks:
+        write_random(gate, block * BLOCK + 4096, 8192)
+
+
+@pytest.fixture
+def pair(bed: Bed) -> Bed:
+    """A two-device group with one blockdev site, seeded."""
+    bed.add_device("pa")
+    bed.add_device("pb")
+    bed.add_site("dr")
+    bed.cli("up")
+    sync(bed)
+    return bed
+
+
+def site_digests(bed: Bed, site: str) -> dict[str, str]:
+    replicas = bed.sites[site]["replica"]
+    assert isinstance(replicas, dict)
+    return {device: digest(path) for device, path in replicas.items()}
+
+
+def gate_digests(bed: Bed) -> dict[str, str]:
+    return {device: digest(f"/dev/mapper/{device}") for device in bed.devices}
+
+
+@pytest.mark.parametrize("phase", ["capture", "captured", "journal-write", "apply", "cursor"])
+def test_kill_9_at_each_phase_leaves_a_cut_and_the_next_sync_catches_up(
+    pair: Bed, phase: str
+) -> None:
+    before = gate_digests(pair)
+    assert site_digests(pair, "dr") == before
+    write_raw("/dev/mapper/pa", [1, 7, 100])
+    write_raw("/dev/mapper/pb", [3])
+    after = gate_digests(pair)
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.kernel.crashrun", phase, "sync", pair.group,
+         "--config", str(pair.config)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    # What any next run does first at the site: finish a committed journal. The replicas then
+    # hold exactly one cut: the one before the killed cycle, or the one it took.
+    site = BlockdevSite(load_config(pair.config).groups[pair.group].sites[0], (), pair.state_dir)
+    site.replay()
+    assert site_digests(pair, "dr") in (before, after)
+    result = sync(pair)
+    assert "site dr: in sync" in result.stdout, result.stdout + result.stderr
+    assert site_digests(pair, "dr") == after
+    leftovers = [n for n in dm.observe(pair.runner).names if n.endswith("-pit")]
+    assert leftovers == []
+    for device in ("pa", "pb"):
+        assert not dm.is_suspended(pair.runner, device)
+
+
+def test_a_site_that_was_down_catches_up_in_era_order_while_the_other_kept_up(
+    bed: Bed, make_dm: object
+) -> None:
+    bed.add_device("oa")
+    good = bed.add_site("near")
+    far_loop = bed.make_loop("far-backing", 32 * MiB)
+    sectors = 32 * MiB // 512
+    far = make_dm(f"far{os.getpid()}", f"0 {sectors} linear {far_loop} 0")  # type: ignore[operator]
+    bed.add_site("far", replicas={"oa": far})
+    bed.cli("up")
+    sync(bed)
+    far_name = Path(far).name
+    _load(bed, far_name, f"0 {sectors} error")
+    for round_ in range(3):
+        write_raw("/dev/mapper/oa", [round_ * 10 + 2, 50])
+        result = sync(bed, check=False)
+        assert result.returncode == 17, result.stdout + result.stderr
+        assert "site near: in sync" in result.stdout
+        assert "site far: down" in result.stdout
+        assert digest(good["oa"]) == digest("/dev/mapper/oa")
+    _load(bed, far_name, f"0 {sectors} linear {far_loop} 0")
+    result = sync(bed)
+    assert "site far: in sync" in result.stdout, result.stdout
+    assert "seeded" not in result.stdout
+    assert digest(far) == digest("/dev/mapper/oa")
+
+
+def test_overflow_ladder_resyncs_a_lagging_site_without_a_full_copy(
+    bed: Bed, make_dm: object
+) -> None:
+    bed.group_fields["spool_size"] = "200KiB"
+    bed.add_device("la")
+    bed.add_site("near")
+    far_loop = bed.make_loop("lfar-backing", 32 * MiB)
+    sectors = 32 * MiB // 512
+    far = make_dm(f"lfar{os.getpid()}", f"0 {sectors} linear {far_loop} 0")  # type: ignore[operator]
+    bed.add_site("far", replicas={"la": far})
+    bed.cli("up")
+    sync(bed)
+    _load(bed, Path(far).name, f"0 {sectors} error")
+    for round_ in range(3):
+        write_raw("/dev/mapper/la", [round_ * 3, round_ * 3 + 1])  # 2 blocks = 128 KiB a round
+        sync(bed, check=False)
+    _load(bed, Path(far).name, f"0 {sectors} linear {far_loop} 0")
+    result = sync(bed)
+    assert "resync from cut 1" in result.stderr, result.stderr
+    assert "site far: in sync" in result.stdout
+    assert "seeded" not in result.stdout
+    assert digest(far) == digest("/dev/mapper/la")
+
+
+def _load(bed: Bed, name: str, table: str) -> None:
+    subprocess.run(["dmsetup", "load", name, "--table", table], check=True)
+    subprocess.run(["dmsetup", "resume", name], check=True)
+
+
+def test_a_second_sync_exits_busy_and_names_the_holder(pair: Bed) -> None:
+    with group_lock(pair.state_dir, pair.group, "test holder"):
+        result = sync(pair, check=False)
+    assert result.returncode == 7, result.stdout + result.stderr
+    assert f"group {pair.group} is busy: pid {os.getpid()} (test holder" in result.stderr
+    assert sync(pair).returncode == 0
+
+
+def test_two_syncs_started_together_one_runs_one_is_busy(pair: Bed) -> None:
+    write_raw("/dev/mapper/pa", [9])
+    argv = [sys.executable, "-m", "dmrepl", "sync", pair.group, "--config", str(pair.config)]
+    runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"]
+    codes = sorted(p.wait() for p in runs)
+    assert codes == [0, 7], [p.stderr.read() for p in runs if p.stderr]
+    assert site_digests(pair, "dr") == gate_digests(pair)
+
+
+def test_a_corrupt_spool_delta_is_never_applied(bed: Bed, make_dm: object) -> None:
+    bed.add_device("xa")
+    far_loop = bed.make_loop("xfar-backing", 32 * MiB)
+    sectors = 32 * MiB // 512
+    far = make_dm(f"xfar{os.getpid()}", f"0 {sectors} linear {far_loop} 0")  # type: ignore[operator]
+    bed.add_site("far", replicas={"xa": far})
+    bed.add_site("near")
+    bed.cli("up")
+    sync(bed)
+    _load(bed, Path(far).name, f"0 {sectors} error")
+    write_raw("/dev/mapper/xa", [4, 5])
+    sync(bed, check=False)  # far is down: the delta stays in the spool
+    (spooled,) = sorted((bed.state_dir / "spool" / bed.group).glob("*.delta"))
+    data = bytearray(spooled.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    spooled.write_bytes(bytes(data))
+    _load(bed, Path(far).name, f"0 {sectors} linear {far_loop} 0")
+    before = digest(far)
+    result = sync(bed, check=False)
+    assert "corrupt delta at byte" in result.stdout + result.stderr, result.stdout
+    assert digest(far) == before  # nothing of the corrupt delta reached the replica
+    result = sync(bed)  # the corrupt file was set aside: the site resyncs from its cut
+    assert digest(far) == digest("/dev/mapper/xa")
+
+
+def test_a_corrupt_journal_is_never_applied_and_seed_repairs(pair: Bed) -> None:
+    before = site_digests(pair, "dr")
+    write_raw("/dev/mapper/pa", [2, 3])
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.kernel.crashrun", "journal-committed", "sync",
+         pair.group, "--config", str(pair.config)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    journal = pair.state_dir / "journal" / f"{pair.group}.dr.journal"
+    with journal.open("r+b") as f:
+        f.seek(8192 + 300)
+        byte = f.read(1)
+        f.seek(8192 + 300)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    result = sync(pair, check=False)
+    assert result.returncode == 17
+    assert "corrupt delta at byte" in result.stdout + result.stderr
+    assert site_digests(pair, "dr") == before
+    result = pair.cli("seed", pair.group, "--site", "dr")
+    assert site_digests(pair, "dr") == gate_digests(pair)
+
+
+def test_replica_size_must_match_the_origin(bed: Bed) -> None:
+    bed.add_device("za")
+    small = bed.make_loop("za-small", 16 * MiB)
+    bed.add_site("dr", replicas={"za": small})
+    bed.cli("up")
+    result = sync(bed, check=False)
+    assert result.returncode == 17
+    assert "replica " + small + " of za is 16 MiB, the origin is 32 MiB" in result.stdout
+
+
+def test_dir_site_and_apply_rebuild_the_device(bed: Bed, workdir: Path) -> None:
+    bed.add_device("da")
+    archive = workdir / "archive"
+    archive.mkdir()
+    bed.add_site("vault", transport="dir", path=str(archive))
+    bed.cli("up")
+    write_raw("/dev/mapper/da", [0, 9])
+    sync(bed)
+    write_raw("/dev/mapper/da", [9, 30])
+    sync(bed)
+    names = sorted(p.name for p in archive.glob("*.delta"))
+    assert names == [
+        f"{bed.group}.0000000001.full.delta",
+        f"{bed.group}.0000000002.0000000001.delta",
+    ]
+    target = bed.make_loop("da-rebuilt", 32 * MiB)
+    write_random(target, 5 * MiB, 4096)  # garbage the rebuild must clear
+    bed.cli("apply", str(archive), "--group", bed.group, "--to", f"da={target}")
+    assert digest(target) == digest("/dev/mapper/da")
+    assert layer_name("da", Layer.PIT) not in dm.observe(bed.runner).names
