@@ -28,6 +28,7 @@ class ExitCode(IntEnum):
     DEVICE_OVERLAP = 13  # metadata area overlaps the origin, a leg or another metadata area
     METADATA_TOO_SMALL = 14  # metadata area below dmrepl's computed minimum
     STACK_MISMATCH = 15  # a running stack differs from the configuration
+    CORRUPT = 16  # a delta (spool file, site journal, transfer) failed its checks
     INTERRUPTED = 130  # SIGINT/SIGTERM: what was done has been undone
 
 
