@@ -29,6 +29,7 @@ class ExitCode(IntEnum):
     METADATA_TOO_SMALL = 14  # metadata area below dmrepl's computed minimum
     STACK_MISMATCH = 15  # a running stack differs from the configuration
     CORRUPT = 16  # a delta (spool file, site journal, transfer) failed its checks
+    SITES_BEHIND = 17  # the cycle completed, but a site is down, behind or misconfigured
     INTERRUPTED = 130  # SIGINT/SIGTERM: what was done has been undone
 
 

@@ -288,7 +288,7 @@ class _Cycle:
         unpublished is removed when the cycle ends."""
         partial = target.with_name(f".{target.name}.partial")
         self.cleanup.callback(partial.unlink, missing_ok=True)
-        with partial.open("wb") as out:
+        with partial.open("wb", buffering=blockio.CHUNK_BYTES) as out:
             self._write_delta(out, held, header, ranges)
             out.flush()
             os.fsync(out.fileno())

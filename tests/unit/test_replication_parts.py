@@ -1,0 +1,250 @@
+"""Journal, spool, lock, site config and `apply` on plain files (no device-mapper needed)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from dmrepl import delta
+from dmrepl.cli import parse_interval
+from dmrepl.config import ConfigError, SiteSpec, parse_config
+from dmrepl.errors import ExitCode, InvalidInput
+from dmrepl.journal import SLOT_BYTES, Journal, JournalError, JournalState, decode_header
+from dmrepl.lock import Busy, group_lock, lock_holder
+from dmrepl.rebuild import apply_dir
+from dmrepl.sites import BlockdevSite, delta_file_name
+from dmrepl.spool import Spool
+
+DEVICE_BYTES = 4 * 2**20
+
+
+def make_delta(seq: int, base: int | None, writes: list[tuple[int, bytes]]) -> bytes:
+    header = delta.DeltaHeader(
+        group="g",
+        seq=seq,
+        base_seq=base,
+        devices=(delta.DeltaDevice("d", DEVICE_BYTES // 512, None, seq),),
+        created=0.0,
+    )
+    out = io.BytesIO()
+    writer = delta.DeltaWriter(out, header)
+    for offset, data in writes:
+        writer.add(0, offset, data)
+    writer.finish()
+    return out.getvalue()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> BlockdevSite:
+    replica = tmp_path / "replica.img"
+    replica.write_bytes(bytes(DEVICE_BYTES))
+    spec = SiteSpec("g", "dr", "blockdev", "asynchronous", {"d": str(replica)}, None, None)
+    blockdev = BlockdevSite(spec, (), tmp_path / "state")
+    blockdev.journal_path.parent.mkdir(parents=True)
+    blockdev._check_header = lambda header: None  # type: ignore[method-assign]
+    return blockdev
+
+
+def replica_bytes(site: BlockdevSite) -> bytes:
+    return Path(site.spec.replicas["d"]).read_bytes()
+
+
+def test_journal_apply_moves_the_replica_and_records_the_cut(site: BlockdevSite) -> None:
+    assert site.held_seq() is None
+    delivery = site.receive(io.BytesIO(make_delta(1, None, [(8, b"a" * 1024)])))
+    assert (delivery.seq, delivery.data_bytes) == (1, 1024)
+    assert replica_bytes(site)[4096:5120] == b"a" * 1024
+    assert site.held_seq() == 1 and site.pending_seq() is None
+
+
+def test_a_committed_journal_is_replayed_by_the_next_run(site: BlockdevSite) -> None:
+    data = make_delta(2, 1, [(16, b"b" * 512)])
+    with Journal(site.journal_path) as journal:
+        length = journal.stage(io.BytesIO(data))
+        journal.commit(2, length)  # then the process "dies" before applying
+    assert site.pending_seq() == 2 and site.held_seq() is None
+    replayed = site.replay()
+    assert replayed is not None and replayed.seq == 2
+    assert replica_bytes(site)[8192:8704] == b"b" * 512
+    assert site.replay() is None  # nothing left to do
+
+
+def test_a_corrupt_delta_never_reaches_the_replica(site: BlockdevSite) -> None:
+    data = bytearray(make_delta(1, None, [(0, b"c" * 4096)]))
+    data[-100] ^= 1
+    with pytest.raises(delta.CorruptDelta, match="corrupt delta at byte"):
+        site.receive(io.BytesIO(bytes(data)))
+    assert replica_bytes(site) == bytes(DEVICE_BYTES)
+    assert site.pending_seq() is None  # never committed
+
+
+def test_a_torn_header_write_falls_back_to_the_other_slot(site: BlockdevSite) -> None:
+    site.receive(io.BytesIO(make_delta(1, None, [(0, b"x" * 512)])))
+    site.receive(io.BytesIO(make_delta(2, 1, [(0, b"y" * 512)])))
+    with Journal(site.journal_path) as journal:
+        newest = journal.header.generation % 2
+    with site.journal_path.open("r+b") as f:  # tear the newest header
+        f.seek(newest * SLOT_BYTES + 10)
+        f.write(b"\xff\xff")
+    with Journal(site.journal_path) as journal:
+        assert journal.header.state is JournalState.COMMITTED  # the slot before it
+        assert journal.header.seq == 2
+
+
+def test_garbage_in_both_header_slots_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    path.write_bytes(b"\x01" * 3 * SLOT_BYTES)
+    with pytest.raises(JournalError, match="neither journal header slot is valid"):
+        Journal(path)
+    assert decode_header(b"\0" * SLOT_BYTES) is None
+
+
+def test_spool_chain_eviction_and_pruning(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", "g", cap_bytes=3000)
+    for seq, base in ((2, 1), (3, 2), (4, 3)):
+        spool.path(seq, base).write_bytes(b"z" * 900)
+    assert spool.head() == 4
+    assert [e.seq for e in spool.chain(1, 4) or []] == [2, 3, 4]
+    assert spool.chain(2, 4) is not None and spool.chain(0, 4) is None
+    assert spool.make_room(5000) is None  # larger than the cap: nothing evicted
+    evicted = spool.make_room(1000)
+    assert [e.seq for e in evicted or []] == [2]
+    assert spool.chain(1, 4) is None  # site at cut 1 must now resync
+    assert [e.seq for e in spool.prune(3)] == [3]
+    assert [e.seq for e in spool.entries()] == [4]
+    spool.resync_path("far", 5, 1).write_bytes(b"r")
+    spool.path(5, 4).write_bytes(b"orphan")  # a capture whose cut was never recorded
+    removed = {p.name for p in spool.remove_orphans(last_recorded_seq=4)}
+    assert removed == {delta_file_name("g", 5, 4), "far~" + delta_file_name("g", 5, 1)}
+
+
+def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
+    assert lock_holder(tmp_path, "g") is None
+    with group_lock(tmp_path, "g", "sync"):
+        holder = lock_holder(tmp_path, "g")
+        assert holder is not None and f"pid {os.getpid()} (sync" in holder
+        with pytest.raises(Busy, match=r"group g is busy: pid \d+ \(sync") as caught:
+            with group_lock(tmp_path, "g", "sync"):
+                pass
+        assert caught.value.exit_code == ExitCode.BUSY
+    assert lock_holder(tmp_path, "g") is None
+
+
+SITES = """
+[group.db.device.data]
+origin = "/dev/vdb"
+metadata = "/dev/vdc"
+[group.db.device.logs]
+origin = "/dev/vdd"
+metadata = "/dev/vdc"
+metadata_offset = "8MiB"
+"""
+
+
+def test_site_config() -> None:
+    text = SITES + """
+[group.db]
+spool_size = "1GiB"
+[group.db.site.dr]
+transport = "blockdev"
+journal = "/dev/vdj"
+[group.db.site.dr.replica]
+data = "/dev/nbd0"
+logs = "/dev/nbd1"
+[group.db.site.vault]
+transport = "dir"
+path = "/srv/vault"
+"""
+    group = parse_config(text, Path("x.toml")).groups["db"]
+    dr, vault = group.sites
+    assert dr.replicas == {"data": "/dev/nbd0", "logs": "/dev/nbd1"}
+    assert (dr.journal, dr.policy, vault.path) == ("/dev/vdj", "asynchronous", "/srv/vault")
+    assert group.spool_bytes == 2**30
+    assert group.site("vault") is vault
+    with pytest.raises(InvalidInput, match="no site 'x'"):
+        group.site("x")
+
+
+def test_site_config_problems_are_all_reported() -> None:
+    text = SITES + """
+[group.db.site.dr]
+transport = "ftp"
+[group.db.site.sync]
+transport = "blockdev"
+policy = "synchronous"
+[group.db.site.sync.replica]
+data = "/dev/vdb"
+other = "/dev/nbd9"
+[group.db.site.vault]
+transport = "dir"
+journal = "/dev/vdj"
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, Path("x.toml"))
+    problems = "\n".join(caught.value.problems)
+    assert "group.db.site.dr.transport: 'ftp' is not one of blockdev, dir" in problems
+    assert "group.db.site.sync.policy: 'synchronous' is not implemented yet" in problems
+    assert "group.db.site.sync.replica.logs: missing" in problems
+    assert "group.db.site.sync.replica.other: not a device of this group" in problems
+    assert "group.db.site.vault.path: missing" in problems
+    assert 'group.db.site.vault.journal: only used with transport = "blockdev"' in problems
+
+
+def test_replica_may_not_be_an_origin() -> None:
+    text = SITES + """
+[group.db.site.dr]
+transport = "blockdev"
+[group.db.site.dr.replica]
+data = "/dev/vdd"
+logs = "/dev/nbd1"
+"""
+    with pytest.raises(ConfigError, match="problem") as caught:
+        parse_config(text, Path("x.toml"))
+    assert any("/dev/vdd is also group.db.device.logs.origin" in p for p in caught.value.problems)
+
+
+def test_apply_rebuilds_from_a_full_image_and_rolls_forward(tmp_path: Path) -> None:
+    archive = tmp_path / "vault"
+    archive.mkdir()
+    (archive / delta_file_name("g", 1, None)).write_bytes(make_delta(1, None, [(0, b"1" * 512)]))
+    (archive / delta_file_name("g", 3, 1)).write_bytes(make_delta(3, 1, [(8, b"3" * 512)]))
+    (archive / delta_file_name("g", 4, 3)).write_bytes(make_delta(4, 3, [(0, b"4" * 512)]))
+    target = tmp_path / "target.img"
+    target.write_bytes(b"\xee" * DEVICE_BYTES)
+    result = apply_dir(archive, "g", {"d": str(target)}, to_cut=3, say=lambda _: None)
+    assert (result.applied, result.cut) == ([1, 3], 3)
+    image = target.read_bytes()
+    assert image[:512] == b"1" * 512 and image[4096:4608] == b"3" * 512
+    assert image[8192:] == bytes(DEVICE_BYTES - 8192)  # zeroed before the full image
+    rolled = apply_dir(archive, "g", {"d": str(target)}, from_cut=3, say=lambda _: None)
+    assert (rolled.applied, target.read_bytes()[:512]) == ([4], b"4" * 512)
+
+
+def test_apply_verifies_each_delta_before_writing_it(tmp_path: Path) -> None:
+    archive = tmp_path / "vault"
+    archive.mkdir()
+    (archive / delta_file_name("g", 1, None)).write_bytes(make_delta(1, None, [(0, b"1" * 512)]))
+    bad = bytearray(make_delta(2, 1, [(0, b"2" * 512)]))
+    bad[-40] ^= 1
+    (archive / delta_file_name("g", 2, 1)).write_bytes(bytes(bad))
+    target = tmp_path / "target.img"
+    target.write_bytes(bytes(DEVICE_BYTES))
+    with pytest.raises(delta.CorruptDelta):
+        apply_dir(archive, "g", {"d": str(target)}, say=lambda _: None)
+    assert target.read_bytes()[:512] == b"1" * 512  # still exactly cut 1
+    with pytest.raises(InvalidInput, match="do not reach cut 7"):
+        apply_dir(archive, "g", {"d": str(target)}, to_cut=7, say=lambda _: None)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("1h", 3600), ("2", 2)])
+def test_parse_interval(text: str, seconds: float) -> None:
+    assert parse_interval(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0s", "fast", "-1m"])
+def test_parse_interval_rejects(text: str) -> None:
+    with pytest.raises(InvalidInput):
+        parse_interval(text)
