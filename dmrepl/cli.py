@@ -103,7 +103,7 @@ def demo(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Build an era device on loop devices, write to it, show the changed ranges, tear down."""
+    """Replicate a filesystem on loop devices to a local site over a few cycles; compare."""
     require_root()
     if not loop.kernel_has_device_mapper():
         if no_vm:
@@ -126,22 +126,23 @@ def demo(
 
 
 def render_demo(result: DemoResult) -> None:
-    table = Table(title=f"Written since era {result.era_before} (era_invalidate, {result.kernel})")
-    for column in ("era blocks", "sectors", "bytes", "size"):
-        table.add_column(column, justify="right")
-    for blocks, sectors in zip(result.changed_blocks, result.changed_sectors, strict=True):
+    table = Table(title=f"Replicating a mounted ext4 to site dr ({result.kernel})")
+    for column in ("cut", "before the cut", "changed", "applied to replica", "stall", "site"):
+        table.add_column(column, justify="left" if column == "before the cut" else "right")
+    for cycle in result.cycles:
         table.add_row(
-            f"[{blocks.begin}, {blocks.end})",
-            f"[{sectors.begin}, {sectors.end})",
-            f"{sectors_to_bytes(sectors.begin)}+{sectors_to_bytes(sectors.length)}",
-            format_bytes(sectors_to_bytes(sectors.length)),
-        )
+            str(cycle.cut), cycle.what, format_bytes(cycle.changed_bytes),
+            format_bytes(cycle.shipped_bytes), f"{cycle.stall_ms:.0f} ms", cycle.site_state,
+        )  # fmt: skip
     out.print(table)
-    total = sum(e.length for e in result.changed_sectors)
+    verdict = "identical" if result.identical else "DIFFERENT"
     out.print(
-        f"{len(result.changed_blocks)} ranges, {format_bytes(sectors_to_bytes(total))} to ship "
-        f"of a {format_bytes(sectors_to_bytes(result.origin_sectors))} device."
+        f"replica vs gate after the last cut: {verdict} (sha256 {result.replica_sha256[:16]}…) "
+        f"over {format_bytes(sectors_to_bytes(result.origin_sectors))}",
+        markup=False,
     )
+    if not result.identical:
+        raise typer.Exit(1)
 
 
 ConfigOption = Annotated[

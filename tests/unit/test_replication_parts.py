@@ -126,9 +126,9 @@ def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
     with group_lock(tmp_path, "g", "sync"):
         holder = lock_holder(tmp_path, "g")
         assert holder is not None and f"pid {os.getpid()} (sync" in holder
-        with pytest.raises(Busy, match=r"group g is busy: pid \d+ \(sync") as caught:
-            with group_lock(tmp_path, "g", "sync"):
-                pass
+        busy = pytest.raises(Busy, match=r"group g is busy: pid \d+ \(sync")
+        with busy as caught, group_lock(tmp_path, "g", "sync"):
+            pass
         assert caught.value.exit_code == ExitCode.BUSY
     assert lock_holder(tmp_path, "g") is None
 
@@ -145,7 +145,9 @@ metadata_offset = "8MiB"
 
 
 def test_site_config() -> None:
-    text = SITES + """
+    text = (
+        SITES
+        + """
 [group.db]
 spool_size = "1GiB"
 [group.db.site.dr]
@@ -158,6 +160,7 @@ logs = "/dev/nbd1"
 transport = "dir"
 path = "/srv/vault"
 """
+    )
     group = parse_config(text, Path("x.toml")).groups["db"]
     dr, vault = group.sites
     assert dr.replicas == {"data": "/dev/nbd0", "logs": "/dev/nbd1"}
@@ -169,7 +172,9 @@ path = "/srv/vault"
 
 
 def test_site_config_problems_are_all_reported() -> None:
-    text = SITES + """
+    text = (
+        SITES
+        + """
 [group.db.site.dr]
 transport = "ftp"
 [group.db.site.sync]
@@ -182,6 +187,7 @@ other = "/dev/nbd9"
 transport = "dir"
 journal = "/dev/vdj"
 """
+    )
     with pytest.raises(ConfigError) as caught:
         parse_config(text, Path("x.toml"))
     problems = "\n".join(caught.value.problems)
@@ -194,13 +200,16 @@ journal = "/dev/vdj"
 
 
 def test_replica_may_not_be_an_origin() -> None:
-    text = SITES + """
+    text = (
+        SITES
+        + """
 [group.db.site.dr]
 transport = "blockdev"
 [group.db.site.dr.replica]
 data = "/dev/vdd"
 logs = "/dev/nbd1"
 """
+    )
     with pytest.raises(ConfigError, match="problem") as caught:
         parse_config(text, Path("x.toml"))
     assert any("/dev/vdd is also group.db.device.logs.origin" in p for p in caught.value.problems)
