@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl import dm, phases
+from dmrepl import builder, dm, phases
 from dmrepl.config import load_config
 from dmrepl.demo import write_random
 from dmrepl.lock import group_lock
@@ -138,8 +138,9 @@ def test_kill_9_at_each_phase_leaves_a_cut_and_the_next_sync_catches_up(
     assert killed.returncode == -9, killed.stdout + killed.stderr
     # What any next run does first at the site: finish a committed journal. The replicas then
     # hold exactly one cut: the one before the killed cycle, or the one it took.
-    site = BlockdevSite(load_config(pair.config).groups[pair.group].sites[0], (), pair.state_dir)
-    site.replay()
+    group = load_config(pair.config).groups[pair.group]
+    stacks = builder.survey(pair.runner, [group], check=False).stacks
+    BlockdevSite(group.sites[0], stacks, pair.state_dir).replay()
     assert site_digests(pair, "dr") in (before, after)
     result = sync(pair)
     assert "site dr: in sync" in result.stdout, result.stdout + result.stderr
