@@ -1,0 +1,533 @@
+"""Benchmark: what a replication cycle costs next to plain copy tools, on the real kernel.
+
+    .venv/bin/python -m bench.replication [--quick] [--json PATH]
+
+One group of one device (a sparse loop-file origin, 64 KiB era blocks) with a
+blockdev site on another loop device, seeded by a first sync. Measured side by
+side in one VM run:
+
+1. Ship throughput vs dd: 10 % of the device is rewritten in scattered 1-2 MiB
+   runs (aligned to era blocks, so the changed bytes are exactly the bytes
+   written); `dmrepl.replicate.sync` is timed in-process, split by the cycle's
+   phase marks (dmrepl.phases) into capture and ship; then the same ranges are
+   copied from the gate to the replica by one `dd` per range and, separately,
+   by a single Python pread/pwrite loop in 1 MiB pieces (both fsync at the end).
+2. Write amplification: sectors written to the replica's loop device
+   (/sys/block/loopN/stat, field 7) during the sync, over
+   `SyncResult.changed_bytes` (the change at era-block granularity).
+3. Catch-up after 1 % of the era blocks change: a whole `dmrepl sync` against a
+   full-device hash comparison onto a second replica. No packaged tool fits:
+   Debian has no `bdsync` package, and PyPI's `blocksync` 3.0.1 local-to-local
+   path writes each differing block into the *source* (and needs paramiko), so
+   the baseline is this module's own implementation of the same algorithm
+   (`hash_compare_copy`): read both devices fully in 1 MiB chunks, hash each
+   chunk with blake2b, write the chunks whose hashes differ.
+
+Page caches are dropped before every timed step. The host side boots the VM
+(dmrepl.vm.run_in_vm), which runs this module with `--guest DIR` and writes one
+JSON file into DIR; the host then prints a Markdown table (docs/replication.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmrepl import loop, phases, replicate, vm
+from dmrepl.config import load_config
+from dmrepl.executor import Runner
+from dmrepl.sizing import metadata_size
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+ERA_BLOCK = 64 * KiB
+CHUNK = MiB
+RESULTS_FILE = "replication.json"
+GROUP = "bench"
+DEVICE = "bv"
+
+
+@dataclass(frozen=True)
+class Plan:
+    origin_bytes: int
+    ship_fraction: float  # part of the device rewritten for the throughput run
+    catchup_fraction: float  # part of the era blocks rewritten for the catch-up run
+
+
+FULL = Plan(origin_bytes=1 * GiB, ship_fraction=0.10, catchup_fraction=0.01)
+QUICK = Plan(origin_bytes=256 * MiB, ship_fraction=0.10, catchup_fraction=0.01)
+
+
+# -- the baseline: a full-device hash comparison (the bdsync / blocksync algorithm, locally)
+
+
+@dataclass
+class CompareStats:
+    compared: int = 0
+    written: int = 0
+
+
+def hash_compare_copy(source: str, target: str) -> CompareStats:
+    """Make `target` equal `source`: hash both in 1 MiB chunks, write chunks that differ."""
+    stats = CompareStats()
+    src = os.open(source, os.O_RDONLY)
+    dst = os.open(target, os.O_RDWR)
+    try:
+        length = os.lseek(src, 0, os.SEEK_END)
+        offset = 0
+        while offset < length:
+            data = os.pread(src, min(CHUNK, length - offset), offset)
+            theirs = os.pread(dst, len(data), offset)
+            if hashlib.blake2b(data).digest() != hashlib.blake2b(theirs).digest():
+                _write_all(dst, data, offset)
+                stats.written += len(data)
+            stats.compared += len(data)
+            offset += len(data)
+        os.fsync(dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    return stats
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+# -- guest helpers
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def sectors_written(device: str) -> int:
+    """Field 7 of /sys/block/<dev>/stat: sectors written to a whole block device."""
+    stat = Path("/sys/block") / Path(device).name / "stat"
+    return int(stat.read_text().split()[6])
+
+
+def scattered_runs(rng: random.Random, length: int, fraction: float) -> list[tuple[int, int]]:
+    """Non-adjacent (offset, length) runs of 1-2 MiB, era-block aligned, covering ~`fraction`."""
+    per_run = 3 * MiB // 2
+    count = max(1, round(length * fraction / per_run))
+    slot = length // count // ERA_BLOCK * ERA_BLOCK
+    runs = []
+    for index in range(count):
+        size = rng.randrange(MiB // ERA_BLOCK, 2 * MiB // ERA_BLOCK + 1) * ERA_BLOCK
+        room = (slot - size - ERA_BLOCK) // ERA_BLOCK  # keep a gap so runs never touch
+        runs.append((index * slot + rng.randrange(0, room + 1) * ERA_BLOCK, size))
+    return runs
+
+
+def scattered_blocks(rng: random.Random, length: int, fraction: float) -> list[tuple[int, int]]:
+    """`fraction` of the era blocks, chosen at random, as (offset, length) runs of one block."""
+    blocks = length // ERA_BLOCK
+    chosen = sorted(rng.sample(range(blocks), max(1, round(blocks * fraction))))
+    return [(block * ERA_BLOCK, ERA_BLOCK) for block in chosen]
+
+
+def write_runs(path: str, runs: list[tuple[int, int]]) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for offset, size in runs:
+            _write_all(fd, os.urandom(size), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def same_content(a: str, b: str, length: int) -> bool:
+    fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)
+    try:
+        return all(
+            os.pread(fa, CHUNK, offset) == os.pread(fb, CHUNK, offset)
+            for offset in range(0, length, CHUNK)
+        )
+    finally:
+        os.close(fa)
+        os.close(fb)
+
+
+class PhaseClock:
+    """First and last time each dmrepl.phases mark was reached during one sync."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def __call__(self, phase: str) -> None:
+        now = time.monotonic()
+        self.first.setdefault(phase, now)
+        self.last[phase] = now
+
+
+def timed_sync(
+    runner: Runner, config_path: Path, replica: str, say: Callable[[str], None], **kwargs: Any
+) -> dict[str, Any]:
+    """One dmrepl.replicate.sync with its phase split and the replica's sectors written."""
+    config = load_config(config_path)
+    clock = PhaseClock()
+    messages: list[str] = []
+
+    def note(text: str) -> None:
+        messages.append(text)
+        say(f"  dmrepl: {text}")
+
+    drop_caches()
+    before = sectors_written(replica)
+    phases.set_hook(clock)
+    started = time.monotonic()
+    try:
+        result = replicate.sync(runner, config, GROUP, say=note, **kwargs)
+    finally:
+        phases.set_hook(None)
+    ended = time.monotonic()
+    written = (sectors_written(replica) - before) * 512
+    (site,) = result.sites
+    if site.state != "in sync":
+        raise RuntimeError(f"site {site.site} is {site.state}: {site.detail}")
+
+    def span(a: str, b: str, first_b: bool = True) -> float | None:
+        if a not in clock.first or b not in clock.first:
+            return None
+        end = clock.first[b] if first_b else clock.last[b]
+        return round(end - clock.first[a], 3)
+
+    ship_start = clock.first.get("journal-write")
+    return {
+        "seconds": round(ended - started, 3),
+        "capture_s": span("capture", "captured"),
+        "ship_s": None if ship_start is None else round(clock.first["applied"] - ship_start, 3),
+        "journal_stage_s": span("journal-write", "journal-committed"),
+        "apply_s": span("journal-committed", "applied"),
+        "apply_writes_s": span("apply", "applied"),
+        "after_ship_s": None
+        if "cursor" not in clock.last
+        else round(ended - clock.last["cursor"], 3),
+        "changed_bytes": result.changed_bytes,
+        "spooled_bytes": result.spooled_bytes,
+        "delivered_bytes": sum(d.data_bytes for d in site.delivered),
+        "replica_bytes_written": written,
+        "stall_s": result.cut.stall_s,
+        "messages": messages,
+    }
+
+
+def dd_copy(source: str, target: str, runs: list[tuple[int, int]]) -> dict[str, Any]:
+    """One `dd` per range (1 MiB blocks, byte offsets), then one fsync of the target."""
+    before = sectors_written(target)
+    started = time.monotonic()
+    for offset, size in runs:
+        subprocess.run(
+            ["dd", f"if={source}", f"of={target}", f"bs={CHUNK}", f"skip={offset}",
+             f"seek={offset}", f"count={size}", "iflag=skip_bytes,count_bytes",
+             "oflag=seek_bytes", "conv=notrunc", "status=none"],
+            check=True,
+        )  # fmt: skip
+    fd = os.open(target, os.O_WRONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.monotonic() - started
+    return {
+        "seconds": round(seconds, 3),
+        "replica_bytes_written": (sectors_written(target) - before) * 512,
+    }
+
+
+def dd_startup_seconds() -> float:
+    """What one `dd` process costs with nothing to copy (median of three)."""
+    times = []
+    for _ in range(3):
+        started = time.monotonic()
+        subprocess.run(["dd", "if=/dev/zero", "of=/dev/null", "count=0", "status=none"], check=True)
+        times.append(time.monotonic() - started)
+    return round(sorted(times)[1], 3)
+
+
+def python_copy(source: str, target: str, runs: list[tuple[int, int]]) -> dict[str, Any]:
+    """The same ranges by pread/pwrite in 1 MiB pieces in this process, one fsync at the end."""
+    before = sectors_written(target)
+    started = time.monotonic()
+    src, dst = os.open(source, os.O_RDONLY), os.open(target, os.O_WRONLY)
+    try:
+        for offset, size in runs:
+            for piece in range(offset, offset + size, CHUNK):
+                _write_all(dst, os.pread(src, min(CHUNK, offset + size - piece), piece), piece)
+        os.fsync(dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    return {
+        "seconds": round(time.monotonic() - started, 3),
+        "replica_bytes_written": (sectors_written(target) - before) * 512,
+    }
+
+
+def timed_compare(source: str, target: str) -> dict[str, Any]:
+    drop_caches()
+    before = sectors_written(target)
+    started = time.monotonic()
+    stats = hash_compare_copy(source, target)
+    return {
+        "seconds": round(time.monotonic() - started, 3),
+        "compared_bytes": stats.compared,
+        "written_bytes": stats.written,
+        "replica_bytes_written": (sectors_written(target) - before) * 512,
+    }
+
+
+@contextmanager
+def loops(runner: Runner, workdir: Path) -> Iterator[Callable[[str, int], str]]:
+    """make_loop(name, size) on sparse files in `workdir`; all detached at the end."""
+    with ExitStack() as stack:
+
+        def make(name: str, size_bytes: int) -> str:
+            path = workdir / f"{name}.img"
+            loop.create_sparse_file(path, size_bytes)
+            device = loop.attach(runner, path)
+            stack.callback(runner.run_best_effort, loop.detach(device))
+            return device
+
+        yield make
+
+
+def run_guest(out: Path, plan: Plan) -> int:
+    from tests.kernel.stacks import Bed  # the kernel tests' config-over-loop-devices helper
+
+    runner = Runner(timeout_s=900)
+    workdir = Path(tempfile.mkdtemp(prefix="dmrepl-bench-", dir="/tmp"))
+    rng = random.Random(20260101)
+    size = plan.origin_bytes
+    payload: dict[str, Any] = {
+        "kernel": os.uname().release,
+        "origin_bytes": size,
+        "era_block_bytes": ERA_BLOCK,
+    }
+    results = out / RESULTS_FILE
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    def save() -> None:
+        results.write_text(json.dumps(payload, indent=1))
+
+    with loops(runner, workdir) as make_loop, ExitStack() as teardown:
+        bed = Bed(workdir, runner, make_loop, group=GROUP)
+        teardown.callback(bed.teardown)
+        meta_bytes = max(
+            4 * MiB, metadata_size(size // 512, ERA_BLOCK // 512).required_sectors * 512
+        )
+        bed.add_device(
+            DEVICE,
+            origin_mib=size // MiB,
+            metadata=make_loop(f"{DEVICE}-meta-sized", -(-meta_bytes // MiB) * MiB),
+        )
+        replica = bed.add_site("dr")[DEVICE]
+        bed.cli("up")
+        gate = f"/dev/mapper/{DEVICE}"
+        config = bed.config
+
+        say("seed: first sync onto the empty replica")
+        payload["seed"] = timed_sync(runner, config, replica, say, target_zeroed=True)
+        save()
+
+        say("empty sync: nothing changed")
+        payload["empty"] = timed_sync(runner, config, replica, say)
+        save()
+
+        runs = scattered_runs(rng, size, plan.ship_fraction)
+        write_runs(gate, runs)
+        expected = sum(length for _, length in runs)
+        say(f"ship: {len(runs)} runs, {expected} bytes changed; dmrepl sync")
+        ship = timed_sync(runner, config, replica, say)
+        ship["runs"] = len(runs)
+        ship["expected_changed_bytes"] = expected
+        ship["replica_matches"] = same_content(gate, replica, size)
+        payload["ship"] = ship
+        save()
+
+        say("ship: the same ranges by dd, one process per range")
+        drop_caches()
+        payload["dd"] = dd_copy(gate, replica, runs)
+        payload["dd"]["startup_s"] = dd_startup_seconds()
+        say("ship: the same ranges by a Python pread/pwrite loop")
+        drop_caches()
+        payload["pycopy"] = python_copy(gate, replica, runs)
+        save()
+
+        say("catch-up: prime a second replica for the full-compare baseline")
+        baseline_replica = make_loop("baseline-replica", size)
+        payload["compare_prime"] = timed_compare(gate, baseline_replica)
+        save()
+
+        blocks = scattered_blocks(rng, size, plan.catchup_fraction)
+        write_runs(gate, blocks)
+        say(f"catch-up: {len(blocks)} era blocks changed; dmrepl sync")
+        catchup = timed_sync(runner, config, replica, say)
+        catchup["expected_changed_bytes"] = len(blocks) * ERA_BLOCK
+        catchup["replica_matches"] = same_content(gate, replica, size)
+        payload["catchup"] = catchup
+        save()
+        say("catch-up: full-device hash comparison")
+        compare = timed_compare(gate, baseline_replica)
+        compare["replica_matches"] = same_content(gate, baseline_replica, size)
+        payload["compare"] = compare
+        save()
+    say("done")
+    return 0
+
+
+# -- host side
+
+
+def _mib_s(nbytes: int, seconds: float | None) -> str:
+    if not seconds:
+        return "-"
+    return f"{nbytes / MiB / seconds:.1f} MiB/s"
+
+
+def _s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s"
+
+
+def render_table(payload: dict[str, Any]) -> str:
+    ship, dd, py = payload["ship"], payload["dd"], payload["pycopy"]
+    catchup, compare, empty = payload["catchup"], payload["compare"], payload["empty"]
+    moved = ship["changed_bytes"]
+    size = payload["origin_bytes"]
+    dd_net = dd["seconds"] - ship["runs"] * dd["startup_s"]
+    rows = [
+        (
+            "device; era block",
+            f"{size // MiB} MiB; {payload['era_block_bytes'] // KiB} KiB",
+            "",
+            "",
+        ),
+        (
+            f"1. ship {moved / MiB:.0f} MiB in {ship['runs']} runs: whole `sync`",
+            f"{_s(ship['seconds'])} ({_mib_s(moved, ship['seconds'])})",
+            f"dd: {_s(dd['seconds'])} ({_mib_s(moved, dd['seconds'])})",
+            f"{dd['seconds'] / ship['seconds']:.2f}x",
+        ),
+        (
+            "   ship part only (journal stage + verify + apply)",
+            f"{_s(ship['ship_s'])} ({_mib_s(moved, ship['ship_s'])})",
+            f"Python pread/pwrite loop: {_s(py['seconds'])} ({_mib_s(moved, py['seconds'])})",
+            f"{py['seconds'] / ship['ship_s']:.2f}x" if ship["ship_s"] else "-",
+        ),
+        (
+            "   whole `sync` vs the Python loop",
+            _s(ship["seconds"]),
+            _s(py["seconds"]),
+            f"{py['seconds'] / ship['seconds']:.2f}x",
+        ),
+        (
+            "   dd without process start-up",
+            "",
+            f"{_s(dd_net)} ({ship['runs']} x {dd['startup_s']:.2f} s taken off)",
+            f"{dd_net / ship['seconds']:.2f}x",
+        ),
+        (
+            "   capture / ship / empty sync (fixed cost)",
+            f"{_s(ship['capture_s'])} / {_s(ship['ship_s'])} / {_s(empty['seconds'])}",
+            "",
+            "",
+        ),
+        (
+            "2. write amplification at the replica",
+            f"{ship['replica_bytes_written'] / moved:.3f}"
+            f" ({ship['replica_bytes_written']} / {moved} B)",
+            f"dd: {dd['replica_bytes_written'] / moved:.3f}",
+            "",
+        ),
+        (
+            "   all bytes the sync wrote (spool + journal + replica) ÷ changed",
+            f"{(ship['spooled_bytes'] * 2 + ship['replica_bytes_written']) / moved:.2f}",
+            "",
+            "",
+        ),
+        (
+            f"3. catch-up, {catchup['changed_bytes'] // ERA_BLOCK} era blocks"
+            f" ({catchup['changed_bytes'] / size:.1%}) changed",
+            f"{_s(catchup['seconds'])}",
+            f"full hash compare: {_s(compare['seconds'])}",
+            f"{compare['seconds'] / catchup['seconds']:.1f}x",
+        ),
+        (
+            "   catch-up capture / ship",
+            f"{_s(catchup['capture_s'])} / {_s(catchup['ship_s'])}",
+            f"wrote {compare['written_bytes'] / MiB:.0f} MiB of {size / MiB:.0f} MiB read twice",
+            "",
+        ),
+    ]
+    lines = [
+        "| measurement | dmrepl | baseline | baseline time ÷ dmrepl time |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    ship_ok = ship["changed_bytes"] == ship["expected_changed_bytes"]
+    catchup_ok = catchup["changed_bytes"] == catchup["expected_changed_bytes"]
+    dmrepl_equal = ship["replica_matches"] and catchup["replica_matches"]
+    checks = (
+        f"changed bytes as expected: ship {ship_ok}, catch-up {catchup_ok};"
+        f" replicas equal the gate: dmrepl {dmrepl_equal}, baseline {compare['replica_matches']}"
+    )
+    return "\n".join(lines) + "\n\n" + checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a 256 MiB device instead of 1 GiB")
+    parser.add_argument("--json", type=Path, help="also copy the raw results here")
+    parser.add_argument("--render", type=Path, help="print the table of saved results; no VM")
+    parser.add_argument("--guest", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.guest:
+        return run_guest(args.guest, plan)
+    if args.render:
+        print(render_table(json.loads(args.render.read_text())))
+        return 0
+
+    out = Path(tempfile.mkdtemp(prefix="dmrepl-bench-", dir="/tmp"))
+    quick = " --quick" if args.quick else ""
+    command = f"{sys.executable} -m bench.replication{quick} --guest {out}"
+    started = time.monotonic()
+    code = vm.run_in_vm(command, rwdirs=[out])
+    results = out / RESULTS_FILE
+    if not results.exists():
+        print(f"the VM wrote no results (exit code {code})", file=sys.stderr)
+        return 1
+    payload = json.loads(results.read_text())
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=1))
+    print(f"\nkernel {payload['kernel']}, {time.monotonic() - started:.0f} s in all\n")
+    if "compare" not in payload:
+        print("incomplete run; raw results:\n" + json.dumps(payload, indent=1))
+        return code or 1
+    print(render_table(payload))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
