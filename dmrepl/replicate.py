@@ -137,7 +137,7 @@ class _Cycle:
         require_running(self.stacks, found.observed)
         self.spool = Spool(config.state_dir / "spool" / spec.name, spec.name, spec.spool_bytes)
         self.sites = {s.name: open_site(s, self.stacks, config.state_dir) for s in spec.sites}
-        self.cleanup = ExitStack()
+        self.cleanup: ExitStack
         self.reports = {
             s.name: SiteReport(s.name, s.transport, "unknown", None) for s in spec.sites
         }
@@ -150,26 +150,27 @@ class _Cycle:
         reachable = self._recover_sites(recovered, force_seed)
         plan = self._plan(reachable, force_seed)
         seq = self.store.next_cut_seq(self.spec.name)
-        with ExitStack() as resources:
-            self.cleanup = resources
-            cow = resources.enter_context(
-                cow_devices(self.runner, self.stacks, self.config.state_dir)
-            )
-            held = resources.enter_context(
-                held_cut(self.runner, self.stacks, cow_for=cow, say=self.say)
-            )
-            changed, spooled, resyncs = self._capture(held, seq, plan, reachable)
-            seeded = self._seed(held, seq, plan, reachable, target_zeroed)
-            check_pits(self.runner, held)  # an overflowed image voids everything read from it
-            phases.reached("captured")
-            for publish in resyncs:
-                publish()
-            if spooled is not None:
-                spooled()
-        record = self.store.record_cut(self.spec.name, held.eras, held.stall_s, seq=seq)
-        for name, mark in seeded.items():
-            mark()
-            self._set_cursor(name, seq)
+        with ExitStack() as self.cleanup:  # unpublished captures are deleted on the way out
+            with ExitStack() as resources:
+                cow = resources.enter_context(
+                    cow_devices(self.runner, self.stacks, self.config.state_dir)
+                )
+                held = resources.enter_context(
+                    held_cut(self.runner, self.stacks, cow_for=cow, say=self.say)
+                )
+                changed, spooled, resyncs = self._capture(held, seq, plan, reachable)
+                seeded = self._seed(held, seq, plan, reachable, target_zeroed)
+                check_pits(self.runner, held)  # an overflowed image voids everything read
+                phases.reached("captured")
+                for publish in resyncs:
+                    publish()
+                if spooled is not None:
+                    spooled()
+            record = self.store.record_cut(self.spec.name, held.eras, held.stall_s, seq=seq)
+            # A seed is marked only once its cut is recorded: a site never holds an unknown cut.
+            for name, mark in seeded.items():
+                mark()
+                self._set_cursor(name, seq)
         for site in reachable.values():
             self._ship(site, seq)
         spool_size = self._prune()

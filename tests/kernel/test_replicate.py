@@ -283,7 +283,10 @@ def test_replica_size_must_match_the_origin(bed: Bed) -> None:
     bed.cli("up")
     result = sync(bed, check=False)
     assert result.returncode == 17
-    assert "replica " + small + " of za is 16 MiB, the origin is 32 MiB" in result.stdout
+    assert (
+        f"replica {small} of za is 16 MiB (32768 sectors), the origin is 32 MiB (65536 sectors)"
+        in result.stdout
+    )
 
 
 def test_dir_site_and_apply_rebuild_the_device(bed: Bed, workdir: Path) -> None:
