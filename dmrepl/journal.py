@@ -23,6 +23,7 @@ import os
 import stat
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -151,14 +152,20 @@ class Journal:
         """A reader over `length` bytes of the data area."""
         return io.BufferedReader(_Region(self.fd, DATA_OFFSET, length), COPY_CHUNK)
 
-    def commit(self, seq: int, length: int) -> delta.DeltaHeader:
-        """Verify the staged delta end to end, then mark it COMMITTED (durably)."""
+    def commit(
+        self, length: int, accept: Callable[[delta.DeltaHeader], object]
+    ) -> tuple[delta.DeltaHeader, delta.DeltaSummary]:
+        """Verify the staged delta end to end, let `accept` refuse it (by raising), then mark
+        it COMMITTED durably."""
+        header, summary = self.verify_staged(length)
+        accept(header)
+        self._write_header(JournalState.COMMITTED, header.seq, length)
+        return header, summary
+
+    def verify_staged(self, length: int) -> tuple[delta.DeltaHeader, delta.DeltaSummary]:
+        """Read the staged delta end to end; raise CorruptDelta if it fails any check."""
         with self.staged(length) as reader:
-            header, _ = delta.verify(reader, f"{self.path} (journal)")
-        if header.seq != seq:
-            raise JournalError(f"{self.path}: staged delta is cut {header.seq}, not {seq}")
-        self._write_header(JournalState.COMMITTED, seq, length)
-        return header
+            return delta.verify(reader, f"{self.path} (journal)")
 
     def mark_applied(self, seq: int) -> None:
         self._write_header(JournalState.APPLIED, seq, 0)

@@ -105,29 +105,25 @@ class BlockdevSite:
         with Journal(self.journal_path) as journal:
             if journal.header.state is not JournalState.COMMITTED:
                 return None
-            return self._apply_committed(journal)
+            header, summary = journal.verify_staged(journal.header.length)
+            self._check_header(header)
+            return self._apply(journal, summary)
 
     def receive(self, source: BinaryIO) -> Delivery:
         """Journal, verify, commit and apply one delta stream; return what was applied."""
         with Journal(self.journal_path) as journal:
             phases.reached("journal-write")
             length = journal.stage(source)
-            with journal.staged(length) as staged:
-                header = delta.read_header(staged, str(self.journal_path))
-            self._check_header(header)
-            journal.commit(header.seq, length)
+            _, summary = journal.commit(length, accept=self._check_header)
             phases.reached("journal-committed")
-            return self._apply_committed(journal)
+            return self._apply(journal, summary)
 
-    def _apply_committed(self, journal: Journal) -> Delivery:
+    def _apply(self, journal: Journal, summary: delta.DeltaSummary) -> Delivery:
+        """Write the committed (and verified) delta's records to the replicas, fsync, mark."""
         source = f"{self.journal_path} (journal)"
-        length = journal.header.length
-        with journal.staged(length) as reader:  # verified end to end before any write
-            header, summary = delta.verify(reader, source)
-        self._check_header(header)
-        with ExitStack() as fds, journal.staged(length) as reader:
-            targets = self._open_replicas(fds, header)
+        with ExitStack() as fds, journal.staged(journal.header.length) as reader:
             header = delta.read_header(reader, source)
+            targets = self._open_replicas(fds, header)
             try:
                 for record in delta.records(reader, header, source):
                     blockio.write_at(targets[record.device], record.offset, record.data)
