@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmrepl import dm, loop, vm
+from bench.vmrun import run_guest_half
+from dmrepl import dm, loop
 from dmrepl.config import DeviceSpec
 from dmrepl.cut import held_cut, list_changes
 from dmrepl.executor import CommandFailed, Op, Result, Runner, probe
@@ -416,21 +417,14 @@ def main(argv: list[str] | None = None) -> int:
         print(render_tables(json.loads(args.render.read_text())))
         return 0
 
-    out = Path(tempfile.mkdtemp(prefix="dmrepl-bench-", dir="/tmp"))
-    command = f"{sys.executable} -m bench.cut_cost --grid {args.grid} --guest {out}"
-    started = time.monotonic()
-    code = vm.run_in_vm(command, rwdirs=[out])
-    results = out / RESULTS_FILE
-    if not results.exists():
-        print(f"the VM wrote no results (exit code {code})", file=sys.stderr)
+    run = run_guest_half("bench.cut_cost", f" --grid {args.grid}", RESULTS_FILE, args.json)
+    if run.payload is None:
         return 1
-    payload = json.loads(results.read_text())
-    if args.json:
-        args.json.write_text(json.dumps(payload, indent=1))
+    payload, code = run.payload, run.code
     print(
         f"\nkernel {payload['kernel']}, era_invalidate {payload['era_invalidate']}, "
         f"one external command {payload['command_s']:.2f} s, "
-        f"{time.monotonic() - started:.0f} s in all (with any wait for another VM)\n"
+        f"{run.seconds:.0f} s in all (with any wait for another VM)\n"
     )
     print(render_tables(payload))
     return code

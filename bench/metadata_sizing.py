@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmrepl import vm
+from bench.vmrun import run_guest_half
 from dmrepl.executor import Runner
 from dmrepl.sizing import (
     SECTORS_PER_METADATA_BLOCK,
@@ -279,18 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         print(render_table(json.loads(args.render.read_text())))
         return 0
 
-    out = Path(tempfile.mkdtemp(prefix="dmrepl-bench-", dir="/tmp"))
-    command = f"{sys.executable} -m bench.metadata_sizing --grid {args.grid} --guest {out}"
-    started = time.monotonic()
-    code = vm.run_in_vm(command, rwdirs=[out])
-    results = out / RESULTS_FILE
-    if not results.exists():
-        print(f"the VM wrote no results (exit code {code})", file=sys.stderr)
+    run = run_guest_half("bench.metadata_sizing", f" --grid {args.grid}", RESULTS_FILE, args.json)
+    if run.payload is None:
         return 1
-    payload = json.loads(results.read_text())
-    if args.json:
-        args.json.write_text(json.dumps(payload, indent=1))
-    print(f"\nkernel {payload['kernel']}, {time.monotonic() - started:.0f} s in all\n")
+    payload, code = run.payload, run.code
+    print(f"\nkernel {payload['kernel']}, {run.seconds:.0f} s in all\n")
     print(render_table(payload))
     return code
 

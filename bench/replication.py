@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmrepl import loop, phases, replicate, vm
+from bench.vmrun import run_guest_half
+from dmrepl import loop, phases, replicate
 from dmrepl.config import load_config
 from dmrepl.executor import Runner
 from dmrepl.sizing import metadata_size
@@ -509,19 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         print(render_table(json.loads(args.render.read_text())))
         return 0
 
-    out = Path(tempfile.mkdtemp(prefix="dmrepl-bench-", dir="/tmp"))
     quick = " --quick" if args.quick else ""
-    command = f"{sys.executable} -m bench.replication{quick} --guest {out}"
-    started = time.monotonic()
-    code = vm.run_in_vm(command, rwdirs=[out])
-    results = out / RESULTS_FILE
-    if not results.exists():
-        print(f"the VM wrote no results (exit code {code})", file=sys.stderr)
+    run = run_guest_half("bench.replication", quick, RESULTS_FILE, args.json)
+    if run.payload is None:
         return 1
-    payload = json.loads(results.read_text())
-    if args.json:
-        args.json.write_text(json.dumps(payload, indent=1))
-    print(f"\nkernel {payload['kernel']}, {time.monotonic() - started:.0f} s in all\n")
+    payload, code = run.payload, run.code
+    print(f"\nkernel {payload['kernel']}, {run.seconds:.0f} s in all\n")
     if "compare" not in payload:
         print("incomplete run; raw results:\n" + json.dumps(payload, indent=1))
         return code or 1
