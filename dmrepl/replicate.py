@@ -40,6 +40,7 @@ from dmrepl.signals import Say
 from dmrepl.sites import (
     BlockdevSite,
     Delivery,
+    Progress,
     ReplicaMismatch,
     Site,
     SiteDown,
@@ -51,11 +52,11 @@ from dmrepl.spool import Spool
 from dmrepl.state import CutRecord, SiteRecord, StateStore
 
 # (description, total bytes) -> a callback taking bytes done since the last call.
-ProgressFactory = Callable[[str, int], Callable[[int], object]]
+ProgressFactory = Callable[[str, int], Progress]
 _SITE_FAILURES = (SiteDown, ReplicaMismatch, JournalError, delta.CorruptDelta, OSError)
 
 
-def _no_progress(_what: str, _total: int) -> Callable[[int], object]:
+def _no_progress(_what: str, _total: int) -> Progress:
     return lambda _done: None
 
 
@@ -438,9 +439,12 @@ class _Cycle:
         self.reports[site].cursor = seq
 
     def _site_failed(self, site: str, exc: Exception) -> None:
-        state = {ReplicaMismatch: "misconfigured", delta.CorruptDelta: "broken"}.get(
-            type(exc), "broken" if isinstance(exc, JournalError) else "down"
-        )
+        if isinstance(exc, ReplicaMismatch):
+            state = "misconfigured"
+        elif isinstance(exc, (delta.CorruptDelta, JournalError)):
+            state = "broken"
+        else:
+            state = "down"
         message = exc.message if isinstance(exc, DmreplError) else str(exc)
         report = self.reports[site]
         report.state, report.detail = state, message

@@ -255,9 +255,6 @@ class DirSite:
         deltas = listed_deltas(self.directory, self.spec.group)
         return deltas[-1][0] if deltas else None
 
-    def pending_seq(self) -> int | None:
-        return None  # a rename is atomic: a file is there whole or not at all
-
     def replay(self) -> Delivery | None:
         return None
 
