@@ -17,6 +17,7 @@ from dmrepl.demo import write_random
 from dmrepl.lock import group_lock
 from dmrepl.sites import BlockdevSite
 from dmrepl.stack import Layer, layer_name
+from tests.clirun import run_cli_here
 from tests.kernel.stacks import Bed
 
 MiB = 2**20
@@ -306,6 +307,11 @@ def test_dir_site_and_apply_rebuild_the_device(bed: Bed, workdir: Path) -> None:
     ]
     target = bed.make_loop("da-rebuilt", 32 * MiB)
     write_random(target, 5 * MiB, 4096)  # garbage the rebuild must clear
-    bed.cli("apply", str(archive), "--group", bed.group, "--to", f"da={target}")
+    # `apply` needs no configuration: it runs wherever the archive is (e.g. a recovery host)
+    code, stdout, stderr = run_cli_here(
+        "apply", str(archive), "--group", bed.group, "--to", f"da={target}"
+    )
+    assert code == 0, stdout + stderr
+    assert f"targets hold cut 2 of {bed.group} (2 deltas" in stdout
     assert digest(target) == digest("/dev/mapper/da")
     assert layer_name("da", Layer.PIT) not in dm.observe(bed.runner).names
