@@ -161,7 +161,7 @@ def down(
     plan = plan_down(stacks, found.observed, force=force)
     if dry_run or plan.empty:
         return plan
-    if recover(runner, stacks, say):
+    if recover(runner, stacks, found.observed, say):
         # What a killed cut left (a stale -pit holds the origin) is gone; plan afresh.
         plan = plan_down(stacks, dm.observe(runner).owned, force=force)
     apply_plan(runner, plan, say)

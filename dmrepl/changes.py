@@ -60,7 +60,7 @@ def changes(
     found = builder.survey(runner, [spec], check=False)
     stacks = found.stacks
     require_running(stacks, found.observed)
-    recovered = recover(runner, stacks, say)
+    recovered = recover(runner, stacks, found.observed, say)
     store = StateStore(config.state_dir)
     try:
         since, label = _since(store, group, [s.device.name for s in stacks], since_cut, since_era)

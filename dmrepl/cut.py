@@ -53,13 +53,19 @@ class HeldCut:
         return {d.stack.device.name: d.era for d in self.devices}
 
 
-def recover(runner: Runner, stacks: tuple[StackSpec, ...], say: Say) -> list[str]:
+def recover(
+    runner: Runner,
+    stacks: tuple[StackSpec, ...],
+    observed: Mapping[str, dm.ObservedDevice],
+    say: Say,
+) -> list[str]:
     """Repair what a killed cut left behind; returns what was done.
 
-    A suspended gate, `-orig` or era device is resumed; a stale `-pit` is removed
-    (its COW is then unused); a metadata snapshot still held is dropped.
+    `observed` is the caller's fresh `dm.observe` (each dmsetup call is a process
+    start, so the cycle observes once). A suspended gate, `-orig` or era device
+    is resumed; a stale `-pit` is removed (its COW is then unused); a metadata
+    snapshot still held is dropped.
     """
-    observed = dm.observe(runner).owned
     done: list[str] = []
 
     def act(text: str, op: Op) -> None:
@@ -78,7 +84,8 @@ def recover(runner: Runner, stacks: tuple[StackSpec, ...], say: Say) -> list[str
                 runner.run(dm.resume(pit))
             act(f"remove stale {pit}", dm.remove(pit))
         era_name = stack.require(Layer.ERA).name
-        if era_name in observed and era.read_status(runner, era_name).snapshot_held:
+        # Resumed above if it was suspended, so asking its status cannot block.
+        if era_name in observed and era.read_status(runner, era_name, checked=False).snapshot_held:
             act(
                 f"drop the metadata snapshot left held on {era_name}",
                 dm.message(era_name, "drop_metadata_snap"),
@@ -102,7 +109,7 @@ def held_cut(
     """
     with deferred_signals() as latch, ExitStack() as release:
         started = time.monotonic()
-        devices: list[DeviceCut] = []
+        pits: dict[str, LayerSpec] = {}
         with ExitStack() as gates:
             for stack in stacks:  # 1. freeze writers (flushes in-flight I/O)
                 gate = stack.require(Layer.GATE).name
@@ -114,28 +121,40 @@ def held_cut(
                 latch.check()
                 runner.run(dm.message(name, "take_metadata_snap"))
                 release.callback(runner.run_best_effort, dm.message(name, "drop_metadata_snap"))
-                devices.append(
-                    DeviceCut(stack, era.read_status(runner, name).current_era - 1, None)
-                )
             if cow_for is not None:  # 3. the point-in-time images
-                devices = [_create_pit(runner, cut, cow_for, release, latch) for cut in devices]
+                for stack in stacks:
+                    pits[stack.device.name] = _create_pit(runner, stack, cow_for, release, latch)
             latch.check()
         stall = time.monotonic() - started  # 4. gates resumed by leaving the block above
         say(f"cut taken; writers stalled {stall * 1000:.0f} ms")
-        yield HeldCut(tuple(devices), stall, latch)
+        devices = tuple(
+            DeviceCut(stack, _last_era(runner, stack), pits.get(stack.device.name))
+            for stack in stacks
+        )
+        yield HeldCut(devices, stall, latch)
         latch.check()
+
+
+def _last_era(runner: Runner, stack: StackSpec) -> int:
+    """The cut's last era, read once the gates are resumed (outside the writers' stall).
+
+    The take moved the era one past it, and only the next take moves it again.
+    Unchecked status: a cut never suspends an era device, and `recover` resumed
+    any that an interrupted run left suspended.
+    """
+    return era.read_status(runner, stack.require(Layer.ERA).name, checked=False).current_era - 1
 
 
 def _create_pit(
     runner: Runner,
-    cut: DeviceCut,
+    stack: StackSpec,
     cow_for: Callable[[StackSpec], str],
     release: ExitStack,
     latch: SignalLatch,
-) -> DeviceCut:
+) -> LayerSpec:
     """Load `-pit` with its snapshot-origin suspended, as dm-snapshot requires."""
-    pit = pit_spec(cut.stack, cow_for(cut.stack))
-    origin = cut.stack.require(Layer.ORIGIN).name
+    pit = pit_spec(stack, cow_for(stack))
+    origin = stack.require(Layer.ORIGIN).name
     latch.check()
     runner.run(dm.suspend(origin))
     try:
@@ -143,7 +162,7 @@ def _create_pit(
         release.callback(runner.run_best_effort, dm.remove(pit.name))
     finally:
         runner.run(dm.resume(origin))
-    return DeviceCut(cut.stack, cut.era, pit)
+    return pit
 
 
 @contextmanager

@@ -34,9 +34,14 @@ class EraToolFailed(CommandFailed):
         )
 
 
-def read_status(runner: Runner, era_device: str) -> EraStatus:
-    """The era device's status (refuses if it is suspended: that would block)."""
-    dm.require_active(runner, era_device)
+def read_status(runner: Runner, era_device: str, *, checked: bool = True) -> EraStatus:
+    """The era device's status (refuses if it is suspended: that would block).
+
+    `checked=False` skips the suspension check (one process start) for callers
+    that know the device is active: they resumed it or never suspended it.
+    """
+    if checked:
+        dm.require_active(runner, era_device)
     line = parse_status_line(runner.run(dm.status(era_device)).stdout)
     if line.target != "era":
         raise ParseError(f"status of {era_device} (not an era target)", line.target)

@@ -134,8 +134,8 @@ class _Cycle:
         self.runner, self.config, self.spec, self.store = runner, config, spec, store
         self.say, self.progress = say, progress
         found = builder.survey(runner, [spec], check=False)
-        self.stacks = found.stacks
-        require_running(self.stacks, found.observed)
+        self.stacks, self.observed = found.stacks, found.observed
+        require_running(self.stacks, self.observed)
         self.spool = Spool(config.state_dir / "spool" / spec.name, spec.name, spec.spool_bytes)
         self.sites = {s.name: open_site(s, self.stacks, config.state_dir) for s in spec.sites}
         self.cleanup: ExitStack
@@ -144,7 +144,7 @@ class _Cycle:
         }
 
     def run(self, force_seed: set[str], target_zeroed: bool) -> SyncResult:
-        recovered = recover(self.runner, self.stacks, self.say)
+        recovered = recover(self.runner, self.stacks, self.observed, self.say)
         latest = self.store.cuts(self.spec.name, limit=1)
         for orphan in self.spool.remove_orphans(latest[0].seq if latest else 0):
             recovered.append(f"removed {orphan.name} (capture of a cut never recorded)")

@@ -177,7 +177,7 @@ def test_stale_pit_and_suspended_origin_are_recovered(group: Bed, workdir: Path)
         origin = stack.require(Layer.ORIGIN).name
         group.runner.run(dm.suspend(origin))
         group.runner.run(dm.create(pit.name, pit.table, pit.uuid))  # left with -orig suspended
-        done = recover(group.runner, stacks, say=lambda _: None)
+        done = recover(group.runner, stacks, dm.observe(group.runner).owned, say=lambda _: None)
         assert any("resume" in d and origin in d for d in done)
         assert any("remove stale" in d for d in done)
         assert pit.name not in dm.observe(group.runner).owned
