@@ -557,7 +557,7 @@ def _get(doc: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
 
 
 def records(
-    stream: BinaryIO, header: DeltaHeader, source: str
+    stream: BinaryIO, header: DeltaHeader, source: str, *, checksums: bool = True
 ) -> Generator[Record, None, DeltaSummary]:
     """The records after `read_header(stream, ...)`, each checked; returns the summary.
 
@@ -565,14 +565,22 @@ def records(
     and stream checksum, and that nothing follows it; raises CorruptDelta with
     the byte offset. Records yielded before the end are NOT yet trustworthy as a
     whole: act on them only once the generator has returned.
+
+    `checksums=False` skips the CRCs (every other check stays): for a second pass
+    over bytes this process has just verified and that nobody else writes, such
+    as a site's journal under the group lock. The CRC pass costs as much as the copy.
     """
     if header.framing is None:
         raise ValueError("records() needs the header that read_header() returned for this stream")
-    return _records(stream, header.devices, header.framing, source)
+    return _records(stream, header.devices, header.framing, source, checksums)
 
 
 def _records(
-    stream: BinaryIO, devices: tuple[DeltaDevice, ...], framing: HeaderFraming, source: str
+    stream: BinaryIO,
+    devices: tuple[DeltaDevice, ...],
+    framing: HeaderFraming,
+    source: str,
+    checksums: bool,
 ) -> Generator[Record, None, DeltaSummary]:
     pos = framing.size
     crc = framing.crc
@@ -597,7 +605,9 @@ def _records(
             raise _truncated(
                 source, pos + RECORD_HEADER_BYTES + len(data), f"in the data of record {count}"
             )
-        if length < _SHIFT_MIN_BYTES:
+        if not checksums:
+            record_crc = next_crc = stored_crc
+        elif length < _SHIFT_MIN_BYTES:
             record_crc = zlib.crc32(data, zlib.crc32(head[: _RECORD_FIELDS.size]))
             next_crc = zlib.crc32(data, zlib.crc32(head, crc))
         else:  # read the data once, not twice (see _shift_crc)
@@ -636,7 +646,7 @@ def _records(
             f"the trailer counts {trailer_records} records of {trailer_bytes} bytes; "
             f"the stream holds {count} records of {data_bytes} bytes",
         )
-    if zlib.crc32(head, crc) != stored_crc:
+    if checksums and zlib.crc32(head, crc) != stored_crc:
         raise CorruptDelta(source, pos, "stream checksum mismatch")
     pos += TRAILER_BYTES
     if stream.read(1):

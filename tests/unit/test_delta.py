@@ -631,3 +631,29 @@ def test_checksums_match_zlib_for_every_record_length() -> None:
     _, found, _ = reference_decode(blob)
     assert [len(d) for *_, d in found] == lengths
     assert MAX_RECORD_BYTES == 2048 * 512
+
+
+# --- a second pass without checksums --------------------------------------------------------
+
+
+def test_without_checksums_records_still_get_every_structural_check(mixed: bytes) -> None:
+    def drain(blob: bytes) -> DeltaSummary:
+        stream = io.BytesIO(blob)
+        header = read_header(stream, "journal")
+        reading = records(stream, header, "journal", checksums=False)
+        while True:
+            try:
+                next(reading)
+            except StopIteration as done:
+                summary: DeltaSummary = done.value
+                return summary
+
+    first_data = record_starts(mixed)[0] + RECORD_HEADER_BYTES
+    assert drain(flipped(mixed, first_data)).records == len(MIXED)  # a CRC pass would refuse
+    with pytest.raises(CorruptDelta, match="checksum"):
+        read_all(flipped(mixed, first_data))
+    trailer = record_starts(mixed)[-1]
+    with pytest.raises(CorruptDelta, match="trailer counts"):
+        drain(flipped(mixed, trailer + 2))  # the record count
+    with pytest.raises(CorruptDelta, match="in the data of record"):
+        drain(mixed[: first_data + 10])
