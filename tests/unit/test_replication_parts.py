@@ -257,3 +257,29 @@ def test_parse_interval(text: str, seconds: float) -> None:
 def test_parse_interval_rejects(text: str) -> None:
     with pytest.raises(InvalidInput):
         parse_interval(text)
+
+
+def test_a_spool_file_is_staged_by_the_kernel_from_where_it_stands(
+    site: BlockdevSite, tmp_path: Path
+) -> None:
+    data = make_delta(1, None, [(0, b"s" * 8192)])
+    spooled = tmp_path / "spooled.delta"
+    spooled.write_bytes(b"junk" + data)
+    with spooled.open("rb") as source, Journal(site.journal_path) as journal:
+        source.seek(4)
+        length = journal.stage(source)
+        assert length == len(data)
+        header, summary = journal.commit(length, accept=lambda header: None)
+    assert (header.seq, summary.data_bytes) == (1, 8192)
+
+
+def test_a_spool_file_too_big_for_the_journal_device_is_refused(
+    site: BlockdevSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spooled = tmp_path / "spooled.delta"
+    spooled.write_bytes(make_delta(1, None, [(0, b"s" * 8192)]))
+    monkeypatch.setattr(Journal, "capacity", lambda self: 4096)
+    with spooled.open("rb") as source, Journal(site.journal_path) as journal:
+        with pytest.raises(JournalError, match="does not fit the journal device"):
+            journal.stage(source)
+        assert os.fstat(journal.fd).st_size <= 2 * SLOT_BYTES  # nothing was copied
