@@ -1,6 +1,6 @@
 """Benchmark: what a replication cycle costs next to plain copy tools, on the real kernel.
 
-    .venv/bin/python -m bench.replication [--quick] [--json PATH]
+    .venv/bin/python -m bench.replication [--quick | --scale] [--json PATH]
 
 One group of one device (a sparse loop-file origin, 64 KiB era blocks) with a
 blockdev site on another loop device, seeded by a first sync. Measured side by
@@ -70,6 +70,8 @@ class Plan:
 
 FULL = Plan(origin_bytes=1 * GiB, ship_fraction=0.10, catchup_fraction=0.01)
 QUICK = Plan(origin_bytes=256 * MiB, ship_fraction=0.10, catchup_fraction=0.01)
+# Catch-up only, on a larger device: the hash compare grows with the device, a sync does not.
+SCALE = Plan(origin_bytes=4 * GiB, ship_fraction=0.0, catchup_fraction=0.01)
 
 
 # -- the baseline: a full-device hash comparison (the bdsync / blocksync algorithm, locally)
@@ -297,6 +299,34 @@ def timed_compare(source: str, target: str) -> dict[str, Any]:
     }
 
 
+def measure_ship(
+    runner: Runner,
+    config: Path,
+    gate: str,
+    replica: str,
+    size: int,
+    rng: random.Random,
+    plan: Plan,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Part 1: scattered runs shipped by one sync, then copied by dd and by a Python loop."""
+    runs = scattered_runs(rng, size, plan.ship_fraction)
+    write_runs(gate, runs)
+    expected = sum(length for _, length in runs)
+    say(f"ship: {len(runs)} runs, {expected} bytes changed; dmrepl sync")
+    ship = timed_sync(runner, config, replica, say)
+    ship["runs"] = len(runs)
+    ship["expected_changed_bytes"] = expected
+    ship["replica_matches"] = same_content(gate, replica, size)
+    say("ship: the same ranges by dd, one process per range")
+    drop_caches()
+    dd = dd_copy(gate, replica, runs)
+    dd["startup_s"] = dd_startup_seconds()
+    say("ship: the same ranges by a Python pread/pwrite loop")
+    drop_caches()
+    return {"ship": ship, "dd": dd, "pycopy": python_copy(gate, replica, runs)}
+
+
 @contextmanager
 def loops(runner: Runner, workdir: Path) -> Iterator[Callable[[str, int], str]]:
     """make_loop(name, size) on sparse files in `workdir`; all detached at the end."""
@@ -356,25 +386,9 @@ def run_guest(out: Path, plan: Plan) -> int:
         payload["empty"] = timed_sync(runner, config, replica, say)
         save()
 
-        runs = scattered_runs(rng, size, plan.ship_fraction)
-        write_runs(gate, runs)
-        expected = sum(length for _, length in runs)
-        say(f"ship: {len(runs)} runs, {expected} bytes changed; dmrepl sync")
-        ship = timed_sync(runner, config, replica, say)
-        ship["runs"] = len(runs)
-        ship["expected_changed_bytes"] = expected
-        ship["replica_matches"] = same_content(gate, replica, size)
-        payload["ship"] = ship
-        save()
-
-        say("ship: the same ranges by dd, one process per range")
-        drop_caches()
-        payload["dd"] = dd_copy(gate, replica, runs)
-        payload["dd"]["startup_s"] = dd_startup_seconds()
-        say("ship: the same ranges by a Python pread/pwrite loop")
-        drop_caches()
-        payload["pycopy"] = python_copy(gate, replica, runs)
-        save()
+        if plan.ship_fraction:
+            payload.update(measure_ship(runner, config, gate, replica, size, rng, plan, say))
+            save()
 
         say("catch-up: prime a second replica for the full-compare baseline")
         baseline_replica = make_loop("baseline-replica", size)
@@ -411,46 +425,75 @@ def _s(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f} s"
 
 
+Row = tuple[str, str, str, str]
+
+
 def render_table(payload: dict[str, Any]) -> str:
-    ship, dd, py = payload["ship"], payload["dd"], payload["pycopy"]
-    catchup, compare, empty = payload["catchup"], payload["compare"], payload["empty"]
-    moved = ship["changed_bytes"]
     size = payload["origin_bytes"]
+    rows: list[Row] = [
+        ("device; era block", f"{size // MiB} MiB; {payload['era_block_bytes'] // KiB} KiB", "", "")
+    ]
+    checks = []
+    if "ship" in payload:
+        rows += _ship_rows(payload)
+        ship = payload["ship"]
+        checks.append(f"ship {ship['changed_bytes'] == ship['expected_changed_bytes']}")
+    rows += _catchup_rows(payload)
+    catchup, compare = payload["catchup"], payload["compare"]
+    checks.append(f"catch-up {catchup['changed_bytes'] == catchup['expected_changed_bytes']}")
+    dmrepl_equal = catchup["replica_matches"] and payload.get("ship", {}).get(
+        "replica_matches", True
+    )
+    lines = [
+        "| measurement | dmrepl | baseline | baseline time ÷ dmrepl time |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + (
+        f"\n\nchanged bytes as expected: {', '.join(checks)};"
+        f" replicas equal the gate: dmrepl {dmrepl_equal}, baseline {compare['replica_matches']}"
+    )
+
+
+def _ratio(baseline: float, ours: float | None) -> str:
+    return f"{baseline / ours:.2f}x" if ours else "-"
+
+
+def _ship_rows(payload: dict[str, Any]) -> list[Row]:
+    ship, dd, py, empty = payload["ship"], payload["dd"], payload["pycopy"], payload["empty"]
+    moved = ship["changed_bytes"]
     dd_net = dd["seconds"] - ship["runs"] * dd["startup_s"]
-    rows = [
+    data_path = (ship["capture_s"] or 0) + (ship["ship_s"] or 0)
+    return [
         (
-            "device; era block",
-            f"{size // MiB} MiB; {payload['era_block_bytes'] // KiB} KiB",
-            "",
-            "",
+            f"1. ship {moved / MiB:.0f} MiB in {ship['runs']} runs: data path"
+            " (capture + journal + apply)",
+            f"{_s(data_path)} ({_mib_s(moved, data_path)})",
+            f"dd, one per range: {_s(dd['seconds'])} ({_mib_s(moved, dd['seconds'])})",
+            _ratio(dd["seconds"], data_path),
         ),
         (
-            f"1. ship {moved / MiB:.0f} MiB in {ship['runs']} runs: whole `sync`",
-            f"{_s(ship['seconds'])} ({_mib_s(moved, ship['seconds'])})",
-            f"dd: {_s(dd['seconds'])} ({_mib_s(moved, dd['seconds'])})",
-            f"{dd['seconds'] / ship['seconds']:.2f}x",
-        ),
-        (
-            "   ship part only (journal stage + verify + apply)",
-            f"{_s(ship['ship_s'])} ({_mib_s(moved, ship['ship_s'])})",
-            f"Python pread/pwrite loop: {_s(py['seconds'])} ({_mib_s(moved, py['seconds'])})",
-            f"{py['seconds'] / ship['ship_s']:.2f}x" if ship["ship_s"] else "-",
-        ),
-        (
-            "   whole `sync` vs the Python loop",
-            _s(ship["seconds"]),
-            _s(py["seconds"]),
-            f"{py['seconds'] / ship['seconds']:.2f}x",
-        ),
-        (
-            "   dd without process start-up",
+            "   same, against dd without its process start-up",
             "",
             f"{_s(dd_net)} ({ship['runs']} x {dd['startup_s']:.2f} s taken off)",
-            f"{dd_net / ship['seconds']:.2f}x",
+            _ratio(dd_net, data_path),
         ),
         (
-            "   capture / ship / empty sync (fixed cost)",
-            f"{_s(ship['capture_s'])} / {_s(ship['ship_s'])} / {_s(empty['seconds'])}",
+            "   same, against a Python pread/pwrite loop",
+            "",
+            f"{_s(py['seconds'])} ({_mib_s(moved, py['seconds'])})",
+            _ratio(py["seconds"], data_path),
+        ),
+        (
+            "   whole `sync` (cut + data path + bookkeeping)",
+            f"{_s(ship['seconds'])} ({_mib_s(moved, ship['seconds'])})",
+            f"dd: {_s(dd['seconds'])}",
+            _ratio(dd["seconds"], ship["seconds"]),
+        ),
+        (
+            "   capture / journal stage + verify / apply; empty sync (fixed cost)",
+            f"{_s(ship['capture_s'])} / {_s(ship['journal_stage_s'])} / {_s(ship['apply_s'])};"
+            f" {_s(empty['seconds'])}",
             "",
             "",
         ),
@@ -461,57 +504,49 @@ def render_table(payload: dict[str, Any]) -> str:
             f"dd: {dd['replica_bytes_written'] / moved:.3f}",
             "",
         ),
-        (
-            "   all bytes the sync wrote (spool + journal + replica) ÷ changed",
-            f"{(ship['spooled_bytes'] * 2 + ship['replica_bytes_written']) / moved:.2f}",
-            "",
-            "",
-        ),
+    ]
+
+
+def _catchup_rows(payload: dict[str, Any]) -> list[Row]:
+    catchup, compare, empty = payload["catchup"], payload["compare"], payload["empty"]
+    size = payload["origin_bytes"]
+    return [
         (
             f"3. catch-up, {catchup['changed_bytes'] // ERA_BLOCK} era blocks"
-            f" ({catchup['changed_bytes'] / size:.1%}) changed",
-            f"{_s(catchup['seconds'])}",
+            f" ({catchup['changed_bytes'] / size:.1%}) changed: whole `sync`",
+            _s(catchup["seconds"]),
             f"full hash compare: {_s(compare['seconds'])}",
             f"{compare['seconds'] / catchup['seconds']:.1f}x",
         ),
         (
-            "   catch-up capture / ship",
-            f"{_s(catchup['capture_s'])} / {_s(catchup['ship_s'])}",
+            "   catch-up capture / ship; empty sync (fixed cost)",
+            f"{_s(catchup['capture_s'])} / {_s(catchup['ship_s'])}; {_s(empty['seconds'])}",
             f"wrote {compare['written_bytes'] / MiB:.0f} MiB of {size / MiB:.0f} MiB read twice",
             "",
         ),
     ]
-    lines = [
-        "| measurement | dmrepl | baseline | baseline time ÷ dmrepl time |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    ship_ok = ship["changed_bytes"] == ship["expected_changed_bytes"]
-    catchup_ok = catchup["changed_bytes"] == catchup["expected_changed_bytes"]
-    dmrepl_equal = ship["replica_matches"] and catchup["replica_matches"]
-    checks = (
-        f"changed bytes as expected: ship {ship_ok}, catch-up {catchup_ok};"
-        f" replicas equal the gate: dmrepl {dmrepl_equal}, baseline {compare['replica_matches']}"
-    )
-    return "\n".join(lines) + "\n\n" + checks
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a 256 MiB device instead of 1 GiB")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a 256 MiB device instead of 1 GiB")
+    size.add_argument(
+        "--scale", action="store_true", help="catch-up only, on a 4 GiB device (no ship part)"
+    )
     parser.add_argument("--json", type=Path, help="also copy the raw results here")
     parser.add_argument("--render", type=Path, help="print the table of saved results; no VM")
     parser.add_argument("--guest", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else SCALE if args.scale else FULL
     if args.guest:
         return run_guest(args.guest, plan)
     if args.render:
         print(render_table(json.loads(args.render.read_text())))
         return 0
 
-    quick = " --quick" if args.quick else ""
-    run = run_guest_half("bench.replication", quick, RESULTS_FILE, args.json)
+    option = " --quick" if args.quick else " --scale" if args.scale else ""
+    run = run_guest_half("bench.replication", option, RESULTS_FILE, args.json)
     if run.payload is None:
         return 1
     payload, code = run.payload, run.code
