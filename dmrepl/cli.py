@@ -111,7 +111,10 @@ def demo(
                 "this kernel has no device-mapper",
                 hint="drop --no-vm to run the demo in a VM booting Debian's kernel",
             )
-        err.print("This kernel has no device-mapper: booting Debian's kernel in a VM (virtme-ng).")
+        err.print(
+            "This kernel has no device-mapper: running the demo in a guest kernel "
+            f"({vm.describe()})."
+        )
         inner = [sys.executable, "-m", "dmrepl", "demo", "--no-vm"] + (
             ["--json"] if as_json else []
         )
