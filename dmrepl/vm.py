@@ -214,6 +214,7 @@ def plan_uml_run(kernel: Path, init: Path, memory: str) -> Op:
         "con0=null,fd:1",  # no console input; output to our stdout
         "quiet",
         "loglevel=0",  # kernel chatter would interleave with the command's output
+        "log_buf_len=4M",  # tests read dmesg: keep a whole tier's messages
     )
     # The guest's RAM is a file UML creates in TMPDIR: keep it in memory, not on disk.
     tmpdir = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()

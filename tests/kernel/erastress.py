@@ -45,6 +45,7 @@ import os
 import platform
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -322,6 +323,26 @@ def kernel_log_lines(runner: Runner) -> list[str]:
     return runner.run(probe("dmesg")).stdout.splitlines()
 
 
+def mark_kernel_log() -> str:
+    """Write a unique line into the kernel log and return it.
+
+    A line count is no cursor: the log is a ring, and after many tests in one
+    guest old lines fall out of it, so a count taken before a run can exceed the
+    lines there after it.
+    """
+    mark = f"dmrepl-erastress-{uuid.uuid4().hex}"
+    with open("/dev/kmsg", "w") as kmsg:
+        kmsg.write(mark + "\n")
+    return mark
+
+
+def kernel_log_since(runner: Runner, mark: str) -> list[str]:
+    """Kernel log lines after the line holding `mark` (all lines if it rolled out)."""
+    lines = kernel_log_lines(runner)
+    starts = [i for i, line in enumerate(lines) if mark in line]
+    return lines[starts[-1] + 1 :] if starts else lines
+
+
 def stress_era(
     runner: Runner,
     make_loop: MakeLoop,
@@ -344,7 +365,7 @@ def stress_era(
     era_blocks = -(-origin_sectors // block_sectors)  # calc_nr_blocks: rounded up
     result = StressResult(origin_sectors, block_sectors, metadata_sectors, era_blocks)
     started = time.monotonic()
-    log_before = len(kernel_log_lines(runner))
+    log_mark = mark_kernel_log()
     era_dev: _EraUnderTest | None = None
     try:
         try:
@@ -355,7 +376,7 @@ def stress_era(
             result.failed_step = failure.step
             result.write_errno = failure.errno
         result.kernel_errors = [
-            line for line in kernel_log_lines(runner)[log_before:] if _KERNEL_ERROR.search(line)
+            line for line in kernel_log_since(runner, log_mark) if _KERNEL_ERROR.search(line)
         ]
         if result.error is None and result.kernel_errors:
             result.error = f"kernel log: {result.kernel_errors[0]}"
