@@ -16,6 +16,7 @@ from dmrepl.stack import StackSpec
 from dmrepl.state import CutRecord, StateStore
 
 FIRST_ERA = 1  # a new era device starts in era 1: since era 1 means "since tracking began"
+MAX_NUMBER = 2**63 - 1  # cuts are SQLite integers; dm-era's eras are 32-bit
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,21 @@ class ChangesResult:
     devices: list[DeviceChanges]
 
 
+def validate_since(since_cut: int | None, since_era: int | None) -> None:
+    """The checks on --since-cut/--since-era that need neither the kernel nor the state."""
+    if since_cut is not None and since_era is not None:
+        raise InvalidInput("give --since-cut or --since-era, not both")
+    for option, value, first in (
+        ("--since-cut", since_cut, 1),
+        ("--since-era", since_era, FIRST_ERA),
+    ):
+        if value is not None and not first <= value <= MAX_NUMBER:
+            raise InvalidInput(
+                f"{option} {value} is out of range: give a number from {first} to {MAX_NUMBER}",
+                hint="`dmrepl status` lists the last cuts and their eras",
+            )
+
+
 def changes(
     runner: Runner,
     config: Config,
@@ -54,8 +70,7 @@ def changes(
 
     Default: since the group's previous cut (or since tracking began, if none).
     """
-    if since_cut is not None and since_era is not None:
-        raise InvalidInput("give --since-cut or --since-era, not both")
+    validate_since(since_cut, since_era)
     (spec,) = config.select(group)
     found = builder.survey(runner, [spec], check=False)
     stacks = found.stacks

@@ -95,6 +95,16 @@ def require_root() -> None:
         raise NotRoot("dmrepl must run as root to drive device-mapper", hint="run it with sudo")
 
 
+def require_device_mapper() -> None:
+    """Refuse before the first dmsetup call on a kernel without device-mapper (exit 6)."""
+    if not loop.kernel_has_device_mapper():
+        raise NoDeviceMapper(
+            "this kernel has no device-mapper: dm-mod is neither loaded nor installed as a module",
+            hint="run dmrepl on a kernel with device-mapper (CONFIG_BLK_DEV_DM), "
+            "or install this kernel's modules",
+        )
+
+
 @app.command()
 def demo(
     no_vm: Annotated[
@@ -187,7 +197,9 @@ def up(
 ) -> None:
     """Build the device stacks of GROUP (or all groups); rebuild them after a reboot."""
     require_root()
-    plan = builder.up(Runner(), load_config(config), group, fresh=fresh, dry_run=dry_run, say=say)
+    loaded = load_config(config)
+    require_device_mapper()
+    plan = builder.up(Runner(), loaded, group, fresh=fresh, dry_run=dry_run, say=say)
     print_plan(plan, dry_run)
 
 
@@ -203,7 +215,9 @@ def down(
 ) -> None:
     """Remove the device stacks of GROUP (or all groups). Data on the origins is untouched."""
     require_root()
-    plan = builder.down(Runner(), load_config(config), group, force=force, dry_run=dry_run, say=say)
+    loaded = load_config(config)
+    require_device_mapper()
+    plan = builder.down(Runner(), loaded, group, force=force, dry_run=dry_run, say=say)
     print_plan(plan, dry_run)
 
 
@@ -213,6 +227,7 @@ def check_config(config: ConfigOption = DEFAULT_PATH) -> None:
     loaded = load_config(config)
     count = sum(len(g.devices) for g in loaded.groups.values())
     if os.geteuid() == 0:
+        require_device_mapper()
         builder.survey(Runner(), loaded.select(None), check=True)
         out.print(f"{config}: {len(loaded.groups)} group(s), {count} device(s), devices checked")
     else:
@@ -229,6 +244,7 @@ def show_status(
     """Show each stack: layers, sizes, current era, metadata use, held snapshot, mirror legs."""
     require_root()
     loaded = load_config(config)
+    require_device_mapper()
     states = builder.status(Runner(), loaded, group)
     if as_json:
         devices = [device_state_json(state) for state in states]
@@ -349,8 +365,11 @@ def show_changes(
 ) -> None:
     """Take a cut of GROUP and list the ranges written since a cut (default: the last one)."""
     require_root()
+    changes_api.validate_since(since_cut, since_era)
+    loaded = load_config(config)
+    require_device_mapper()
     result = changes_api.changes(
-        Runner(), load_config(config), group, since_cut=since_cut, since_era=since_era,
+        Runner(), loaded, group, since_cut=since_cut, since_era=since_era,
         say=(lambda _: None) if as_json else say,
     )  # fmt: skip
     if as_json:
@@ -430,6 +449,7 @@ def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zer
     groups = [g.name for g in loaded.select(group) if g.sites or group is not None]
     if not groups:
         raise InvalidInput(f"no group in {config} has sites", hint="add a [group.G.site.S] table")
+    require_device_mapper()
     worst = ExitCode.OK
     for name in groups:
         progress = CliProgress()
@@ -519,15 +539,23 @@ def run(
     raise typer.Exit(code)
 
 
+MIN_INTERVAL_S = 1.0  # shorter would run cycles back to back: a busy loop of cuts
+MAX_INTERVAL_S = 7 * 86400.0
+
+
 def parse_interval(text: str) -> float:
+    """`run --interval`: seconds between cycles, from 1 s to 7 days."""
     units = {"s": 1, "m": 60, "h": 3600}
     number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
     try:
         seconds = float(number) * units[unit]
     except ValueError:
         raise InvalidInput(f"interval {text!r} is not like 30s, 5m or 1h") from None
-    if seconds <= 0:
-        raise InvalidInput(f"interval {text!r} must be positive")
+    if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:  # also false for nan
+        raise InvalidInput(
+            f"interval {text!r} is out of range",
+            hint="give 1s to 7 days between cycles, like 30s, 5m or 1h",
+        )
     return seconds
 
 

@@ -32,6 +32,7 @@ Nothing here touches a device: checks against the system live in `dmrepl.safety`
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -53,6 +54,14 @@ IMPLEMENTED_POLICIES = ("asynchronous",)
 # Names become dm device names and parts of dm UUIDs ("DMREPL-<layer>-<group>.<device>"),
 # so no dots and nothing udev would have to escape.
 NAME_RE = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_+-]{0,63}$")
+
+# /dev/mapper/control is device-mapper's own node; recent kernels refuse the name.
+RESERVED_NAMES = frozenset({"control"})
+DM_UUID_MAX = 128  # DM_UUID_LEN (129) less its terminating NUL
+MAX_DEVICE_SECTORS = 2**63 // 512  # sector_t: the largest device the kernel addresses
+# dm-era keeps its metadata with the persistent-data library, whose metadata space map
+# addresses 255 bitmaps of 16320 blocks of 4 KiB (just under 16 GiB).
+MAX_METADATA_SECTORS = 255 * 16320 * 8
 
 _GROUP_KEYS = {"block_size", "device", "site", "spool_size"}
 _SITE_KEYS = {"transport", "policy", "journal", "path", "replica"}
@@ -168,6 +177,10 @@ def load_config(path: Path) -> Config:
         raise ConfigError(path, ["the file does not exist (create it or pass --config)"]) from None
     except OSError as exc:
         raise ConfigError(path, [f"cannot read the file: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            path, [f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"]
+        ) from None
     return parse_config(text, path)
 
 
@@ -183,7 +196,7 @@ def parse_config(text: str, path: Path) -> Config:
     unknown_top = set(raw) - {"dmrepl", "group"}
     for key in sorted(unknown_top):
         reader.problem(key, "unknown section (expected [dmrepl] or [group.NAME])")
-    state_dir = Path(reader.string(top, "state_dir", "dmrepl") or DEFAULT_STATE_DIR)
+    state_dir = Path(reader.path(top, "state_dir", "dmrepl", required=False) or DEFAULT_STATE_DIR)
     groups: dict[str, GroupSpec] = {}
     raw_groups = raw.get("group", {})
     if not isinstance(raw_groups, dict) or not raw_groups:
@@ -193,10 +206,23 @@ def parse_config(text: str, path: Path) -> Config:
         group = reader.group(group_name, group_raw)
         if group:
             groups[group_name] = group
-    reader.cross_checks(groups)
+    reader.cross_checks(groups, state_dir)
     if reader.problems:
         raise ConfigError(path, reader.problems)
     return Config(path=path, state_dir=state_dir, groups=groups)
+
+
+def _size_limit(field: str) -> tuple[int, str]:
+    """The largest value a size field may take, in sectors, and how to say it."""
+    if field == "metadata_size":
+        return MAX_METADATA_SECTORS, "dm-era's metadata can address (about 15.9 GiB)"
+    return MAX_DEVICE_SECTORS, "the largest device the kernel addresses (8 EiB)"
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether `path` is `directory` or below it (lexically: config paths are not probed)."""
+    normal, top = Path(os.path.normpath(path)), Path(os.path.normpath(directory))
+    return normal == top or top in normal.parents
 
 
 class _Reader:
@@ -213,10 +239,13 @@ class _Reader:
             self.problem(f"{where}.{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
     def name(self, name: str, key: str) -> bool:
-        if NAME_RE.match(name):
-            return True
-        self.problem(key, f"name {name!r} must be 1-64 of A-Z a-z 0-9 _ + - (no dots)")
-        return False
+        if not NAME_RE.match(name):
+            self.problem(key, f"name {name!r} must be 1-64 of A-Z a-z 0-9 _ + - (no dots)")
+            return False
+        if name in RESERVED_NAMES:
+            self.problem(key, f"name {name!r} is reserved by device-mapper (/dev/mapper/{name})")
+            return False
+        return True
 
     def string(self, table: dict[str, Any], field: str, where: str) -> str | None:
         value = table.get(field)
@@ -236,9 +265,19 @@ class _Reader:
         if not value.startswith("/"):
             self.problem(f"{where}.{field}", f"{value!r} is not an absolute path")
             return None
+        if any(char.isspace() or not char.isprintable() for char in value):
+            self.problem(
+                f"{where}.{field}",
+                f"{value!r} contains whitespace or control characters, which a dm table "
+                "cannot hold (use a /dev/disk/by-id link or rename it)",
+            )
+            return None
         return value
 
-    def size(self, table: dict[str, Any], field: str, where: str) -> int | None:
+    def size(
+        self, table: dict[str, Any], field: str, where: str, *, zero_ok: bool = False
+    ) -> int | None:
+        """A size in sectors; 0 only where `zero_ok` (an offset), never above what dm addresses."""
         value = table.get(field)
         if value is None:
             return None
@@ -250,10 +289,20 @@ class _Reader:
             )
             return None
         try:
-            return int(parse_size_sectors(value, what=field))
+            sectors = int(parse_size_sectors(value, what=field))
         except InvalidInput as exc:
             self.problem(f"{where}.{field}", exc.message + (f" ({exc.hint})" if exc.hint else ""))
             return None
+        limit, limit_text = _size_limit(field)
+        if sectors == 0 and not zero_ok:
+            self.problem(
+                f"{where}.{field}", "must be greater than 0 (leave it out for the default)"
+            )
+            return None
+        if sectors > limit:
+            self.problem(f"{where}.{field}", f"{value} is more than {limit_text}")
+            return None
+        return sectors
 
     def group(self, name: str, raw: Any) -> GroupSpec | None:
         key = f"group.{name}"
@@ -273,12 +322,16 @@ class _Reader:
             device = self.device(name, device_name, device_raw, default_block)
             if device:
                 devices.append(device)
-        spool = self.size(raw, "spool_size", key) or int(parse_size_sectors(DEFAULT_SPOOL))
+        spool = self.size(raw, "spool_size", key)
+        if spool is None:
+            spool = int(parse_size_sectors(DEFAULT_SPOOL))
         sites_raw = raw.get("site", {})
         if not isinstance(sites_raw, dict):
             self.problem(f"{key}.site", "must be a table of [group.NAME.site.NAME] tables")
             sites_raw = {}
-        names = [d.name for d in devices]
+        # Every configured device, also one with problems of its own: a site naming it is
+        # not wrong, and saying so would be a second, misleading problem.
+        names = list(devices_raw)
         sites = [self.site(name, s, r, names) for s, r in sites_raw.items()]
         return GroupSpec(
             name=name,
@@ -350,11 +403,13 @@ class _Reader:
         self.unknown(raw, _DEVICE_KEYS, key)
         origin = self.path(raw, "origin", key, required=True)
         metadata = self.path(raw, "metadata", key, required=True)
-        offset = self.size(raw, "metadata_offset", key) or 0
+        offset = self.size(raw, "metadata_offset", key, zero_ok=True) or 0
         if offset % 8:
             self.problem(f"{key}.metadata_offset", f"{offset} sectors is not 4 KiB aligned")
         metadata_size = self.size(raw, "metadata_size", key)
-        block = self.size(raw, "block_size", key) or default_block
+        block = self.size(raw, "block_size", key)
+        if block is None and "block_size" not in raw:
+            block = default_block
         if block is None:
             block = int(parse_size_sectors(DEFAULT_BLOCK))
         try:
@@ -385,9 +440,9 @@ class _Reader:
         legs = raw.get("mirror_legs")
         log = raw.get("mirror_log", "core")
         log_device = self.path(raw, "mirror_log_device", key, required=False)
-        region = self.size(raw, "mirror_region_size", key) or int(
-            parse_size_sectors(DEFAULT_REGION)
-        )
+        region = self.size(raw, "mirror_region_size", key)
+        if region is None:
+            region = int(parse_size_sectors(DEFAULT_REGION))
         if legs is None:
             for field in ("mirror_log", "mirror_log_device", "mirror_region_size"):
                 if field in raw:
@@ -409,12 +464,33 @@ class _Reader:
             self.problem(f"{key}.mirror_region_size", f"{region} sectors is not a power of two")
         return MirrorSpec(tuple(legs), str(log), log_device, region)
 
-    def cross_checks(self, groups: dict[str, GroupSpec]) -> None:
-        """Names unique across groups; no device path used twice as origin or leg."""
+    def cross_checks(self, groups: dict[str, GroupSpec], state_dir: Path) -> None:
+        """Names unique across groups (also as dm names of their layers); no device path used
+        twice as origin or leg; no dir site inside the state directory."""
+        from dmrepl.stack import Layer, layer_name, layer_uuid  # stack imports this module
+
         seen_names: dict[str, str] = {}
         seen_paths: dict[str, str] = {}
+        dm_names: dict[str, str] = {}
         for group in groups.values():
             for device in group.devices:
+                if device.metadata == device.origin:
+                    self.problem(f"{device.key}.metadata", f"{device.metadata} is also the origin")
+                for layer in Layer:
+                    dm_name = layer_name(device.name, layer)
+                    if dm_name in dm_names and dm_names[dm_name] != device.key:
+                        self.problem(
+                            device.key,
+                            f"its dm device {dm_name} would also be a layer of {dm_names[dm_name]}",
+                        )
+                    dm_names.setdefault(dm_name, device.key)
+                longest = max(len(layer_uuid(group.name, device.name, layer)) for layer in Layer)
+                if longest > DM_UUID_MAX:
+                    self.problem(
+                        device.key,
+                        f"group and device names together are too long: dm UUIDs of its layers "
+                        f"would be {longest} characters, dm allows {DM_UUID_MAX}",
+                    )
                 if device.name in seen_names:
                     self.problem(
                         device.key,
@@ -426,6 +502,12 @@ class _Reader:
                     used += [(device.key, "mirror_legs", leg) for leg in device.mirror.legs]
                 self.claim(used, seen_paths)
             for site in group.sites:
+                if site.path is not None and _inside(Path(site.path), state_dir):
+                    self.problem(
+                        f"{site.key}.path",
+                        f"{site.path} is inside state_dir {state_dir}, whose cleanup would "
+                        "delete the site's files",
+                    )
                 used = [(f"{site.key}.replica", d, path) for d, path in site.replicas.items()]
                 if site.journal is not None:
                     used.append((site.key, "journal", site.journal))
