@@ -32,7 +32,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from dmrepl import __version__, builder, loop, replicate, vm
+from dmrepl import __version__, builder, loop, replicate, safefile, vm
 from dmrepl import changes as changes_api
 from dmrepl.config import DEFAULT_PATH, load_config
 from dmrepl.demo import DemoResult, load_modules, run_demo
@@ -605,6 +605,7 @@ def render_error(error: DmreplError) -> None:
 
 def main() -> None:
     """Console-script entry point. Usage errors are click's (exit 2); ours are rendered here."""
+    os.umask(safefile.PRIVATE_UMASK)  # whatever dmrepl creates holds replicated data
     try:
         app()
     except DmreplError as error:
