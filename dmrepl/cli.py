@@ -549,6 +549,11 @@ def apply_deltas(
         name, sep, path = item.partition("=")
         if not sep or not name or not path.startswith("/"):
             raise InvalidInput(f"--to {item!r} is not DEVICE=/dev/TARGET")
+        if name in targets:
+            raise InvalidInput(
+                f"--to gives device {name} twice ({targets[name]} and {path})",
+                hint="give one target per device; nothing was written",
+            )
         targets[name] = path
     result = apply_dir(directory, group, targets, from_cut=from_cut, to_cut=to_cut, say=say)
     out.print(

@@ -173,7 +173,7 @@ def _require_own_file(fd: int, path: Path) -> None:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise UnsafePath(
-            f"{path} is not a regular file ({_kind(info.st_mode)})",
+            f"{path} is not a regular file ({describe_kind(info.st_mode)})",
             hint=f"remove {path}; nothing was changed",
         )
     if not _trusted_owner(info.st_uid) or info.st_nlink > 1:
@@ -194,7 +194,7 @@ def open_regular_for_reading(path: Path, *, buffering: int = -1) -> BinaryIO:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise UnsafePath(
-                f"{path} is not a regular file ({_kind(mode)})",
+                f"{path} is not a regular file ({describe_kind(mode)})",
                 hint="a delta must be a regular file; remove or rename it",
             )
         os.set_blocking(fd, True)
@@ -204,7 +204,8 @@ def open_regular_for_reading(path: Path, *, buffering: int = -1) -> BinaryIO:
         raise
 
 
-def _kind(mode: int) -> str:
+def describe_kind(mode: int) -> str:
+    """What a file of this mode is, for messages: "a FIFO", "a directory", ..."""
     kinds = (
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO"),
