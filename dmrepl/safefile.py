@@ -45,23 +45,24 @@ def check_directory(path: Path, *, what: str, strict_from: Path | None = None) -
     except that a sticky directory (such as /tmp) may be writable by all.
     """
     absolute = Path(os.path.abspath(path))
+    shown = strict_from or path  # the configured path, in messages
     try:
         resolved = absolute.resolve(strict=True)
         strict = Path(os.path.abspath(strict_from or path)).resolve()
     except FileNotFoundError:
-        raise UnsafePath(f"{what} {path} does not exist") from None
+        raise UnsafePath(f"{what} {shown} does not exist") from None
     except OSError as exc:
-        raise UnsafePath(f"{what} {path} cannot be used: {exc.strerror}") from None
+        raise UnsafePath(f"{what} {shown} cannot be used: {exc.strerror}") from None
     for component in (*reversed(resolved.parents), resolved):
         info = os.stat(component)
         if not stat.S_ISDIR(info.st_mode):
             raise UnsafePath(
-                f"{what} {path}: {component} is not a directory",
+                f"{what} {shown}: {component} is not a directory",
                 hint="point it at a directory",
             )
         if not _trusted_owner(info.st_uid):
             raise UnsafePath(
-                f"{what} {path}: {component} is owned by uid {info.st_uid}, not root; "
+                f"{what} {shown}: {component} is owned by uid {info.st_uid}, not root; "
                 "another user could replace what dmrepl writes there",
                 hint=f"chown root {component} (or choose a directory root owns); "
                 "nothing was changed",
@@ -70,7 +71,7 @@ def check_directory(path: Path, *, what: str, strict_from: Path | None = None) -
         lenient = not component.is_relative_to(strict) and sticky
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not lenient:
             raise UnsafePath(
-                f"{what} {path}: {component} is writable by group or others "
+                f"{what} {shown}: {component} is writable by group or others "
                 f"(mode {_describe_mode(info.st_mode)})",
                 hint=f"chmod go-w {component} (dmrepl keeps replicated data there); "
                 "nothing was changed",
