@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -305,6 +306,10 @@ def test_dir_site_and_apply_rebuild_the_device(bed: Bed, workdir: Path) -> None:
         f"{bed.group}.0000000001.full.delta",
         f"{bed.group}.0000000002.0000000001.delta",
     ]
+    # Replicated data is for root only: 0600 files in 0700 directories (issue 13, finding 5).
+    for path in [*archive.iterdir(), bed.state_dir, *bed.state_dir.rglob("*")]:
+        expected = 0o700 if path.is_dir() else 0o600
+        assert stat.S_IMODE(path.lstat().st_mode) == expected, path
     target = bed.make_loop("da-rebuilt", 32 * MiB)
     write_random(target, 5 * MiB, 4096)  # garbage the rebuild must clear
     # `apply` needs no configuration: it runs wherever the archive is (e.g. a recovery host)
