@@ -31,6 +31,7 @@ from dmrepl.signals import Say, SignalLatch, deferred_signals
 from dmrepl.sites import listed_deltas
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
+SYS_BLOCK = Path("/sys/block")
 
 _NOTHING_WRITTEN = "nothing was written to the targets"
 
@@ -305,10 +306,31 @@ def _open_target(name: str, path: str) -> int:
             f"target for {name}: cannot open {path} to write: {exc.strerror}",
             hint="run as root (or as the owner of the target)",
         ) from None
-    if stat.S_ISBLK(os.fstat(fd).st_mode) != is_device:  # replaced in between
+    info = os.fstat(fd)
+    if stat.S_ISBLK(info.st_mode) != is_device:  # replaced in between
         os.close(fd)
         raise TargetProblem(f"target for {name}: {path} changed while it was opened")
+    loops = [] if is_device else loops_backed_by(info)
+    if loops:
+        os.close(fd)
+        raise TargetInUse(
+            f"target for {name}: {path} is attached to {', '.join(loops)}",
+            hint=f"detach it (losetup -d) or give the loop device; {_NOTHING_WRITTEN}",
+        )
     return fd
+
+
+def loops_backed_by(info: os.stat_result) -> list[str]:
+    """The loop devices whose backing file is the file `info` describes (e.g. /dev/loop3)."""
+    found = []
+    for backing in sorted(SYS_BLOCK.glob("loop*/loop/backing_file")):
+        try:
+            other = os.stat(backing.read_text().rstrip("\n"))
+        except OSError:  # detached meanwhile, or a deleted file: not ours
+            continue
+        if (other.st_dev, other.st_ino) == (info.st_dev, info.st_ino):
+            found.append(f"/dev/{backing.parent.parent.name}")
+    return found
 
 
 def _check_devices(step: _Step, targets: Mapping[str, str], opened: Mapping[str, int]) -> None:

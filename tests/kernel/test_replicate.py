@@ -340,4 +340,8 @@ def test_apply_refuses_a_target_held_by_another_device(
     code, _, stderr = run_cli_here("apply", str(archive), "--group", "g", "--to", f"d={target}")
     assert code == 12, stderr
     assert f"target for d: {target} is in use" in " ".join(stderr.split())
+    image = workdir / "busy-target.img"  # the loop device's backing file (make_loop)
+    code, _, stderr = run_cli_here("apply", str(archive), "--group", "g", "--to", f"d={image}")
+    assert code == 12, stderr
+    assert f"target for d: {image} is attached to {target}" in " ".join(stderr.split())
     assert digest(target) == before

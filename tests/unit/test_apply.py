@@ -390,3 +390,19 @@ def test_cli_exit_codes_and_messages(vault: Path, target: Path, tmp_path: Path) 
     code, stdout, _ = run_cli_here("apply", str(vault), "--group", "g", "--to", f"d={target}")
     assert code == 0
     assert "targets hold cut 3 of g (3 deltas" in stdout
+
+
+def test_an_image_file_attached_to_a_loop_device_is_refused(
+    vault: Path, target: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing under a loop device (perhaps mounted) would corrupt what uses it."""
+    sys_block = tmp_path / "sys-block"
+    (sys_block / "loop7" / "loop").mkdir(parents=True)
+    (sys_block / "loop7" / "loop" / "backing_file").write_text(f"{target}\n")
+    (sys_block / "loop2" / "loop").mkdir(parents=True)
+    (sys_block / "loop2" / "loop" / "backing_file").write_text("/gone/file (deleted)\n")
+    monkeypatch.setattr(rebuild, "SYS_BLOCK", sys_block)
+    refused(
+        rebuild.TargetInUse, ExitCode.DEVICE_IN_USE, "is attached to /dev/loop7", [target],
+        directory=vault, group="g", targets={"d": str(target)},
+    )  # fmt: skip
