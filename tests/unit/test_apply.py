@@ -406,3 +406,16 @@ def test_an_image_file_attached_to_a_loop_device_is_refused(
         rebuild.TargetInUse, ExitCode.DEVICE_IN_USE, "is attached to /dev/loop7", [target],
         directory=vault, group="g", targets={"d": str(target)},
     )  # fmt: skip
+
+
+def test_a_chain_with_a_missing_delta_says_where_it_stops(vault: Path, target: Path) -> None:
+    """Exit 0 at the newest reachable cut (as documented), but not silently."""
+    (vault / delta_file_name("g", 3, 2)).unlink()
+    put(vault, 4, 3, make_delta(4, 3, [(0, b"4" * 512)]))
+    said: list[str] = []
+    result = apply_dir(vault, "g", {"d": str(target)}, say=said.append)
+    assert result.cut == 2
+    assert any(
+        "the chain stops at cut 2" in line and "g.0000000004.0000000003.delta (cut 4)" in line
+        for line in said
+    ), said
