@@ -32,7 +32,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from dmrepl import __version__, builder, loop, replicate, vm
+from dmrepl import __version__, builder, loop, replicate, safefile, vm
 from dmrepl import changes as changes_api
 from dmrepl.config import DEFAULT_PATH, load_config
 from dmrepl.demo import DemoResult, load_modules, run_demo
@@ -577,6 +577,11 @@ def apply_deltas(
         name, sep, path = item.partition("=")
         if not sep or not name or not path.startswith("/"):
             raise InvalidInput(f"--to {item!r} is not DEVICE=/dev/TARGET")
+        if name in targets:
+            raise InvalidInput(
+                f"--to gives device {name} twice ({targets[name]} and {path})",
+                hint="give one target per device; nothing was written",
+            )
         targets[name] = path
     result = apply_dir(directory, group, targets, from_cut=from_cut, to_cut=to_cut, say=say)
     out.print(
@@ -633,6 +638,7 @@ def render_error(error: DmreplError) -> None:
 
 def main() -> None:
     """Console-script entry point. Usage errors are click's (exit 2); ours are rendered here."""
+    os.umask(safefile.PRIVATE_UMASK)  # whatever dmrepl creates holds replicated data
     try:
         app()
     except DmreplError as error:

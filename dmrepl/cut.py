@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmrepl import dm, era, loop
+from dmrepl import dm, era, loop, safefile
 from dmrepl.errors import DmreplError
 from dmrepl.executor import Op, Runner
 from dmrepl.ranges import Extent, blocks_to_sectors
@@ -183,8 +183,9 @@ def cow_devices(
             if device.cow is not None:
                 chosen[device.name] = device.cow
                 continue
-            directory = state_dir / "cow"
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            directory = safefile.private_dir(
+                state_dir / "cow", what="state_dir", strict_from=state_dir
+            )
             path = directory / f"{device.group}.{device.name}.cow"
             sectors = device.cow_sectors or stack.origin_sectors
             loop.create_sparse_file(path, sectors * 512)

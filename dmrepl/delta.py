@@ -498,6 +498,8 @@ def read_header(stream: BinaryIO, source: str) -> DeltaHeader:
         header = _parse_header_json(body)
     except ValueError as exc:
         raise CorruptDelta(source, _JSON_OFFSET, f"header JSON: {exc}") from None
+    except RecursionError:  # deep nesting, even in a key this version ignores
+        raise CorruptDelta(source, _JSON_OFFSET, "header JSON: nested too deeply") from None
     framing = HeaderFraming(_PREAMBLE.size + len(rest), zlib.crc32(rest[json_length:], crc))
     return DeltaHeader(
         header.group, header.seq, header.base_seq, header.devices, header.created, framing

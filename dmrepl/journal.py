@@ -29,7 +29,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import BinaryIO
 
-from dmrepl import delta
+from dmrepl import delta, safefile
 from dmrepl.errors import DmreplError
 
 MAGIC = b"DMREPLJN"
@@ -84,12 +84,14 @@ class Journal:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            self.fd = safefile.open_own_or_block_device(path)
         except OSError as exc:
             raise JournalError(
                 f"cannot open the journal {path}: {exc.strerror}",
                 hint="check the site's `journal` setting",
             ) from None
+        except safefile.UnsafePath as exc:
+            raise JournalError(f"journal: {exc.message}", hint=exc.hint) from None
         self.is_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
         self.header = self._read_header()
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dmrepl import safefile
 from dmrepl.errors import DmreplError, ExitCode
 
 
@@ -27,10 +28,8 @@ class Busy(DmreplError):
 @contextmanager
 def group_lock(state_dir: Path, group: str, purpose: str) -> Iterator[None]:
     """Hold `<state>/locks/<group>.lock` for the body; raise Busy at once if it is held."""
-    directory = state_dir / "locks"
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = directory / f"{group}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    directory = safefile.private_dir(state_dir / "locks", what="state_dir", strict_from=state_dir)
+    fd = safefile.open_own(directory / f"{group}.lock")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,7 +52,7 @@ def lock_holder(state_dir: Path, group: str) -> str | None:
     """Who holds the group's lock now, or None if nobody does (never blocks)."""
     path = state_dir / "locks" / f"{group}.lock"
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = safefile.open_own(path, os.O_RDONLY, create=False)
     except FileNotFoundError:
         return None
     try:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dmrepl import safefile
 from dmrepl.executor import Op, Runner, command, probe
 
 
 def create_sparse_file(path: Path, size_bytes: int) -> None:
-    """Create (or truncate to) a sparse file of `size_bytes`."""
-    with open(path, "wb") as handle:
-        handle.truncate(size_bytes)
+    """Create a new sparse file of `size_bytes`, 0600 (replacing whatever was at `path`;
+    a symlink there is removed, never followed)."""
+    fd = safefile.replace_new(path)
+    try:
+        os.ftruncate(fd, size_bytes)
+    finally:
+        os.close(fd)
 
 
 def attach(runner: Runner, path: Path) -> str:

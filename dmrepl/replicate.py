@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dmrepl import blockio, builder, delta, phases
+from dmrepl import blockio, builder, delta, phases, safefile
 from dmrepl.changes import require_running
 from dmrepl.config import Config, GroupSpec
 from dmrepl.cut import HeldCut, check_pits, cow_devices, held_cut, list_changes, recover
@@ -290,7 +290,7 @@ class _Cycle:
         unpublished is removed when the cycle ends."""
         partial = target.with_name(f".{target.name}.partial")
         self.cleanup.callback(partial.unlink, missing_ok=True)
-        with partial.open("wb", buffering=blockio.CHUNK_BYTES) as out:
+        with safefile.open_new(partial, buffering=blockio.CHUNK_BYTES) as out:
             self._write_delta(out, held, header, ranges)
             out.flush()
             os.fsync(out.fileno())

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from dmrepl import blockio, delta, phases
+from dmrepl import blockio, delta, phases, safefile
 from dmrepl.config import SiteSpec
 from dmrepl.errors import DmreplError, ExitCode
 from dmrepl.journal import Journal, JournalState
@@ -56,6 +56,7 @@ class BlockdevSite:
     def __init__(self, spec: SiteSpec, stacks: tuple[StackSpec, ...], state_dir: Path):
         self.spec = spec
         self.stacks = stacks
+        self.state_dir = state_dir
         default = state_dir / "journal" / f"{spec.group}.{spec.name}.journal"
         self.journal_path = Path(spec.journal) if spec.journal else default
 
@@ -86,7 +87,12 @@ class BlockdevSite:
                     hint="unmount it; a replica is written only by dmrepl",
                 )
         if not self.spec.journal:
-            self.journal_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                safefile.private_dir(
+                    self.journal_path.parent, what="state_dir", strict_from=self.state_dir
+                )
+            except safefile.UnsafePath as exc:
+                raise ReplicaMismatch(f"site {self.name}: {exc.message}", hint=exc.hint) from None
 
     def held_seq(self) -> int | None:
         """The cut the replicas hold per the journal (None: never seeded or mid-apply)."""
@@ -213,7 +219,7 @@ def write_durably(directory: Path, name: str, fill: Callable[[BinaryIO], object]
     final = directory / name
     partial = directory / f".{name}.partial"
     try:
-        with partial.open("wb") as out:
+        with safefile.open_new(partial) as out:
             fill(out)
             out.flush()
             os.fsync(out.fileno())
@@ -251,6 +257,10 @@ class DirSite:
             raise SiteDown(f"site {self.name}: {self.directory} is not a directory (not mounted?)")
         if not os.access(self.directory, os.W_OK):
             raise SiteDown(f"site {self.name}: {self.directory} is not writable")
+        try:
+            safefile.check_directory(self.directory, what=f"site {self.name}: path")
+        except safefile.UnsafePath as exc:
+            raise ReplicaMismatch(exc.message, hint=exc.hint) from None
 
     def held_seq(self) -> int | None:
         deltas = listed_deltas(self.directory, self.spec.group)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dmrepl import safefile
 from dmrepl.sites import delta_file_name, listed_deltas
 
 
@@ -31,7 +32,7 @@ class Spool:
         self.group = group
         self.cap_bytes = cap_bytes
         self.resync_dir = directory / "resync"
-        self.resync_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        safefile.private_dir(self.resync_dir, what="state_dir")
 
     def entries(self) -> list[SpoolEntry]:
         """The chain deltas, oldest first."""

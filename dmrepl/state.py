@@ -7,10 +7,13 @@ group, and each site's cursor (the last cut it applied durably) and health.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from dmrepl import safefile
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cuts (
@@ -86,8 +89,9 @@ class StateStore:
     """Opens (creating if needed) `<state_dir>/state.db`."""
 
     def __init__(self, state_dir: Path):
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        safefile.private_dir(state_dir, what="state_dir")
         self.path = state_dir / "state.db"
+        os.close(safefile.open_own(self.path))  # 0600, never through a link; sqlite opens it
         self.db = sqlite3.connect(self.path)
         self.db.executescript(SCHEMA)
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from dmrepl import builder, dm, phases
+from dmrepl import builder, delta, dm, phases
 from dmrepl.config import load_config
 from dmrepl.demo import write_random
 from dmrepl.lock import group_lock
-from dmrepl.sites import BlockdevSite
+from dmrepl.sites import BlockdevSite, delta_file_name
 from dmrepl.stack import Layer, layer_name
 from tests.clirun import run_cli_here
 from tests.kernel.stacks import Bed
@@ -305,6 +306,10 @@ def test_dir_site_and_apply_rebuild_the_device(bed: Bed, workdir: Path) -> None:
         f"{bed.group}.0000000001.full.delta",
         f"{bed.group}.0000000002.0000000001.delta",
     ]
+    # Replicated data is for root only: 0600 files in 0700 directories (issue 13, finding 5).
+    for path in [*archive.iterdir(), bed.state_dir, *bed.state_dir.rglob("*")]:
+        expected = 0o700 if path.is_dir() else 0o600
+        assert stat.S_IMODE(path.lstat().st_mode) == expected, path
     target = bed.make_loop("da-rebuilt", 32 * MiB)
     write_random(target, 5 * MiB, 4096)  # garbage the rebuild must clear
     # `apply` needs no configuration: it runs wherever the archive is (e.g. a recovery host)
@@ -315,3 +320,28 @@ def test_dir_site_and_apply_rebuild_the_device(bed: Bed, workdir: Path) -> None:
     assert f"targets hold cut 2 of {bed.group} (2 deltas" in stdout
     assert digest(target) == digest("/dev/mapper/da")
     assert layer_name("da", Layer.PIT) not in dm.observe(bed.runner).names
+
+
+def test_apply_refuses_a_target_held_by_another_device(
+    make_loop: Callable[[str, int], str], make_dm: Callable[[str, str], str], workdir: Path
+) -> None:
+    """A target that is in use (here under a dm table; a mount holds it the same way) is
+    refused with exit 12 before anything is written: apply opens block devices O_EXCL."""
+    archive = workdir / "archive-busy"
+    archive.mkdir()
+    header = delta.DeltaHeader("g", 1, None, (delta.DeltaDevice("d", 16384, None, 1),), 0.0)
+    with (archive / delta_file_name("g", 1, None)).open("wb") as out:
+        writer = delta.DeltaWriter(out, header)  # type: ignore[arg-type]
+        writer.add(0, 0, b"x" * 4096)
+        writer.finish()
+    target = make_loop("busy-target", 8 * MiB)
+    make_dm("busy-holder", f"0 16384 linear {target} 0")
+    before = digest(target)
+    code, _, stderr = run_cli_here("apply", str(archive), "--group", "g", "--to", f"d={target}")
+    assert code == 12, stderr
+    assert f"target for d: {target} is in use" in " ".join(stderr.split())
+    image = workdir / "busy-target.img"  # the loop device's backing file (make_loop)
+    code, _, stderr = run_cli_here("apply", str(archive), "--group", "g", "--to", f"d={image}")
+    assert code == 12, stderr
+    assert f"target for d: {image} is attached to {target}" in " ".join(stderr.split())
+    assert digest(target) == before

@@ -548,7 +548,11 @@ def test_records_needs_a_header_read_from_the_stream(mixed: bytes) -> None:
 
 def rewrite_json(blob: bytes, doc: Any) -> bytes:
     """The delta with another header JSON under a correct header checksum."""
-    body = json.dumps(doc).encode()
+    return rewrite_json_text(blob, json.dumps(doc).encode())
+
+
+def rewrite_json_text(blob: bytes, body: bytes) -> bytes:
+    """The delta with header JSON `body` (any bytes) under a correct header checksum."""
     head = b"DMREPLDT" + struct.pack("<HI", 1, len(body)) + body
     head += struct.pack("<I", zlib.crc32(head))
     rest = blob[header_bytes(blob) :]
@@ -574,6 +578,16 @@ def test_header_json_is_checked_after_its_checksum(mixed: bytes) -> None:
         assert error.offset == 14 and "header JSON" in str(error), str(error)
     error = corrupt(rewrite_json(mixed, bad[4]))
     assert "record 2 names device 2; there are 2" in str(error)
+
+
+def test_deeply_nested_header_json_is_corrupt_not_a_crash(mixed: bytes) -> None:
+    """Report case D25: a RecursionError escaped the ValueError handler (exit 1, a traceback)."""
+    doc = json.loads(mixed[14 : 14 + json_length(mixed)])
+    depth = 100_000
+    body = b'{"deep":' + b"[" * depth + b"]" * depth + b"," + json.dumps(doc).encode()[1:]
+    error = corrupt(rewrite_json_text(mixed, body))
+    assert (error.offset, error.exit_code) == (14, 16)
+    assert "header JSON: nested too deeply" in str(error)
 
 
 def test_record_beyond_its_device_is_caught(mixed: bytes) -> None:

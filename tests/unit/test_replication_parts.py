@@ -26,7 +26,9 @@ def make_delta(seq: int, base: int | None, writes: list[tuple[int, bytes]]) -> b
         group="g",
         seq=seq,
         base_seq=base,
-        devices=(delta.DeltaDevice("d", DEVICE_BYTES // 512, None, seq),),
+        devices=(
+            delta.DeltaDevice("d", DEVICE_BYTES // 512, None if base is None else base + 1, seq),
+        ),
         created=0.0,
     )
     out = io.BytesIO()
@@ -243,7 +245,7 @@ def test_apply_verifies_each_delta_before_writing_it(tmp_path: Path) -> None:
     target.write_bytes(bytes(DEVICE_BYTES))
     with pytest.raises(delta.CorruptDelta):
         apply_dir(archive, "g", {"d": str(target)}, say=lambda _: None)
-    assert target.read_bytes()[:512] == b"1" * 512  # still exactly cut 1
+    assert target.read_bytes() == bytes(DEVICE_BYTES)  # the whole chain is checked first
     with pytest.raises(InvalidInput, match="do not reach cut 7"):
         apply_dir(archive, "g", {"d": str(target)}, to_cut=7, say=lambda _: None)
 
