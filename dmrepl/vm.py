@@ -29,14 +29,16 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from dmrepl import safefile
 from dmrepl.errors import VmFailed
 from dmrepl.executor import Op, Runner
 
 GUEST_MODULES = ("loop", "dm-era", "dm-snapshot", "dm-mirror", "dm-flakey", "dm-delay", "dm-zero")
 DEFAULT_MEMORY = "3G"  # loop files live in the guest's RAM-backed /tmp
 BACKENDS = ("uml", "qemu")
-# Two emulated qemu guests on a two-core host starve each other into timeouts: they queue here.
-QEMU_LOCK = Path("/tmp/dmrepl-vm.lock")
+# Two emulated qemu guests on a two-core host starve each other into timeouts: they queue on
+# this lock, in a root-only directory (a lock in /tmp could be a link planted by another user).
+QEMU_LOCK = Path("/run/dmrepl/qemu-guest.lock")
 UML_KERNEL = Path("/usr/bin/linux.uml")
 UML_MODULES = Path("/usr/lib/uml/modules")
 MODPROBE_FAILED = 97  # the guest's exit code when the dm modules would not load
@@ -350,6 +352,10 @@ def _run_in_qemu(
         kvm=os.environ.get("DMREPL_VM_KVM") == "1",
         timeout_s=timeout_s,
     )
-    with QEMU_LOCK.open("a") as lock:
+    safefile.private_dir(QEMU_LOCK.parent, what="the qemu guest lock's directory")
+    lock = safefile.open_own(QEMU_LOCK)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return runner.stream(op, sink)
+    finally:
+        os.close(lock)
