@@ -198,6 +198,7 @@ def up(
     """Build the device stacks of GROUP (or all groups); rebuild them after a reboot."""
     require_root()
     loaded = load_config(config)
+    loaded.select(group)  # an unknown group is exit 10 before the kernel is looked at
     require_device_mapper()
     plan = builder.up(Runner(), loaded, group, fresh=fresh, dry_run=dry_run, say=say)
     print_plan(plan, dry_run)
@@ -216,6 +217,7 @@ def down(
     """Remove the device stacks of GROUP (or all groups). Data on the origins is untouched."""
     require_root()
     loaded = load_config(config)
+    loaded.select(group)
     require_device_mapper()
     plan = builder.down(Runner(), loaded, group, force=force, dry_run=dry_run, say=say)
     print_plan(plan, dry_run)
@@ -244,6 +246,7 @@ def show_status(
     """Show each stack: layers, sizes, current era, metadata use, held snapshot, mirror legs."""
     require_root()
     loaded = load_config(config)
+    loaded.select(group)
     require_device_mapper()
     states = builder.status(Runner(), loaded, group)
     if as_json:
@@ -367,6 +370,7 @@ def show_changes(
     require_root()
     changes_api.validate_since(since_cut, since_era)
     loaded = load_config(config)
+    loaded.select(group)
     require_device_mapper()
     result = changes_api.changes(
         Runner(), loaded, group, since_cut=since_cut, since_era=since_era,
@@ -449,6 +453,9 @@ def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zer
     groups = [g.name for g in loaded.select(group) if g.sites or group is not None]
     if not groups:
         raise InvalidInput(f"no group in {config} has sites", hint="add a [group.G.site.S] table")
+    for spec in loaded.select(group):
+        for site in seed_sites:
+            spec.site(site)  # an unknown site is exit 10 before the kernel is looked at
     require_device_mapper()
     worst = ExitCode.OK
     for name in groups:
