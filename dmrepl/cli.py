@@ -160,7 +160,15 @@ def render_demo(result: DemoResult) -> None:
 
 ConfigOption = Annotated[
     Path,
-    typer.Option("--config", "-c", envvar="DMREPL_CONFIG", help="Configuration file (TOML)."),
+    # readable=False: an unreadable file is load_config's exit 3 (like a directory), not
+    # click's usage error 2.
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="DMREPL_CONFIG",
+        readable=False,
+        help="Configuration file (TOML).",
+    ),
 ]
 GroupArg = Annotated[str | None, typer.Argument(help="Group name (default: every group).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
