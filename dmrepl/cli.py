@@ -46,7 +46,7 @@ from dmrepl.errors import (
 )
 from dmrepl.executor import Runner
 from dmrepl.plan import Plan
-from dmrepl.probe import probe_block_device
+from dmrepl.probe import DeviceProblem, probe_block_device
 from dmrepl.rebuild import apply_dir
 from dmrepl.sizing import metadata_size
 from dmrepl.state import StateStore
@@ -601,6 +601,33 @@ def apply_deltas(
     )
 
 
+class NotADevice(DmreplError):
+    """`size` of a path that does not exist or is not a block device (docs/cli.md: 11)."""
+
+    exit_code = ExitCode.DEVICE_MISSING
+
+
+def _origin_sectors(origin: str) -> int:
+    """`size ORIGIN`: an absolute path is a device to probe, anything else a size."""
+    if origin.startswith("/"):
+        try:
+            return probe_block_device(origin, role="origin").size_sectors
+        except DeviceProblem as exc:
+            raise NotADevice(
+                exc.message, hint="give a disk, partition, LV or loop device, e.g. /dev/sdb"
+            ) from None
+    try:
+        return parse_size_sectors(origin, what="origin size")
+    except InvalidInput as exc:
+        if not exc.message.startswith("cannot read"):
+            raise
+        if os.path.exists(origin):  # `size sdb` run in /dev, or a file name
+            hint = f"give a device by its absolute path: dmrepl size {os.path.abspath(origin)}"
+        else:
+            hint = f"{exc.hint}; or give a device by its absolute path, e.g. /dev/sdb"
+        raise InvalidInput(exc.message, hint=hint) from None
+
+
 @app.command()
 def size(
     origin: Annotated[str, typer.Argument(help="Origin size (16T, 500GiB, sectors) or a device.")],
@@ -610,10 +637,7 @@ def size(
     as_json: JsonOption = False,
 ) -> None:
     """How big the dm-era metadata area must be for ORIGIN at an era block size."""
-    if origin.startswith("/"):
-        origin_sectors = probe_block_device(origin, role="origin").size_sectors
-    else:
-        origin_sectors = parse_size_sectors(origin, what="origin size")
+    origin_sectors = _origin_sectors(origin)
     block = parse_size_sectors(block_size, what="block size")
     result = metadata_size(origin_sectors, block)
     report = {
