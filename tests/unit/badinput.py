@@ -140,6 +140,7 @@ def case_args(case: Case, w: Path) -> list[str]:
     if case.config is not None:
         path = w / "cfg" / f"{case.id}.toml"
         path.write_text(_subst(case.config, w))
+        path.chmod(0o644)  # readable by `nobody` whatever the umask (main sets 077)
         args += ["--config", str(path)]
     return args
 
