@@ -46,7 +46,7 @@ from dmrepl.errors import (
 )
 from dmrepl.executor import Runner
 from dmrepl.plan import Plan
-from dmrepl.probe import probe_block_device
+from dmrepl.probe import DeviceProblem, probe_block_device
 from dmrepl.rebuild import apply_dir
 from dmrepl.sizing import metadata_size
 from dmrepl.state import StateStore
@@ -160,7 +160,15 @@ def render_demo(result: DemoResult) -> None:
 
 ConfigOption = Annotated[
     Path,
-    typer.Option("--config", "-c", envvar="DMREPL_CONFIG", help="Configuration file (TOML)."),
+    # readable=False: an unreadable file is load_config's exit 3 (like a directory), not
+    # click's usage error 2.
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="DMREPL_CONFIG",
+        readable=False,
+        help="Configuration file (TOML).",
+    ),
 ]
 GroupArg = Annotated[str | None, typer.Argument(help="Group name (default: every group).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -198,6 +206,7 @@ def up(
     """Build the device stacks of GROUP (or all groups); rebuild them after a reboot."""
     require_root()
     loaded = load_config(config)
+    loaded.select(group)  # an unknown group is exit 10 before the kernel is looked at
     require_device_mapper()
     plan = builder.up(Runner(), loaded, group, fresh=fresh, dry_run=dry_run, say=say)
     print_plan(plan, dry_run)
@@ -216,6 +225,7 @@ def down(
     """Remove the device stacks of GROUP (or all groups). Data on the origins is untouched."""
     require_root()
     loaded = load_config(config)
+    loaded.select(group)
     require_device_mapper()
     plan = builder.down(Runner(), loaded, group, force=force, dry_run=dry_run, say=say)
     print_plan(plan, dry_run)
@@ -244,6 +254,7 @@ def show_status(
     """Show each stack: layers, sizes, current era, metadata use, held snapshot, mirror legs."""
     require_root()
     loaded = load_config(config)
+    loaded.select(group)
     require_device_mapper()
     states = builder.status(Runner(), loaded, group)
     if as_json:
@@ -367,6 +378,7 @@ def show_changes(
     require_root()
     changes_api.validate_since(since_cut, since_era)
     loaded = load_config(config)
+    loaded.select(group)
     require_device_mapper()
     result = changes_api.changes(
         Runner(), loaded, group, since_cut=since_cut, since_era=since_era,
@@ -449,6 +461,9 @@ def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zer
     groups = [g.name for g in loaded.select(group) if g.sites or group is not None]
     if not groups:
         raise InvalidInput(f"no group in {config} has sites", hint="add a [group.G.site.S] table")
+    for spec in loaded.select(group):
+        for site in seed_sites:
+            spec.site(site)  # an unknown site is exit 10 before the kernel is looked at
     require_device_mapper()
     worst = ExitCode.OK
     for name in groups:
@@ -591,6 +606,33 @@ def apply_deltas(
     )
 
 
+class NotADevice(DmreplError):
+    """`size` of a path that does not exist or is not a block device (docs/cli.md: 11)."""
+
+    exit_code = ExitCode.DEVICE_MISSING
+
+
+def _origin_sectors(origin: str) -> int:
+    """`size ORIGIN`: an absolute path is a device to probe, anything else a size."""
+    if origin.startswith("/"):
+        try:
+            return probe_block_device(origin, role="origin").size_sectors
+        except DeviceProblem as exc:
+            raise NotADevice(
+                exc.message, hint="give a disk, partition, LV or loop device, e.g. /dev/sdb"
+            ) from None
+    try:
+        return parse_size_sectors(origin, what="origin size")
+    except InvalidInput as exc:
+        if not exc.message.startswith("cannot read"):
+            raise
+        if os.path.exists(origin):  # `size sdb` run in /dev, or a file name
+            hint = f"give a device by its absolute path: dmrepl size {os.path.abspath(origin)}"
+        else:
+            hint = f"{exc.hint}; or give a device by its absolute path, e.g. /dev/sdb"
+        raise InvalidInput(exc.message, hint=hint) from None
+
+
 @app.command()
 def size(
     origin: Annotated[str, typer.Argument(help="Origin size (16T, 500GiB, sectors) or a device.")],
@@ -600,10 +642,7 @@ def size(
     as_json: JsonOption = False,
 ) -> None:
     """How big the dm-era metadata area must be for ORIGIN at an era block size."""
-    if origin.startswith("/"):
-        origin_sectors = probe_block_device(origin, role="origin").size_sectors
-    else:
-        origin_sectors = parse_size_sectors(origin, what="origin size")
+    origin_sectors = _origin_sectors(origin)
     block = parse_size_sectors(block_size, what="block size")
     result = metadata_size(origin_sectors, block)
     report = {

@@ -3,7 +3,6 @@ nothing touched. Case ids are the report's."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from dmrepl import cli
 from dmrepl.config import ConfigError, load_config, parse_config
 from dmrepl.errors import ExitCode
 from tests.clirun import run_cli_here
+from tests.unit.badinput import tree_digest
 
 PATH = Path("/etc/dmrepl/test.toml")
 
@@ -138,15 +138,6 @@ def test_c02c_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     assert caught.value.problems == [
         f"not UTF-8 text: byte 0xff at offset {len(config_text()) + 5}"
     ]
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every file and directory under `root` with a hash of its content."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        found[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-    return found
 
 
 @pytest.fixture

@@ -1,0 +1,207 @@
+"""Shared helpers of the bad-input suites (cases of ../shared/reports/bad-input-2026-12.md).
+
+A case runs one `dmrepl` command against a scratch tree `$W` (configs, fake devices that are
+sparse regular files, a dir site, a fake `dmsetup`) and is checked for its exit code, a message
+that names the problem, no traceback, and every file under `$W` unchanged (a hash of each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from dmrepl import loop
+from dmrepl.delta import DeltaDevice, DeltaHeader, DeltaWriter
+from dmrepl.errors import ExitCode
+from tests.clirun import run_cli_here
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The report's fake-dmsetup: answers `info`/`table` with "No devices found", refuses the rest.
+FAKE_DMSETUP = '#!/bin/sh\ncase "$1" in info|table) echo "No devices found";; *) exit 1;; esac\n'
+
+NOBODY = 65534
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file, directory and link under `root`: a hash of its content and its mode."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        mode = oct(path.lstat().st_mode)
+        if path.is_symlink():
+            found[rel] = f"link {os.readlink(path)}"
+        elif path.is_file():
+            found[rel] = f"{mode} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+        else:
+            found[rel] = f"{mode} dir"
+    return found
+
+
+def make_scratch(w: Path) -> Path:
+    """The report's `$W`: dev/{origin,metadata,replica} (sparse files), dev/adir, vault/, cfg/,
+    fakebin/dmsetup. No state dir: a case that creates one has touched something."""
+    (w / "dev/adir").mkdir(parents=True)
+    for name, size in (("origin", 1 << 20), ("metadata", 1 << 20), ("replica", 1 << 20)):
+        with open(w / "dev" / name, "wb") as f:
+            f.truncate(size)
+    (w / "vault").mkdir()
+    (w / "cfg").mkdir()
+    (w / "fakebin").mkdir()
+    dmsetup = w / "fakebin/dmsetup"
+    dmsetup.write_text(FAKE_DMSETUP)
+    dmsetup.chmod(0o755)
+    write_full_delta(w / "deltas")
+    nb = w / "nb"  # a directory and an image file of nobody's own (N11)
+    nb.mkdir()
+    with open(nb / "t", "wb") as f:
+        f.truncate(DELTA_SECTORS * 512)
+    for path in (w, *w.rglob("*")):  # whatever the umask: `nobody` may read it all
+        path.chmod(0o755 if path.is_dir() else path.stat().st_mode & 0o700 | 0o644)
+    for path in (nb, nb / "t"):
+        os.chown(path, NOBODY, NOBODY)
+    return w
+
+
+DELTA_SECTORS = 2048
+
+
+def write_full_delta(directory: Path) -> Path:
+    """A valid full image of group db (device data, 1 MiB, one 4 KiB record) as a dir site
+    holds it: directory/db.0000000001.full.delta."""
+    directory.mkdir()
+    device = DeltaDevice("data", DELTA_SECTORS, None, 1)
+    header = DeltaHeader("db", seq=1, base_seq=None, devices=(device,), created=1.7e9)
+    path = directory / "db.0000000001.full.delta"
+    with open(path, "wb") as out:
+        writer = DeltaWriter(out, header)
+        writer.add(0, 8, b"\x05" * 4096)
+        writer.finish()
+    return path
+
+
+def good_config(
+    *, top: str = "", group: str = "", device: str = "", sites: str | None = None
+) -> str:
+    """The report's good.toml (with `$W` left in): group db, device data, a blockdev site dr
+    and a dir site vault; extra TOML lines go into [dmrepl], [group.db], the device."""
+    if sites is None:
+        sites = SITE_DR + SITE_VAULT
+    group_table = f"[group.db]\n{group}\n" if group else ""
+    return (
+        f'[dmrepl]\nstate_dir = "$W/state"\n{top}\n'
+        f"{group_table}"
+        '[group.db.device.data]\norigin = "$W/dev/origin"\nmetadata = "$W/dev/metadata"\n'
+        f"{device}\n{sites}"
+    )
+
+
+SITE_DR = (
+    '[group.db.site.dr]\ntransport = "blockdev"\n'
+    '[group.db.site.dr.replica]\ndata = "$W/dev/replica"\n'
+)
+SITE_VAULT = '[group.db.site.vault]\ntransport = "dir"\npath = "$W/vault"\n'
+
+
+@dataclass(frozen=True)
+class Case:
+    """One report case. `$W` in `args`, `config` and `env` is the scratch tree; `--config` is
+    added (pointing at `config`, written to $W/cfg/<id>.toml) when `config` is given."""
+
+    id: str
+    args: tuple[str, ...]
+    code: ExitCode | int
+    message: str  # must appear in stderr or stdout
+    config: str | None = None
+    euid: int = 0  # 0: root; else simulated in-process (os.geteuid) unless `runuser`
+    dm: str = "none"  # "none": a kernel without device-mapper; "fake": the fake dmsetup on PATH
+    env: dict[str, str] = field(default_factory=dict)
+    runuser: bool = False  # run as a real `nobody` in a subprocess (file permissions matter)
+    why: str = ""  # why this behaviour is right (the report's verdict, or ours)
+    writes: tuple[str, ...] = ()  # files under $W a successful case is meant to change
+
+
+def _subst(text: str, w: Path) -> str:
+    return text.replace("$W", str(w))
+
+
+def case_args(case: Case, w: Path) -> list[str]:
+    args = [_subst(a, w) for a in case.args]
+    if case.config is not None:
+        path = w / "cfg" / f"{case.id}.toml"
+        path.write_text(_subst(case.config, w))
+        path.chmod(0o644)  # readable by `nobody` whatever the umask (main sets 077)
+        args += ["--config", str(path)]
+    return args
+
+
+def run_case(
+    case: Case, w: Path, args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, str]:
+    """Run the case's command (`args` from case_args); returns (exit code, stdout, stderr)."""
+    monkeypatch.delenv("DMREPL_CONFIG", raising=False)
+    env = {k: _subst(v, w) for k, v in case.env.items()}
+    if case.dm == "fake":
+        env["PATH"] = f"{w / 'fakebin'}:{os.environ['PATH']}"
+    if case.runuser:
+        return run_as_nobody(args, env, cwd=w)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(w)  # relative paths resolve in $W, and anything created there is seen
+    monkeypatch.setattr(os, "geteuid", lambda: case.euid)  # what cli.require_root asks
+    monkeypatch.setattr(loop, "kernel_has_device_mapper", lambda: case.dm == "fake")
+    return run_cli_here(*args)
+
+
+def run_as_nobody(args: list[str], env: dict[str, str], *, cwd: Path) -> tuple[int, str, str]:
+    """`runuser -u nobody -- python -m dmrepl ARGS` (a real non-root process)."""
+    if shutil.which("runuser") is None or os.geteuid() != 0:
+        pytest.skip("needs root and runuser to run a command as nobody")
+    done = subprocess.run(
+        ["runuser", "-u", "nobody", "--", sys.executable, "-m", "dmrepl", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        timeout=60,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def check_case(case: Case, w: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit code, message, no traceback, and nothing under $W created, changed or removed."""
+    args = case_args(case, w)
+    before = tree_digest(w)
+    code, stdout, stderr = run_case(case, w, args, monkeypatch)
+    output = stdout + stderr
+    assert code == case.code, output
+    assert _subst(case.message, w) in output, output
+    assert "Traceback" not in output, output
+    # A device with a problem of its own is not also "not a device of this group" (finding 12).
+    if "not a device of this group" not in case.message:
+        assert "not a device of this group" not in output, output
+    after = tree_digest(w)
+    for rel in case.writes:
+        assert after.pop(rel) != before.pop(rel), f"{rel} was not written"
+    assert after == before
+
+
+@contextlib.contextmanager
+def public_scratch() -> Iterator[Path]:
+    """$W under /tmp, readable by `nobody` (pytest's tmp_path is root-only); removed after."""
+    w = Path(tempfile.mkdtemp(prefix="dmrepl-bad-"))
+    w.chmod(0o755)
+    try:
+        yield make_scratch(w)
+    finally:
+        shutil.rmtree(w)
