@@ -170,7 +170,7 @@ class Config:
 
 
 def load_config(path: Path) -> Config:
-    """Read and validate a configuration file."""
+    """Read and validate a configuration file (and that no dir site's path is a file)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -181,7 +181,16 @@ def load_config(path: Path) -> Config:
         raise ConfigError(
             path, [f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"]
         ) from None
-    return parse_config(text, path)
+    config = parse_config(text, path)
+    problems = [
+        f"{site.key}.path: {site.path} is not a directory"
+        for group in config.groups.values()
+        for site in group.sites
+        if site.path is not None and os.path.lexists(site.path) and not os.path.isdir(site.path)
+    ]
+    if problems:
+        raise ConfigError(path, problems)
+    return config
 
 
 def parse_config(text: str, path: Path) -> Config:
@@ -314,7 +323,10 @@ class _Reader:
         self.unknown(raw, _GROUP_KEYS, key)
         default_block = self.size(raw, "block_size", key)
         devices_raw = raw.get("device", {})
-        if not isinstance(devices_raw, dict) or not devices_raw:
+        if not isinstance(devices_raw, dict):
+            self.problem(f"{key}.device", "must be a table of [group.NAME.device.NAME] tables")
+            return None
+        if not devices_raw:
             self.problem(f"{key}.device", "no devices (add a [group.NAME.device.NAME] table)")
             return None
         devices = []
@@ -350,7 +362,9 @@ class _Reader:
         before = len(self.problems)
         self.unknown(raw, _SITE_KEYS, key)
         transport = raw.get("transport")
-        if transport not in TRANSPORTS:
+        if transport is None:
+            self.problem(f"{key}.transport", f"missing (one of {', '.join(TRANSPORTS)})")
+        elif transport not in TRANSPORTS:
             self.problem(f"{key}.transport", f"{transport!r} is not one of {', '.join(TRANSPORTS)}")
         policy = raw.get("policy", "asynchronous")
         if policy not in POLICIES:

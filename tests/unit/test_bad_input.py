@@ -154,7 +154,7 @@ def good_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 CLI_CASES = [
     ("A04", ["changes", "db", "--since-cut", "-1"], ExitCode.INVALID_INPUT, "out of range"),
     ("A04b", ["changes", "db", "--since-cut", str(2**70)], ExitCode.INVALID_INPUT, "out of range"),
-    ("A04e", ["changes", "db", "--since-era", "0"], ExitCode.INVALID_INPUT, "out of range"),
+    ("since-era-0", ["changes", "db", "--since-era", "0"], ExitCode.INVALID_INPUT, "out of range"),
     ("A05f", ["run", "db", "--interval", "nan"], ExitCode.INVALID_INPUT, "out of range"),
     ("A05g", ["run", "db", "--interval", "inf"], ExitCode.INVALID_INPUT, "out of range"),
     ("A05h", ["run", "db", "--interval", "1e-9"], ExitCode.INVALID_INPUT, "out of range"),

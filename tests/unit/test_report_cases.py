@@ -15,9 +15,6 @@ documented exit code, and touches nothing) and that we agree with; `why` says wh
 is right where the report had a doubt, or for a baseline (a valid input). Every case also checks
 that no device with its own problem adds a spurious "not a device of this group" (finding 12),
 and runs in $W as its working directory, so a relative path cannot reach anything else.
-
-`PENDING_CASES` hold the correct behaviour for cases whose fix belongs to another branch; they
-are not collected yet (the lead moves them into `CASES` after merging).
 """
 
 from __future__ import annotations
@@ -539,12 +536,9 @@ NON_ROOT = [
     ),
 ]
 
-CASES = CONFIGURATION + COMMAND_LINE + NON_ROOT
-
-# The correct behaviour of cases whose fix belongs to another branch; not collected yet.
-PENDING_CASES = [
-    # needs fix in config.py: a dir site's path that exists but is not a directory (F15 shows
-    # `sync` then reports the site down, exit 17, after taking a cut).
+FIXED_AFTER_THE_REPORT = [
+    # A dir site's path that exists but is not a directory (F15: `sync` then reported the site
+    # down, exit 17, after taking a cut).
     Case(
         "C17",
         ("check-config",),
@@ -553,8 +547,7 @@ PENDING_CASES = [
         GOOD.replace('path = "$W/vault"', 'path = "$W/dev/origin"'),
         euid=NOBODY,
     ),
-    # needs fix in config.py: a site without `transport` says "None is not one of blockdev,
-    # dir" (Python's word for the missing key); it should say the key is missing.
+    # A site without `transport` said "None is not one of blockdev, dir".
     Case(
         "C15c",
         ("check-config",),
@@ -562,9 +555,8 @@ PENDING_CASES = [
         "group.db.site.dr.transport: missing (one of blockdev, dir)",
         GOOD.replace('transport = "blockdev"\n', ""),
     ),
-    # needs fix in rebuild.py: apply as nobody onto a root-owned 0644 target is a
-    # PermissionError traceback (exit 1); a target that cannot be opened for writing is
-    # exit 11 with the reason, and nothing is written.
+    # apply as nobody onto a root-owned 0644 target was a PermissionError traceback (exit 1);
+    # a target that cannot be opened for writing is exit 11 with the reason, nothing written.
     Case(
         "N10",
         ("apply", "$W/deltas", "--group", "db", "--to", "data=$W/dev/origin"),
@@ -573,6 +565,8 @@ PENDING_CASES = [
         runuser=True,
     ),
 ]
+
+CASES = CONFIGURATION + COMMAND_LINE + NON_ROOT + FIXED_AFTER_THE_REPORT
 
 
 @pytest.fixture
@@ -593,5 +587,5 @@ def test_report_case(case: Case, scratch: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_every_case_is_named_once() -> None:
-    ids = [c.id for c in CASES + PENDING_CASES]
+    ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids))
