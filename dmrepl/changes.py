@@ -57,7 +57,9 @@ def changes(
     if since_cut is not None and since_era is not None:
         raise InvalidInput("give --since-cut or --since-era, not both")
     (spec,) = config.select(group)
+    builder.require_devices(spec, "take a cut of", config.path)
     found = builder.survey(runner, [spec], check=False)
+    builder.require_surveyed(spec, found, "take a cut of", config.path)
     stacks = found.stacks
     require_running(stacks, found.observed)
     recovered = recover(runner, stacks, found.observed, say)

@@ -23,6 +23,12 @@ class DeviceProblem(DmreplError):
     exit_code = ExitCode.UNSAFE
 
 
+class DeviceMissing(DmreplError):
+    """A configured device's origin or metadata path is missing or not a block device."""
+
+    exit_code = ExitCode.DEVICE_MISSING
+
+
 @dataclass(frozen=True)
 class BlockDevice:
     """What the kernel says about one block device node."""
@@ -147,3 +153,4 @@ def read_metadata_header(path: str, offset_sectors: int) -> MetadataHeader:
     finally:
         os.close(fd)
     return parse_metadata_header(block)
+

@@ -30,7 +30,14 @@ from pathlib import Path
 from dmrepl import blockio, builder, delta, phases
 from dmrepl.changes import require_running
 from dmrepl.config import Config, GroupSpec
-from dmrepl.cut import HeldCut, check_pits, cow_devices, held_cut, list_changes, recover
+from dmrepl.cut import (
+    HeldCut,
+    check_pits,
+    cow_devices,
+    held_cut,
+    list_changes,
+    recover,
+)
 from dmrepl.errors import DmreplError, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.journal import JournalError
@@ -111,6 +118,8 @@ def sync(
         )
     for name in seed_sites:
         spec.site(name)
+    doing = "seed" if seed_sites else "sync"
+    builder.require_devices(spec, doing, config.path)  # before the lock: nothing is touched
     with group_lock(config.state_dir, group, "sync"):
         store = StateStore(config.state_dir)
         try:
@@ -134,6 +143,7 @@ class _Cycle:
         self.runner, self.config, self.spec, self.store = runner, config, spec, store
         self.say, self.progress = say, progress
         found = builder.survey(runner, [spec], check=False)
+        builder.require_surveyed(spec, found, "sync", config.path)  # a path vanished since
         self.stacks, self.observed = found.stacks, found.observed
         require_running(self.stacks, self.observed)
         self.spool = Spool(config.state_dir / "spool" / spec.name, spec.name, spec.spool_bytes)
