@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dmrepl import dm, era, probe
 from dmrepl.config import Config, DeviceSpec, GroupSpec
-from dmrepl.cut import recover
+from dmrepl.cut import recover, recover_cows
 from dmrepl.executor import Runner
 from dmrepl.plan import Plan, plan_down, plan_up, table_matches
 from dmrepl.probe import BlockDevice, DeviceMissing, DeviceProblem, MetadataHeader, MetadataKind
@@ -215,6 +215,7 @@ def down(
     if recover(runner, stacks, found.observed, say):
         # What a killed cut left (a stale -pit holds the origin) is gone; plan afresh.
         plan = plan_down(stacks, dm.observe(runner).owned, force=force)
+    recover_cows(runner, stacks, config.state_dir, say)
     apply_plan(runner, plan, say)
     return plan
 

@@ -37,6 +37,7 @@ from dmrepl.cut import (
     held_cut,
     list_changes,
     recover,
+    recover_cows,
 )
 from dmrepl.errors import DmreplError, InvalidInput
 from dmrepl.executor import Runner
@@ -155,6 +156,7 @@ class _Cycle:
 
     def run(self, force_seed: set[str], target_zeroed: bool) -> SyncResult:
         recovered = recover(self.runner, self.stacks, self.observed, self.say)
+        recovered += recover_cows(self.runner, self.stacks, self.config.state_dir, self.say)
         latest = self.store.cuts(self.spec.name, limit=1)
         for orphan in self.spool.remove_orphans(latest[0].seq if latest else 0):
             recovered.append(f"removed {orphan.name} (capture of a cut never recorded)")
