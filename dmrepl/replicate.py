@@ -162,7 +162,7 @@ class _Cycle:
             recovered.append(f"removed {orphan.name} (capture of a cut never recorded)")
         reachable = self._recover_sites(recovered, force_seed)
         plan = self._plan(reachable, force_seed)
-        seq = self.store.next_cut_seq(self.spec.name)
+        seq = self._next_seq()
         with ExitStack() as self.cleanup:  # unpublished captures are deleted on the way out
             with ExitStack() as resources:
                 cow = resources.enter_context(
@@ -222,17 +222,32 @@ class _Cycle:
                     self.spec.name, name, "the site's journal records no applied cut"
                 )
             report.cursor = held
+            if held is not None and self.store.cut(self.spec.name, held) is None:
+                # The store lost it (state.db deleted, or corrupt and rebuilt): without the
+                # cut's eras nothing can be listed since it, so the site is compared whole.
+                report.detail = (
+                    f"holds cut {held}, which the state store does not know "
+                    "(state.db lost or rebuilt): re-seeding by compare"
+                )
+                self.store.set_site_state(self.spec.name, name, "needs seed", report.detail)
+                self.say(f"site {name}: {report.detail}")
             reachable[name] = site
         return reachable
 
     def _plan(self, reachable: Mapping[str, Site], force_seed: set[str]) -> _Plan:
-        cursors = {name: self._cursor(name) for name in self.sites}
-        seeded = [c for name, c in cursors.items() if c is not None and name not in force_seed]
+        cursors = {
+            name: cursor
+            for name in self.sites
+            if (cursor := self._cursor(name)) is not None
+            and self.store.cut(self.spec.name, cursor) is not None
+        }  # sites at a cut the store knows; the others are seeded (again)
+        seeded = [c for name, c in cursors.items() if name not in force_seed]
         head = self.spool.head()
         if head is None and seeded:
             head = max(seeded)
         plan = _Plan(head=head, spool_delta=False)
-        for name, cursor in cursors.items():
+        for name in self.sites:
+            cursor = cursors.get(name)
             if name in force_seed or cursor is None:
                 if name in reachable:
                     plan.seed.append(name)
@@ -243,6 +258,12 @@ class _Cycle:
             elif name in reachable:
                 plan.resync[name] = cursor
         return plan
+
+    def _next_seq(self) -> int:
+        """The new cut's number: past every cut the store or a site knows of, so a store
+        rebuilt after a loss never gives a site's cut number to a different cut."""
+        held = [cursor + 1 for name in self.sites if (cursor := self._cursor(name)) is not None]
+        return max([self.store.next_cut_seq(self.spec.name), *held])
 
     # -- 2. capture while the cut is held
 
