@@ -119,3 +119,43 @@ def test_sync_killed_at_each_phase_then_a_clean_sync_leaves_nothing_behind(
         assert not era.read_status(bed.runner, layer_name(device, Layer.ERA)).snapshot_held
     assert tree(bed.state_dir, contents=False) == reference  # no COW file, no partial
     assert site_digests(bed, "dr") == {d: digest(f"/dev/mapper/{d}") for d in bed.devices}
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_a_lost_or_corrupt_state_store_is_rebuilt_and_no_site_loses_its_place(
+    bed: Bed, workdir: Path, damage: str
+) -> None:
+    bed.add_device("pa")
+    bed.add_site("dr")
+    vault = workdir / "vault"
+    vault.mkdir()
+    bed.add_site("vault", transport="dir", path=str(vault))
+    bed.cli("up")
+    bed.cli("sync", bed.group)
+    write_raw("/dev/mapper/pa", [2, 9])
+    bed.cli("sync", bed.group)  # both sites hold cut 2
+    write_raw("/dev/mapper/pa", [4, 30])
+    db = bed.state_dir / "state.db"
+    if damage == "deleted":
+        db.unlink()
+    else:
+        db.write_bytes(b"\x5a" * 20000)
+    result = bed.cli("sync", bed.group)  # no AssertionError, no traceback: exit 0
+    said = result.stdout + result.stderr
+    for site in ("dr", "vault"):
+        assert f"site {site}: holds cut 2, which the state store does not know" in said, said
+        assert f"site {site}: in sync, holds cut 3" in result.stdout, said
+    assert "site dr: in sync, holds cut 3; seeded" in result.stdout  # by compare
+    if damage == "garbage":
+        (aside,) = bed.state_dir.glob("state.db.corrupt-*")
+        assert aside.read_bytes() == b"\x5a" * 20000
+        assert f"warning: {db} is corrupt" in result.stderr
+    assert site_digests(bed, "dr") == {"pa": digest("/dev/mapper/pa")}
+    assert (vault / f"{bed.group}.0000000003.full.delta").exists()
+    write_raw("/dev/mapper/pa", [5])
+    result = bed.cli("sync", bed.group)  # back to deltas from the rebuilt store
+    assert "seeded" not in result.stdout, result.stdout
+    assert "site dr: in sync, holds cut 4; applied cuts 4" in result.stdout, result.stdout
+    assert site_digests(bed, "dr") == {"pa": digest("/dev/mapper/pa")}
+    cursors = {s["site"]: s["cursor"] for s in site_cursors(bed)}
+    assert cursors == {"dr": 4, "vault": 4}
