@@ -71,6 +71,10 @@ def test_a_device_whose_path_is_wrong_stops_sync_with_exit_11_and_moves_no_curso
             in (result.stderr)
         )
         assert "nothing was changed" in result.stderr
+    shown = bed.cli("status", check=False)  # shows what it can, names the device, exits 11
+    assert shown.returncode == 11, shown.stdout + shown.stderr
+    assert "origin /dev/disk/by-id/dmrepl-typo does not exist" in shown.stderr
+    assert "/dev/mapper/pa" in shown.stdout
     assert tree(bed.state_dir) == state  # no cut recorded, no journal written, nothing spooled
     assert tree(vault) == archive
     assert eras(bed) == kernel  # no cut was taken

@@ -4,11 +4,12 @@ touched (report finding 1: F09, F13). No kernel needed: the refusal comes before
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
-from dmrepl import executor
+from dmrepl import builder, executor
 from tests.clirun import run_cli_here
 
 
@@ -86,3 +87,23 @@ def test_an_existing_state_is_left_as_it_was(tmp_path: Path) -> None:
     assert code == 11
     assert f"origin {tmp_path / 'not-a-disk'} is not a block device" in err
     assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_status_names_a_device_that_does_not_probe_and_exits_11(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_json: bool
+) -> None:
+    """F14: status used to exit 0 and leave the device out without a word."""
+    monkeypatch.setattr(builder, "status", lambda *_args: [])  # the kernel part: no stacks up
+    config = write_config(tmp_path, "/dev/disk/by-id/dmrepl-typo")
+    args = ("status", "--json") if as_json else ("status",)
+    code, out, err = run_cli_here(*args, "--config", str(config))
+    assert code == 11, out + err
+    assert "group.db.device.data: origin /dev/disk/by-id/dmrepl-typo does not exist" in err
+    assert "sync, seed and changes refuse to run" in err
+    if as_json:
+        shown = json.loads(out)
+        assert shown["missing_devices"][0].startswith("group.db.device.data: origin ")
+        assert [site["site"] for site in shown["sites"]] == ["dr", "vault"]
+    else:
+        assert "site db/dr" in out  # what status can show is still shown
