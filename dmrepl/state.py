@@ -114,9 +114,12 @@ class StateStore:
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as exc:
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _CORRUPT_CODES:
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPT_CODES:
                 raise self._unusable(exc) from None
-            aside = self._move_aside()
+            try:
+                aside = self._move_aside()
+            except OSError as failed:
+                raise self._unusable(exc, f"; moving it aside failed: {failed}") from None
             warn(
                 f"{self.path} is corrupt ({exc}); moved it to {aside.name} and started a new "
                 "state store. Each site's place is taken from the site itself; a site holding "
@@ -156,9 +159,9 @@ class StateStore:
             os.rename(journal, aside.with_name(aside.name + "-journal"))
         return aside
 
-    def _unusable(self, exc: sqlite3.Error) -> StateStoreError:
+    def _unusable(self, exc: sqlite3.Error, more: str = "") -> StateStoreError:
         return StateStoreError(
-            f"cannot use the state store {self.path}: {exc}",
+            f"cannot use the state store {self.path}: {exc}{more}",
             hint="check that the state directory is writable and not on a full or read-only "
             "filesystem, and that no other program holds the file",
         )

@@ -3,11 +3,13 @@ place (issue 13, finding 3 and the state.db cases of finding 4: S01, S01d, F12, 
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from dmrepl import state
 from dmrepl.config import GroupSpec, SiteSpec
 from dmrepl.replicate import _Cycle
 from dmrepl.spool import Spool
@@ -109,3 +111,19 @@ def test_sqlite_reports_corruption_with_the_codes_the_store_looks_for(tmp_path: 
         db.execute("PRAGMA quick_check(1)").fetchone()
     db.close()
     assert caught.value.sqlite_errorcode == 26  # SQLITE_NOTADB
+
+
+def test_a_corrupt_store_that_cannot_be_moved_aside_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "state.db").write_bytes(b"junk" * 2000)
+
+    def read_only(*_args: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(state.os, "rename", read_only)
+    with pytest.raises(StateStoreError) as caught:
+        StateStore(tmp_path, warn=pytest.fail)
+    assert "moving it aside failed" in caught.value.message
+    assert "Read-only file system" in caught.value.message
+    assert (tmp_path / "state.db").read_bytes() == b"junk" * 2000
