@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmrepl import blockio, builder, delta, phases
-from dmrepl.changes import require_running
+from dmrepl.changes import next_cut_seq, require_running
 from dmrepl.config import Config, GroupSpec
 from dmrepl.cut import (
     HeldCut,
@@ -262,8 +262,7 @@ class _Cycle:
     def _next_seq(self) -> int:
         """The new cut's number: past every cut the store or a site knows of, so a store
         rebuilt after a loss never gives a site's cut number to a different cut."""
-        held = [cursor + 1 for name in self.sites if (cursor := self._cursor(name)) is not None]
-        return max([self.store.next_cut_seq(self.spec.name), *held])
+        return next_cut_seq(self.store, self.spec, self.config.state_dir)
 
     # -- 2. capture while the cut is held
 

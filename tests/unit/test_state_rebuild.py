@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from dmrepl import state
-from dmrepl.config import GroupSpec, SiteSpec
+from dmrepl.changes import next_cut_seq
+from dmrepl.config import Config, GroupSpec, SiteSpec
+from dmrepl.journal import Journal
 from dmrepl.replicate import _Cycle
+from dmrepl.sites import delta_file_name, journal_path, recorded_cut
 from dmrepl.spool import Spool
 from dmrepl.state import StateStore, StateStoreError
 
@@ -72,6 +75,7 @@ def planning_cycle(tmp_path: Path, store: StateStore) -> _Cycle:
         for name in ("dr", "vault")
     )
     cycle.spec = GroupSpec("db", (), sites)
+    cycle.config = Config(tmp_path / "dmrepl.toml", tmp_path, {"db": cycle.spec})
     cycle.store = store
     cycle.spool = Spool(tmp_path / "spool", "db", 2**30)
     cycle.sites = dict.fromkeys(("dr", "vault"))  # type: ignore[arg-type]
@@ -127,3 +131,32 @@ def test_a_corrupt_store_that_cannot_be_moved_aside_is_a_clear_error(
     assert "moving it aside failed" in caught.value.message
     assert "Read-only file system" in caught.value.message
     assert (tmp_path / "state.db").read_bytes() == b"junk" * 2000
+
+
+def test_a_sites_own_record_is_read_without_creating_anything(tmp_path: Path) -> None:
+    blockdev = SiteSpec("db", "dr", "blockdev", "asynchronous", {"data": "/dev/x"}, None, None)
+    assert recorded_cut(blockdev, tmp_path) is None
+    assert list(tmp_path.iterdir()) == []  # no journal file or directory created
+    path = journal_path(blockdev, tmp_path)
+    path.parent.mkdir()
+    with Journal(path) as journal:
+        journal.mark_applied(41)
+    assert recorded_cut(blockdev, tmp_path) == 41
+    vault = SiteSpec("db", "vault", "dir", "asynchronous", {}, None, str(tmp_path / "vault"))
+    assert recorded_cut(vault, tmp_path) is None
+    (tmp_path / "vault").mkdir()
+    (tmp_path / "vault" / delta_file_name("db", 44, 43)).touch()
+    assert recorded_cut(vault, tmp_path) == 44
+
+
+def test_numbering_goes_past_a_cut_only_a_sites_journal_remembers(tmp_path: Path) -> None:
+    """After a lost state.db, `changes` (or a sync while that site is down) must not number a
+    new cut 1..41 while the site's journal says it holds cut 41."""
+    site = SiteSpec("db", "dr", "blockdev", "asynchronous", {"data": "/dev/x"}, None, None)
+    path = journal_path(site, tmp_path)
+    path.parent.mkdir()
+    with Journal(path) as journal:
+        journal.mark_applied(41)
+    store, _ = opened(tmp_path)
+    assert next_cut_seq(store, GroupSpec("db", (), (site,)), tmp_path) == 42
+    store.close()
