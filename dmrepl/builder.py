@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from dmrepl import dm, era, probe
 from dmrepl.config import Config, DeviceSpec, GroupSpec
-from dmrepl.cut import recover
+from dmrepl.cut import recover, recover_cows
 from dmrepl.executor import Runner
 from dmrepl.plan import Plan, plan_down, plan_up, table_matches
-from dmrepl.probe import BlockDevice, DeviceProblem, MetadataHeader, MetadataKind
+from dmrepl.probe import BlockDevice, DeviceMissing, DeviceProblem, MetadataHeader, MetadataKind
 from dmrepl.safety import DeviceFacts, check_all, metadata_area_sectors
 from dmrepl.signals import Say, deferred_signals
 from dmrepl.stack import Layer, StackSpec, parse_layer_uuid, plan_stack
@@ -64,6 +65,56 @@ def survey(runner: Runner, groups: list[GroupSpec], *, check: bool = True) -> Su
         if f.origin is not None and f.metadata is not None
     )
     return Survey(stacks, tuple(facts), observed, names)
+
+
+def unprobed_devices(spec: GroupSpec) -> list[str]:
+    """Why each origin or metadata path of `spec` that is not a block device cannot be used.
+
+    Reads only stat and sysfs: no command runs, nothing is written.
+    """
+    problems = []
+    for device in spec.devices:
+        for path, role in ((device.origin, "origin"), (device.metadata, "metadata device")):
+            try:
+                probe.probe_block_device(path, role=role)
+            except DeviceProblem as exc:
+                problems.append(f"{device.key}: {exc.message}")
+    return problems
+
+
+def require_devices(spec: GroupSpec, doing: str, config_path: Path) -> None:
+    """Refuse (exit 11) unless every device of the group probes; nothing is touched.
+
+    A group is replicated whole or not at all: a cut without one of its devices
+    would mark the sites up to date while that device's replicas go stale.
+    """
+    problems = unprobed_devices(spec)
+    if problems:
+        raise _missing(spec, doing, config_path, problems)
+
+
+def require_surveyed(spec: GroupSpec, found: Survey, doing: str, config_path: Path) -> None:
+    """Refuse (exit 11) if the survey could not build a stack for every device of `spec`."""
+    built = {stack.device.name for stack in found.stacks}
+    problems = [
+        text
+        for facts in found.facts
+        if facts.spec.group == spec.name and facts.spec.name not in built
+        for text in facts.missing or (f"{facts.spec.key}: cannot be probed",)
+    ]
+    if problems:
+        raise _missing(spec, doing, config_path, problems)
+
+
+def _missing(spec: GroupSpec, doing: str, config_path: Path, problems: list[str]) -> DeviceMissing:
+    count = len(problems)
+    return DeviceMissing(
+        f"refusing to {doing} group {spec.name}: {count} configured device path"
+        f"{'s' if count != 1 else ''} cannot be used; nothing was changed",
+        context="\n".join(f"- {text}" for text in problems),
+        hint=f"fix the path in {config_path} (a renamed /dev/disk/by-id link?) or reattach the "
+        "disk, then run again; a group is replicated whole, never without one of its devices",
+    )
 
 
 def _device_facts(device: DeviceSpec, observed: dict[str, dm.ObservedDevice]) -> DeviceFacts:
@@ -164,6 +215,7 @@ def down(
     if recover(runner, stacks, found.observed, say):
         # What a killed cut left (a stale -pit holds the origin) is gone; plan afresh.
         plan = plan_down(stacks, dm.observe(runner).owned, force=force)
+    recover_cows(runner, stacks, config.state_dir, say)
     apply_plan(runner, plan, say)
     return plan
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from dmrepl import builder, dm
-from dmrepl.config import Config
+from dmrepl.config import Config, GroupSpec
 from dmrepl.cut import held_cut, list_changes, recover
 from dmrepl.errors import DmreplError, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.ranges import Extent
 from dmrepl.signals import Say
+from dmrepl.sites import recorded_cut
 from dmrepl.stack import StackSpec
 from dmrepl.state import CutRecord, StateStore
 
@@ -72,7 +74,9 @@ def changes(
     """
     validate_since(since_cut, since_era)
     (spec,) = config.select(group)
+    builder.require_devices(spec, "take a cut of", config.path)
     found = builder.survey(runner, [spec], check=False)
+    builder.require_surveyed(spec, found, "take a cut of", config.path)
     stacks = found.stacks
     require_running(stacks, found.observed)
     recovered = recover(runner, stacks, found.observed, say)
@@ -83,7 +87,8 @@ def changes(
             ranges = list_changes(runner, held, since)
         # Recorded only once listed and released: a run killed before this point leaves
         # no record, so the next list starts from the last completed cut (a superset).
-        record = store.record_cut(group, held.eras, held.stall_s)
+        seq = next_cut_seq(store, spec, config.state_dir)
+        record = store.record_cut(group, held.eras, held.stall_s, seq=seq)
     finally:
         store.close()
     devices = [
@@ -137,3 +142,17 @@ def require_running(stacks: tuple[StackSpec, ...], owned: Mapping[str, dm.Observ
             f"the group's stacks are not running (missing: {', '.join(missing)})",
             hint="run `dmrepl up` first",
         )
+
+
+def next_cut_seq(store: StateStore, spec: GroupSpec, state_dir: Path) -> int:
+    """The next cut number of a group: past the store's cuts, every cursor it holds, and every
+    cut a site's own record names (also a site down now, when its record is readable here)."""
+    known = [store.next_cut_seq(spec.name)]
+    for site in spec.sites:
+        record = store.site(spec.name, site.name)
+        if record is not None and record.seq is not None:
+            known.append(record.seq + 1)
+        recorded = recorded_cut(site, state_dir)
+        if recorded is not None:
+            known.append(recorded + 1)
+    return max(known)

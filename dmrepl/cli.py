@@ -46,7 +46,7 @@ from dmrepl.errors import (
 )
 from dmrepl.executor import Runner
 from dmrepl.plan import Plan
-from dmrepl.probe import DeviceProblem, probe_block_device
+from dmrepl.probe import DeviceMissing, DeviceProblem, probe_block_device
 from dmrepl.rebuild import apply_dir
 from dmrepl.sizing import metadata_size
 from dmrepl.state import StateStore
@@ -257,10 +257,13 @@ def show_status(
     loaded.select(group)
     require_device_mapper()
     states = builder.status(Runner(), loaded, group)
+    missing = [text for spec in loaded.select(group) for text in builder.unprobed_devices(spec)]
     if as_json:
         devices = [device_state_json(state) for state in states]
         sites = [asdict(site) for site in replicate.site_status(loaded, group)]
-        print(json.dumps({"devices": devices, "sites": sites}, indent=2))
+        shown = {"devices": devices, "missing_devices": missing, "sites": sites}
+        print(json.dumps(shown, indent=2))
+        _fail_if_missing(missing, config)
         return
     for state in states:
         render_device_state(state)
@@ -281,6 +284,18 @@ def show_status(
         store.close()
     for site in replicate.site_status(loaded, group):
         render_site_status(site)
+    _fail_if_missing(missing, config)
+
+
+def _fail_if_missing(missing: list[str], config: Path) -> None:
+    """Status shows what it can, then exits 11 if a configured device path does not probe."""
+    if missing:
+        raise DeviceMissing(
+            f"{len(missing)} configured device path(s) cannot be used; their stacks are not "
+            "shown, and sync, seed and changes refuse to run until this is fixed",
+            context="\n".join(f"- {text}" for text in missing),
+            hint=f"fix the path in {config} (a renamed /dev/disk/by-id link?) or reattach the disk",
+        )
 
 
 def render_site_status(site: replicate.SiteStatus) -> None:
@@ -606,19 +621,13 @@ def apply_deltas(
     )
 
 
-class NotADevice(DmreplError):
-    """`size` of a path that does not exist or is not a block device (docs/cli.md: 11)."""
-
-    exit_code = ExitCode.DEVICE_MISSING
-
-
 def _origin_sectors(origin: str) -> int:
     """`size ORIGIN`: an absolute path is a device to probe, anything else a size."""
     if origin.startswith("/"):
         try:
             return probe_block_device(origin, role="origin").size_sectors
         except DeviceProblem as exc:
-            raise NotADevice(
+            raise DeviceMissing(
                 exc.message, hint="give a disk, partition, LV or loop device, e.g. /dev/sdb"
             ) from None
     try:

@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmrepl import dm, era, loop, safefile
+from dmrepl import dm, era, loop, probe, safefile
 from dmrepl.errors import DmreplError
 from dmrepl.executor import Op, Runner
 from dmrepl.ranges import Extent, blocks_to_sectors
@@ -165,6 +165,51 @@ def _create_pit(
     return pit
 
 
+def cow_file(state_dir: Path, stack: StackSpec) -> Path:
+    """The sparse file backing a device's `-pit` COW while a cut is held (no `cow` device)."""
+    return state_dir / "cow" / f"{stack.device.group}.{stack.device.name}.cow"
+
+
+def leaked_cow_loops(
+    stacks: tuple[StackSpec, ...], state_dir: Path, attached: list[probe.LoopDevice]
+) -> list[probe.LoopDevice]:
+    """Loop devices a killed run left attached to these stacks' COW files.
+
+    A loop still held (by a live `-pit`) is not leaked; `recover` removes stale
+    `-pit` images first. Other groups' COW files are never matched: their cycles
+    run under their own locks.
+    """
+    ours = {str(cow_file(state_dir.resolve(), s)) for s in stacks if s.device.cow is None}
+    return [loop for loop in attached if loop.backing_file in ours and not loop.holders]
+
+
+def recover_cows(
+    runner: Runner,
+    stacks: tuple[StackSpec, ...],
+    state_dir: Path,
+    say: Say,
+    attached: list[probe.LoopDevice] | None = None,
+) -> list[str]:
+    """Detach the COW loops a killed cut left behind and delete their files; returns what
+    was done. Call after `recover` (which removes the stale `-pit` images holding them)."""
+    done: list[str] = []
+    found = probe.loop_devices() if attached is None else attached
+    for leaked in leaked_cow_loops(stacks, state_dir, found):
+        gone = " (deleted)" if leaked.deleted else ""
+        text = (
+            f"detach {leaked.node} (COW loop on {leaked.backing_file}{gone} of an interrupted cut)"
+        )
+        say(text)
+        runner.run(loop.detach(leaked.node))
+        done.append(text)
+    for stack in stacks:
+        path = cow_file(state_dir, stack)
+        if stack.device.cow is None and path.exists():
+            path.unlink()
+            done.append(f"removed {path} (left by an interrupted cut)")
+    return done
+
+
 @contextmanager
 def cow_devices(
     runner: Runner, stacks: tuple[StackSpec, ...], state_dir: Path
@@ -183,10 +228,8 @@ def cow_devices(
             if device.cow is not None:
                 chosen[device.name] = device.cow
                 continue
-            directory = safefile.private_dir(
-                state_dir / "cow", what="state_dir", strict_from=state_dir
-            )
-            path = directory / f"{device.group}.{device.name}.cow"
+            path = cow_file(state_dir, stack)
+            safefile.private_dir(path.parent, what="state_dir", strict_from=state_dir)
             sectors = device.cow_sectors or stack.origin_sectors
             loop.create_sparse_file(path, sectors * 512)
             cleanup.callback(path.unlink, missing_ok=True)

@@ -23,6 +23,12 @@ class DeviceProblem(DmreplError):
     exit_code = ExitCode.UNSAFE
 
 
+class DeviceMissing(DmreplError):
+    """A device path (configured, or given to `size`) is missing or not a block device."""
+
+    exit_code = ExitCode.DEVICE_MISSING
+
+
 @dataclass(frozen=True)
 class BlockDevice:
     """What the kernel says about one block device node."""
@@ -147,3 +153,33 @@ def read_metadata_header(path: str, offset_sectors: int) -> MetadataHeader:
     finally:
         os.close(fd)
     return parse_metadata_header(block)
+
+
+SYS_BLOCK = Path("/sys/block")
+_DELETED = " (deleted)"  # what the kernel appends to the name of an unlinked backing file
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    """An attached loop device, as sysfs describes it."""
+
+    node: str  # /dev/loopN
+    backing_file: str  # the path it was attached to
+    deleted: bool  # that file has been unlinked since (the loop keeps its space)
+    holders: tuple[str, ...]  # kernel names of devices stacked on it (e.g. a `-pit`)
+
+
+def loop_devices(sys_block: Path = SYS_BLOCK) -> list[LoopDevice]:
+    """Every attached loop device (a detached one has no `loop/backing_file`)."""
+    found = []
+    for entry in sorted(sys_block.glob("loop[0-9]*")):
+        try:
+            name = (entry / "loop" / "backing_file").read_text().rstrip("\n")
+            holders = tuple(sorted(p.name for p in (entry / "holders").iterdir()))
+        except OSError:
+            continue  # not attached, or detached while we looked
+        deleted = name.endswith(_DELETED)
+        found.append(
+            LoopDevice(f"/dev/{entry.name}", name.removesuffix(_DELETED), deleted, holders)
+        )
+    return found

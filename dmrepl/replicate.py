@@ -28,9 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmrepl import blockio, builder, delta, phases, safefile
-from dmrepl.changes import require_running
+from dmrepl.changes import next_cut_seq, require_running
 from dmrepl.config import Config, GroupSpec
-from dmrepl.cut import HeldCut, check_pits, cow_devices, held_cut, list_changes, recover
+from dmrepl.cut import (
+    HeldCut,
+    check_pits,
+    cow_devices,
+    held_cut,
+    list_changes,
+    recover,
+    recover_cows,
+)
 from dmrepl.errors import DmreplError, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.journal import JournalError
@@ -111,6 +119,8 @@ def sync(
         )
     for name in seed_sites:
         spec.site(name)
+    doing = "seed" if seed_sites else "sync"
+    builder.require_devices(spec, doing, config.path)  # before the lock: nothing is touched
     with group_lock(config.state_dir, group, "sync"):
         store = StateStore(config.state_dir)
         try:
@@ -134,6 +144,7 @@ class _Cycle:
         self.runner, self.config, self.spec, self.store = runner, config, spec, store
         self.say, self.progress = say, progress
         found = builder.survey(runner, [spec], check=False)
+        builder.require_surveyed(spec, found, "sync", config.path)  # a path vanished since
         self.stacks, self.observed = found.stacks, found.observed
         require_running(self.stacks, self.observed)
         self.spool = Spool(config.state_dir / "spool" / spec.name, spec.name, spec.spool_bytes)
@@ -145,12 +156,13 @@ class _Cycle:
 
     def run(self, force_seed: set[str], target_zeroed: bool) -> SyncResult:
         recovered = recover(self.runner, self.stacks, self.observed, self.say)
+        recovered += recover_cows(self.runner, self.stacks, self.config.state_dir, self.say)
         latest = self.store.cuts(self.spec.name, limit=1)
         for orphan in self.spool.remove_orphans(latest[0].seq if latest else 0):
             recovered.append(f"removed {orphan.name} (capture of a cut never recorded)")
         reachable = self._recover_sites(recovered, force_seed)
         plan = self._plan(reachable, force_seed)
-        seq = self.store.next_cut_seq(self.spec.name)
+        seq = self._next_seq()
         with ExitStack() as self.cleanup:  # unpublished captures are deleted on the way out
             with ExitStack() as resources:
                 cow = resources.enter_context(
@@ -210,17 +222,32 @@ class _Cycle:
                     self.spec.name, name, "the site's journal records no applied cut"
                 )
             report.cursor = held
+            if held is not None and self.store.cut(self.spec.name, held) is None:
+                # The store lost it (state.db deleted, or corrupt and rebuilt): without the
+                # cut's eras nothing can be listed since it, so the site is compared whole.
+                report.detail = (
+                    f"holds cut {held}, which the state store does not know "
+                    "(state.db lost or rebuilt): re-seeding by compare"
+                )
+                self.store.set_site_state(self.spec.name, name, "needs seed", report.detail)
+                self.say(f"site {name}: {report.detail}")
             reachable[name] = site
         return reachable
 
     def _plan(self, reachable: Mapping[str, Site], force_seed: set[str]) -> _Plan:
-        cursors = {name: self._cursor(name) for name in self.sites}
-        seeded = [c for name, c in cursors.items() if c is not None and name not in force_seed]
+        cursors = {
+            name: cursor
+            for name in self.sites
+            if (cursor := self._cursor(name)) is not None
+            and self.store.cut(self.spec.name, cursor) is not None
+        }  # sites at a cut the store knows; the others are seeded (again)
+        seeded = [c for name, c in cursors.items() if name not in force_seed]
         head = self.spool.head()
         if head is None and seeded:
             head = max(seeded)
         plan = _Plan(head=head, spool_delta=False)
-        for name, cursor in cursors.items():
+        for name in self.sites:
+            cursor = cursors.get(name)
             if name in force_seed or cursor is None:
                 if name in reachable:
                     plan.seed.append(name)
@@ -231,6 +258,11 @@ class _Cycle:
             elif name in reachable:
                 plan.resync[name] = cursor
         return plan
+
+    def _next_seq(self) -> int:
+        """The new cut's number: past every cut the store or a site knows of, so a store
+        rebuilt after a loss never gives a site's cut number to a different cut."""
+        return next_cut_seq(self.store, self.spec, self.config.state_dir)
 
     # -- 2. capture while the cut is held
 

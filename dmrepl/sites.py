@@ -23,7 +23,7 @@ from typing import BinaryIO
 from dmrepl import blockio, delta, phases, safefile
 from dmrepl.config import SiteSpec
 from dmrepl.errors import DmreplError, ExitCode
-from dmrepl.journal import Journal, JournalState
+from dmrepl.journal import SLOT_BYTES, Journal, JournalState, decode_header
 from dmrepl.probe import DeviceProblem, probe_block_device
 from dmrepl.stack import StackSpec
 from dmrepl.units import format_sectors
@@ -50,6 +50,31 @@ class Delivery:
     data_bytes: int
 
 
+def journal_path(spec: SiteSpec, state_dir: Path) -> Path:
+    """A blockdev site's journal: as configured, else a file in the state directory."""
+    default = state_dir / "journal" / f"{spec.group}.{spec.name}.journal"
+    return Path(spec.journal) if spec.journal else default
+
+
+def recorded_cut(spec: SiteSpec, state_dir: Path) -> int | None:
+    """The newest cut number a site's own record names (a journal header's, a `dir` site's
+    newest file), read without creating or changing anything; None if there is none to read.
+
+    Cut numbers are never reused, so a state store rebuilt after a loss numbers past these.
+    """
+    if spec.transport == "dir":
+        directory = Path(spec.path or "")
+        deltas = listed_deltas(directory, spec.group) if directory.is_dir() else []
+        return deltas[-1][0] if deltas else None
+    try:
+        with journal_path(spec, state_dir).open("rb") as journal:
+            slots = [decode_header(journal.read(SLOT_BYTES)) for _ in range(2)]
+    except OSError:
+        return None
+    seqs = [h.seq for h in slots if h is not None and h.state is not JournalState.IDLE]
+    return max(seqs, default=None)
+
+
 class BlockdevSite:
     """Replicas that are block devices on this host, behind a journal."""
 
@@ -57,8 +82,7 @@ class BlockdevSite:
         self.spec = spec
         self.stacks = stacks
         self.state_dir = state_dir
-        default = state_dir / "journal" / f"{spec.group}.{spec.name}.journal"
-        self.journal_path = Path(spec.journal) if spec.journal else default
+        self.journal_path = journal_path(spec, state_dir)
 
     @property
     def name(self) -> str:

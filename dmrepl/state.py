@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dmrepl import safefile
+from dmrepl.errors import DmreplError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cuts (
@@ -85,15 +88,88 @@ class SiteRecord:
     checked: float
 
 
-class StateStore:
-    """Opens (creating if needed) `<state_dir>/state.db`."""
+# sqlite3's result codes for a file that is damaged or not a database at all.
+_CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
 
-    def __init__(self, state_dir: Path):
+
+class StateStoreError(DmreplError):
+    """The state store cannot be opened (not because it is corrupt: that one is rebuilt)."""
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
+class StateStore:
+    """Opens (creating if needed) `<state_dir>/state.db`.
+
+    The store is a cache of what the kernel and the sites know. A corrupt one is
+    moved aside as `state.db.corrupt-<UTC time>` (kept as evidence), `warn` says
+    so, and a new one is started; the cycle then rebuilds each site's cursor from
+    the site's own record (see dmrepl.replicate).
+    """
+
+    def __init__(self, state_dir: Path, warn: Callable[[str], None] = _warn):
         safefile.private_dir(state_dir, what="state_dir")
         self.path = state_dir / "state.db"
-        os.close(safefile.open_own(self.path))  # 0600, never through a link; sqlite opens it
-        self.db = sqlite3.connect(self.path)
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPT_CODES:
+                raise self._unusable(exc) from None
+            try:
+                aside = self._move_aside()
+            except OSError as failed:
+                raise self._unusable(exc, f"; moving it aside failed: {failed}") from None
+            warn(
+                f"{self.path} is corrupt ({exc}); moved it to {aside.name} and started a new "
+                "state store. Each site's place is taken from the site itself; a site holding "
+                "a cut the new store does not know is re-seeded by compare."
+            )
+            try:
+                self.db = self._open()
+            except sqlite3.Error as again:
+                raise self._unusable(again) from None
+
+    def _open(self) -> sqlite3.Connection:
+        try:  # created 0600 and never through a link; then sqlite opens it
+            os.close(safefile.open_own(self.path))
+        except OSError as exc:
+            raise self._unusable(exc) from None
+        db = sqlite3.connect(self.path)
+        try:
+            (verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
+            if verdict != "ok":
+                error = sqlite3.DatabaseError(f"integrity check: {verdict}")
+                error.sqlite_errorcode = _CORRUPT_CODES[0]
+                raise error
+            db.executescript(SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self) -> Path:
+        """Rename the corrupt database (and its rollback journal) out of the way, never over
+        an earlier one."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        count = 1
+        while aside.exists():
+            count += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}.{count}")
+        os.rename(self.path, aside)
+        journal = self.path.with_name(self.path.name + "-journal")
+        if journal.exists():
+            os.rename(journal, aside.with_name(aside.name + "-journal"))
+        return aside
+
+    def _unusable(self, exc: Exception, more: str = "") -> StateStoreError:
+        return StateStoreError(
+            f"cannot use the state store {self.path}: {exc}{more}",
+            hint="check that the state directory is writable and not on a full or read-only "
+            "filesystem, and that no other program holds the file",
+        )
 
     def close(self) -> None:
         self.db.close()
