@@ -8,6 +8,7 @@ that names the problem, no traceback, and every file under `$W` unchanged (a has
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl import loop
+from dmrepl import loop, probe
 from dmrepl.delta import DeltaDevice, DeltaHeader, DeltaWriter
 from dmrepl.errors import ExitCode
 from tests.clirun import run_cli_here
@@ -129,6 +130,9 @@ class Case:
     runuser: bool = False  # run as a real `nobody` in a subprocess (file permissions matter)
     why: str = ""  # why this behaviour is right (the report's verdict, or ours)
     writes: tuple[str, ...] = ()  # files under $W a successful case is meant to change
+    creates: tuple[str, ...] = ()  # fnmatch patterns of what the case is meant to create
+    forbid: tuple[str, ...] = ()  # must not appear in stdout or stderr
+    probes: bool = False  # the scratch devices under $W/dev pass the probe as block devices
 
 
 def _subst(text: str, w: Path) -> str:
@@ -160,7 +164,25 @@ def run_case(
     monkeypatch.chdir(w)  # relative paths resolve in $W, and anything created there is seen
     monkeypatch.setattr(os, "geteuid", lambda: case.euid)  # what cli.require_root asks
     monkeypatch.setattr(loop, "kernel_has_device_mapper", lambda: case.dm == "fake")
+    if case.probes:
+        pretend_block_devices(w / "dev", monkeypatch)
     return run_cli_here(*args)
+
+
+def pretend_block_devices(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regular files in `directory` probe as whole disks of their size (no holders, not
+    mounted), so a command gets past the device checks to the lock and the state store."""
+    real = probe.probe_block_device
+
+    def fake(path: str, *, role: str) -> probe.BlockDevice:
+        found = Path(path)
+        if found.parent != directory or not found.is_file():
+            return real(path, role=role)
+        dev_id = f"7:{found.stat().st_ino % 1000}"
+        size = found.stat().st_size // 512
+        return probe.BlockDevice(path, dev_id, size, (), (), dev_id, 0)
+
+    monkeypatch.setattr(probe, "probe_block_device", fake)
 
 
 def run_as_nobody(args: list[str], env: dict[str, str], *, cwd: Path) -> tuple[int, str, str]:
@@ -187,12 +209,20 @@ def check_case(case: Case, w: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert code == case.code, output
     assert _subst(case.message, w) in output, output
     assert "Traceback" not in output, output
+    for text in case.forbid:
+        assert _subst(text, w) not in output, output
     # A device with a problem of its own is not also "not a device of this group" (finding 12).
     if "not a device of this group" not in case.message:
         assert "not a device of this group" not in output, output
     after = tree_digest(w)
     for rel in case.writes:
         assert after.pop(rel) != before.pop(rel), f"{rel} was not written"
+    created = sorted(set(after) - set(before))
+    for pattern in case.creates:
+        assert fnmatch.filter(created, pattern), f"nothing like {pattern} created: {created}"
+    for rel in created:
+        assert any(fnmatch.fnmatchcase(rel, p) for p in case.creates), f"{rel} was created"
+        del after[rel]
     assert after == before
 
 
