@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmrepl import safefile
-from dmrepl.errors import DmreplError
+from dmrepl.errors import DmreplError, ExitCode
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cuts (
@@ -94,6 +94,8 @@ _CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 class StateStoreError(DmreplError):
     """The state store cannot be opened (not because it is corrupt: that one is rebuilt)."""
+
+    exit_code = ExitCode.INVALID_INPUT  # like a state_dir that cannot be used (safefile)
 
 
 def _warn(text: str) -> None:
