@@ -19,6 +19,7 @@ up by PREPARE, keyed by case id; mounts and holders are undone after the case.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from dmrepl.errors import ExitCode
-from dmrepl.lock import lock_holder
+from dmrepl.lock import describe_holder, flock_holders, lock_holder
 from dmrepl.spool import Spool
 from dmrepl.state import StateStore
 from tests.unit.badinput import (
@@ -114,7 +115,7 @@ STATE_STORE = [
         "S02",
         ("sync", "db"),
         ERR.BUSY,
-        "group db is busy: pid ",
+        "(flock $W/state/locks/db.lock sleep 60)",
         dm=FAKE,
         probes=True,
         config=GOOD,
@@ -187,6 +188,19 @@ STATE_STORE = [
         creates=("mnt-full/state", "mnt-full/state/locks", "mnt-full/state/locks/db.lock"),
         why="was an ENOSPC traceback: the run stops at the lock's record, leaving the empty "
         "lock file and its directories (a lock nobody holds: harmless, and no data)",
+    ),
+    Case(
+        "S05=",
+        ("sync", "db"),
+        ERR.INVALID_INPUT,
+        "cannot use the state store $W/mnt-full/kept/state.db: database or disk is full",
+        at("$W/mnt-full/kept"),
+        dm=FAKE,
+        probes=True,
+        writes=("mnt-full/kept/locks/db.lock",),
+        creates=("mnt-full/kept/state.db",),
+        why="the lock's record fits (its page is the old record's); the new store does not: "
+        "a clear exit 10, with an empty state.db that the next run fills",
     ),
     Case(
         "S05b",
@@ -457,6 +471,8 @@ def _full(w: Path, stack: contextlib.ExitStack) -> None:
     _mount(stack, where, "size=256k,mode=0755")
     with open(where / "t", "wb") as target:  # apply's target: a sparse image (S05b)
         target.truncate(2048 * 512)
+    kept = _private(where / "kept")  # an earlier run's lock, its store lost (S05=)
+    (_private(kept / "locks") / "db.lock").write_text(STALE)
     with open(where / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
         while True:
             filler.write(b"\xff" * 4096)
@@ -495,6 +511,7 @@ PREPARE: dict[str, Callable[[Path, contextlib.ExitStack], None]] = {
     "S04=": _read_only,
     "S04b": _read_only,
     "S05": _full,
+    "S05=": _full,
     "S05b": _full,
     "S07": _evil_state,
     "F12": _corrupt,
@@ -524,3 +541,33 @@ def test_every_state_and_fake_dmsetup_case_of_the_report_is_here() -> None:
     report = [f"S0{n}" for n in range(1, 8)] + [f"F{n:02}" for n in range(1, 18)]
     report += ["S01b", "S01c", "S01d", "S02b", "S04b", "S05b"]
     assert sorted(set(report) - {c.id for c in CASES}) == []
+
+
+def test_proc_locks_is_read_for_flock_holders_of_that_file_only(tmp_path: Path) -> None:
+    """S02's fix reads /proc/locks: FLOCK lines of this inode, never waiters or POSIX locks."""
+    lock = tmp_path / "db.lock"
+    lock.write_text(STALE)
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        here = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        table = tmp_path / "locks"
+        table.write_text(
+            f"1: FLOCK  ADVISORY  WRITE 4242 {here} 0 EOF\n"
+            f"1: -> FLOCK  ADVISORY  WRITE 5353 {here} 0 EOF\n"
+            f"2: POSIX  ADVISORY  WRITE 6464 {here} 0 EOF\n"
+            f"3: FLOCK  ADVISORY  WRITE 7575 {here}0 0 EOF\n"
+            "4: FLOCK  ADVISORY  WRITE x y 0 EOF\n"
+        )
+        assert flock_holders(fd, table) == [4242]
+        assert flock_holders(fd, tmp_path / "no-such-table") == []
+        with lock.open("rb") as other:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            assert flock_holders(fd) == [os.getpid()]  # the real table, this process
+            shown = describe_holder(fd)
+            assert shown.startswith(f"pid {os.getpid()} (") and "11396" not in shown
+            own = f"pid {os.getpid()} (sync, started 2026-12-02 00:00:00, dmrepl sync db)"
+            lock.write_text(own)
+            assert describe_holder(fd) == own  # the holder's own record
+    finally:
+        os.close(fd)
