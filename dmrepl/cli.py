@@ -6,6 +6,7 @@ type (dmrepl.errors.ExitCode); `--debug` re-raises them with the traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -559,7 +560,10 @@ def run(
     while not stop.is_set():
         try:
             code = _sync_once(config, group, (), False)
-        except DmreplError as error:
+        except (DmreplError, OSError) as caught:
+            error = caught if isinstance(caught, DmreplError) else filesystem_error(caught)
+            if error is None or Options.debug:
+                raise
             if isinstance(error, Interrupted):
                 break
             render_error(error)
@@ -684,13 +688,32 @@ def render_error(error: DmreplError) -> None:
         err.print(f"[yellow]hint:[/] {error.hint}", markup=True)
 
 
+# A full, read-only or failing filesystem is the host's problem, not dmrepl's bug: it is said
+# plainly (exit 1, like apply's write errors in docs/cli.md); --debug shows the traceback.
+FILESYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
+def filesystem_error(exc: OSError) -> DmreplError | None:
+    """The error to show for an OSError of a full, read-only or failing filesystem; None for
+    any other OSError (a bug: its traceback is shown)."""
+    if exc.errno not in FILESYSTEM_ERRNOS:
+        return None
+    where = f": {exc.filename}" if exc.filename else ""
+    return DmreplError(
+        f"{exc.strerror or exc}{where}",
+        hint="free space on (or remount read-write) the filesystem it names, then run the "
+        "command again; it stopped at that write (--debug shows where)",
+    )
+
+
 def main() -> None:
     """Console-script entry point. Usage errors are click's (exit 2); ours are rendered here."""
     os.umask(safefile.PRIVATE_UMASK)  # whatever dmrepl creates holds replicated data
     try:
         app()
-    except DmreplError as error:
-        if Options.debug:
+    except (DmreplError, OSError) as caught:
+        error = caught if isinstance(caught, DmreplError) else filesystem_error(caught)
+        if error is None or Options.debug:
             raise
         render_error(error)
         sys.exit(int(error.exit_code))

@@ -19,6 +19,7 @@ up by PREPARE, keyed by case id; mounts and holders are undone after the case.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import subprocess
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from dmrepl import replicate
+from dmrepl.cli import filesystem_error
 from dmrepl.errors import ExitCode
 from dmrepl.lock import describe_holder, flock_holders, lock_holder
 from dmrepl.spool import Spool
@@ -201,6 +204,19 @@ STATE_STORE = [
         creates=("mnt-full/kept/state.db",),
         why="the lock's record fits (its page is the old record's); the new store does not: "
         "a clear exit 10, with an empty state.db that the next run fills",
+    ),
+    Case(
+        "S05+",
+        ("sync", "db"),
+        ERR.FAILURE,
+        "No space left on device: $W/state/spool/db/.db.0000000002.0000000001.delta.partial",
+        GOOD,
+        dm=FAKE,
+        probes=True,
+        creates=("state", "state/state.db", "state/locks", "state/locks/db.lock"),
+        why="the report's S05 traceback came from a write in the middle of a cycle (this host "
+        "has no stacks to get there: the cycle is replaced by one whose spool write fails); "
+        "said plainly, exit 1 like apply's write errors, the lock released",
     ),
     Case(
         "S05b",
@@ -478,6 +494,20 @@ def _full(w: Path, stack: contextlib.ExitStack) -> None:
             filler.write(b"\xff" * 4096)
 
 
+def _full_mid_cycle(w: Path, stack: contextlib.ExitStack) -> None:
+    partial = w / "state/spool/db/.db.0000000002.0000000001.delta.partial"
+
+    class Cycle:
+        def __init__(self, *_args: object) -> None:
+            pass
+
+        def run(self, *_args: object) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
+
+    patch = stack.enter_context(pytest.MonkeyPatch.context())
+    patch.setattr(replicate, "_Cycle", Cycle)
+
+
 def _evil_state(w: Path, _stack: contextlib.ExitStack) -> None:
     victim = w / "victim.txt"
     victim.write_text("ROOT ONLY\n")
@@ -512,6 +542,7 @@ PREPARE: dict[str, Callable[[Path, contextlib.ExitStack], None]] = {
     "S04b": _read_only,
     "S05": _full,
     "S05=": _full,
+    "S05+": _full_mid_cycle,
     "S05b": _full,
     "S07": _evil_state,
     "F12": _corrupt,
@@ -571,3 +602,11 @@ def test_proc_locks_is_read_for_flock_holders_of_that_file_only(tmp_path: Path) 
             assert describe_holder(fd) == own  # the holder's own record
     finally:
         os.close(fd)
+
+
+def test_only_a_full_read_only_or_failing_filesystem_is_rendered_without_traceback() -> None:
+    """Any other OSError is a bug of dmrepl's: its traceback stays (exit 1)."""
+    full = filesystem_error(OSError(errno.EROFS, "Read-only file system", "/x/state.db"))
+    assert full is not None and full.message == "Read-only file system: /x/state.db"
+    assert full.exit_code == ERR.FAILURE
+    assert filesystem_error(OSError(errno.ENOENT, "No such file or directory")) is None
