@@ -9,7 +9,7 @@ from pathlib import Path
 from dmrepl import builder, dm
 from dmrepl.config import Config, GroupSpec
 from dmrepl.cut import held_cut, list_changes, recover
-from dmrepl.errors import DmreplError, InvalidInput
+from dmrepl.errors import DmreplError, ExitCode, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.ranges import Extent
 from dmrepl.signals import Say
@@ -135,10 +135,16 @@ def _since(
     return {d: record.eras[d] + 1 if d in record.eras else FIRST_ERA for d in devices}, label
 
 
+class StacksNotRunning(DmreplError):
+    """A command that needs the group's stacks found some of their layers missing."""
+
+    exit_code = ExitCode.NOT_RUNNING
+
+
 def require_running(stacks: tuple[StackSpec, ...], owned: Mapping[str, dm.ObservedDevice]) -> None:
     missing = [layer.name for s in stacks for layer in s.layers if layer.name not in owned]
     if missing:
-        raise DmreplError(
+        raise StacksNotRunning(
             f"the group's stacks are not running (missing: {', '.join(missing)})",
             hint="run `dmrepl up` first",
         )

@@ -30,6 +30,7 @@ class ExitCode(IntEnum):
     STACK_MISMATCH = 15  # a running stack differs from the configuration
     CORRUPT = 16  # a delta (spool file, site journal, transfer) failed its checks
     SITES_BEHIND = 17  # the cycle completed, but a site is down, behind or misconfigured
+    NOT_RUNNING = 18  # the group's stacks are not running (run `dmrepl up`)
     INTERRUPTED = 130  # SIGINT/SIGTERM: what was done has been undone
 
 

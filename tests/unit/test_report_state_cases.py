@@ -10,7 +10,7 @@ devices are regular files, so a command that needs its devices stops at the devi
 (exit 11) before the lock and the state store; rows with probes=True let them pass the probe
 as block devices, so the command reaches the lock and the state store the S cases are about.
 Past those, the fake dmsetup has no stacks running: "the group's stacks are not running"
-(exit 1, changes.require_running) is where such a sync ends.
+(exit 18, changes.require_running) is where such a sync ends.
 
 The state each case needs ($W/st-corrupt, a flock holder, a read-only or full tmpfs) is set
 up by PREPARE, keyed by case id; mounts and holders are undone after the case.
@@ -139,7 +139,7 @@ STATE_STORE = [
     Case(
         "S03",
         ("sync", "db"),
-        ERR.FAILURE,
+        ERR.NOT_RUNNING,
         NOT_RUNNING,
         GOOD,
         dm=FAKE,
