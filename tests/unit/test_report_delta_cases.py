@@ -53,10 +53,18 @@ FULL_WRITES: list[Write] = [(0, 0, b"\x01" * 4096), (0, 16, b"\x02" * 8192)]
 INC2_WRITES: list[Write] = [(0, 8, b"\x03" * 512), (0, 1000, b"\x04" * 1024)]
 INC3_WRITES: list[Write] = [(0, 8, b"\x05" * 512)]
 OVERLAPPING: list[Write] = [(0, 0, b"\x0a" * 4096), (0, 4, b"\x0b" * 4096)]  # D10: 0..8, 4..12
-MANY_SMALL: list[Write] = [(0, s, bytes([s % 251 + 1]) * 512) for s in range(BIG_SECTORS)]
-MAX_RECORDS: list[Write] = [
-    (0, i * 2048, bytes([i + 1]) * (1 << 20)) for i in range(BIG_SECTORS // 2048)
-]
+
+
+def many_small() -> Iterator[Write]:
+    """D27: a record of 512 B for every sector of a 32 MiB device (made when needed)."""
+    return ((0, s, bytes([s % 251 + 1]) * 512) for s in range(BIG_SECTORS))
+
+
+def max_records() -> Iterator[Write]:
+    """D27b: records of the largest size, 1 MiB, over a 32 MiB device."""
+    return ((0, i * 2048, bytes([i + 1]) * (1 << 20)) for i in range(BIG_SECTORS // 2048))
+
+
 KILLED: list[Write] = [(0, i * 8, bytes([i + 1]) * 4096) for i in range(64)]  # D30
 
 
@@ -112,7 +120,6 @@ FULL = "db.0000000001.full.delta"
 INC2 = "db.0000000002.0000000001.delta"
 INC3 = "db.0000000003.0000000002.delta"
 R0 = header_end(blob())  # where record 0 starts in blob()
-R1 = R0 + 18 + 4096
 
 
 def put(d: Path, name: str, data: bytes) -> None:
@@ -231,12 +238,12 @@ def big_target(d: Path, w: Path) -> None:
 
 def d27(d: Path, w: Path) -> None:
     big_target(d, w)
-    write_delta(d / FULL, header(devices=(("data", BIG_SECTORS),)), MANY_SMALL)
+    write_delta(d / FULL, header(devices=(("data", BIG_SECTORS),)), many_small())
 
 
 def d27b(d: Path, w: Path) -> None:
     big_target(d, w)
-    write_delta(d / FULL, header(devices=(("data", BIG_SECTORS),)), MAX_RECORDS)
+    write_delta(d / FULL, header(devices=(("data", BIG_SECTORS),)), max_records())
 
 
 def d28(d: Path, w: Path) -> None:
@@ -292,7 +299,7 @@ class Row:
 
     case: Case
     build: Callable[[Path, Path], object]
-    image: bytes | None = None
+    image: Callable[[], bytes] | None = None
     target: str = "dev/target"
     absent: tuple[str, ...] = field(default=())  # must not appear in the output
 
@@ -307,7 +314,7 @@ def row(
     directory: str | None = None,
     group: str = "db",
     why: str = "",
-    image: bytes | None = None,
+    image: Callable[[], bytes] | None = None,
     target: str = "dev/target",
     absent: tuple[str, ...] = (),
 ) -> Row:
@@ -330,7 +337,7 @@ BIG = ("data=$W/dev/big",)
 ROWS = [
     row(
         "D00", chain, ERR.OK, "targets hold cut 3 of db (3 deltas",
-        image=image(FULL_WRITES, INC2_WRITES, INC3_WRITES),
+        image=lambda: image(FULL_WRITES, INC2_WRITES, INC3_WRITES),
         why="baseline: a full image and two incrementals rebuild the image exactly",
     ),
     row("D01", damaged_full(lambda b: b[:-10]), ERR.CORRUPT, "corrupt delta: truncated at byte"),
@@ -383,7 +390,7 @@ ROWS = [
     ),
     row(
         "D10", full(OVERLAPPING), ERR.OK, "targets hold cut 1 of db (1 deltas",
-        image=image(OVERLAPPING),
+        image=lambda: image(OVERLAPPING),
         why="baseline: overlapping records are valid (docs/delta-format.md: records apply in "
         "stream order), so the last one wins",
     ),
@@ -533,12 +540,12 @@ ROWS = [
     ),
     row(
         "D27", d27, ERR.OK, "targets hold cut 1 of db (1 deltas, 32", to=BIG,
-        image=image(MANY_SMALL, sectors=BIG_SECTORS), target="dev/big",
+        image=lambda: image(many_small(), sectors=BIG_SECTORS), target="dev/big",
         why="baseline: 65536 records of 512 B stream (memory: test_memory_stays_bounded)",
     ),
     row(
         "D27b", d27b, ERR.OK, "targets hold cut 1 of db (1 deltas, 32", to=BIG,
-        image=image(MAX_RECORDS, sectors=BIG_SECTORS), target="dev/big",
+        image=lambda: image(max_records(), sectors=BIG_SECTORS), target="dev/big",
         why="baseline: 32 records of the largest size, 1 MiB (memory: as D27)",
     ),
     row(
@@ -557,7 +564,7 @@ ROWS = [
         why="was exit 0, a's data overwritten by b's: distinct targets are checked first",
     ),
     row(
-        "D30", d30, ERR.OK, "targets hold cut 1 of db (1 deltas", image=image(KILLED),
+        "D30", d30, ERR.OK, "targets hold cut 1 of db (1 deltas", image=lambda: image(KILLED),
         why="baseline: after kill -9 half way (the builder does it, and checks the target is "
         "half written) nothing can say what the target holds (docs/cli.md says so); the same "
         "apply again zeroes it and rebuilds the exact image",
@@ -643,7 +650,7 @@ def test_report_delta_case(r: Row, scratch: Path, monkeypatch: pytest.MonkeyPatc
     build(r, scratch)
     output = check_case(r.case, scratch, monkeypatch)
     if r.image is not None:
-        assert (scratch / r.target).read_bytes() == r.image
+        assert (scratch / r.target).read_bytes() == r.image()
     for text in r.absent:
         assert text not in output, output
 
