@@ -345,8 +345,7 @@ def _check_devices(step: _Step, targets: Mapping[str, str], opened: Mapping[str,
     names = [d.name for d in step.header.devices]
     if set(names) != set(targets):
         raise InvalidInput(
-            f"{step.path} holds devices {', '.join(names)}; targets given for "
-            f"{', '.join(sorted(targets))}",
+            f"{step.path} holds devices {_some(names)}; targets given for {_some(sorted(targets))}",
             hint="give --to NAME=DEVICE for every device of the group",
         )
     for device in step.header.devices:
@@ -357,6 +356,14 @@ def _check_devices(step: _Step, targets: Mapping[str, str], opened: Mapping[str,
                 f"{device.sectors * 512} bytes",
                 hint="a target must be exactly the size of the origin",
             )
+
+
+def _some(names: list[str], limit: int = 10) -> str:
+    """Names for a message: all, or the first `limit` and how many more (a header may list
+    65535 devices, report case D28)."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
 def _write_chain(

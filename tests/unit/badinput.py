@@ -12,9 +12,11 @@ import fnmatch
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +91,50 @@ def write_full_delta(directory: Path) -> Path:
         writer.add(0, 8, b"\x05" * 4096)
         writer.finish()
     return path
+
+
+# Byte surgery on a delta (docs/delta-format.md), for the report's corruptions that must get past
+# a checksum to reach the check they aim at.
+_U32 = struct.Struct("<I")
+_RECORD_FIELDS = struct.Struct("<HIQ")  # device index, length, offset: what a record's CRC covers
+
+
+def header_end(blob: bytes) -> int:
+    """Where the header ends and record 0 (or the trailer) starts."""
+    json_length: int = _U32.unpack_from(blob, 10)[0]
+    return 14 + json_length + 4
+
+
+def with_header_json(blob: bytes, body: bytes) -> bytes:
+    """`blob` with its header JSON replaced by `body` and the header checksum made right again
+    (the stream checksum is not: the reader stops at the header first)."""
+    head = blob[:10] + _U32.pack(len(body)) + body
+    return head + _U32.pack(zlib.crc32(head)) + blob[header_end(blob) :]
+
+
+def with_header_crc_fixed(blob: bytes) -> bytes:
+    """`blob` (its preamble or JSON changed in place) with a header checksum that matches."""
+    end = header_end(blob) - 4
+    return blob[:end] + _U32.pack(zlib.crc32(blob[:end])) + blob[end + 4 :]
+
+
+def with_record_fields(
+    blob: bytes, start: int, *, device: int | None = None, length: int | None = None,
+    offset: int | None = None, fix_crc: bool = True,
+) -> bytes:  # fmt: skip
+    """The record at byte `start` with some of its fields replaced and (by default) a record
+    checksum that matches them, so the reader gets to its bounds checks."""
+    old_device, old_length, old_offset = _RECORD_FIELDS.unpack_from(blob, start)
+    fields = _RECORD_FIELDS.pack(
+        old_device if device is None else device,
+        old_length if length is None else length,
+        old_offset if offset is None else offset,
+    )
+    (crc,) = _U32.unpack_from(blob, start + _RECORD_FIELDS.size)
+    if fix_crc:
+        data_start = start + _RECORD_FIELDS.size + 4
+        crc = zlib.crc32(blob[data_start : data_start + old_length], zlib.crc32(fields))
+    return blob[:start] + fields + _U32.pack(crc) + blob[start + _RECORD_FIELDS.size + 4 :]
 
 
 def good_config(
@@ -200,8 +246,9 @@ def run_as_nobody(args: list[str], env: dict[str, str], *, cwd: Path) -> tuple[i
     return done.returncode, done.stdout, done.stderr
 
 
-def check_case(case: Case, w: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Exit code, message, no traceback, and nothing under $W created, changed or removed."""
+def check_case(case: Case, w: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Exit code, message, no traceback, and nothing under $W created, changed or removed
+    (but `case.writes`, which must change); returns the output (stdout, then stderr)."""
     args = case_args(case, w)
     before = tree_digest(w)
     code, stdout, stderr = run_case(case, w, args, monkeypatch)
@@ -224,6 +271,7 @@ def check_case(case: Case, w: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert any(fnmatch.fnmatchcase(rel, p) for p in case.creates), f"{rel} was created"
         del after[rel]
     assert after == before
+    return output
 
 
 @contextlib.contextmanager
