@@ -65,7 +65,7 @@ STATE_STORE = [
     Case(
         "S01",
         ("sync", "db"),
-        ERR.FAILURE,
+        ERR.NOT_RUNNING,
         "state.db is corrupt (file is not a database); moved it to state.db.corrupt-",
         at("$W/st-corrupt"),
         dm=FAKE,
@@ -74,7 +74,7 @@ STATE_STORE = [
         creates=("st-corrupt/state.db.corrupt-*",),
         why="was a sqlite3.DatabaseError traceback: the store is a cache, so a corrupt one is "
         "kept aside as evidence and a new one started; the cycle then stops where this host "
-        f"stops every sync ({NOT_RUNNING}, exit 1)",
+        f"stops every sync ({NOT_RUNNING}, exit 18)",
     ),
     Case(
         "S01=",
@@ -105,7 +105,7 @@ STATE_STORE = [
     Case(
         "S01d",
         ("sync", "db"),
-        ERR.FAILURE,
+        ERR.NOT_RUNNING,
         "state.db is corrupt (database disk image is malformed)",
         at("$W/st-trunc"),
         dm=FAKE,
