@@ -9,7 +9,9 @@ end, its name against its header (cut, base cut, full or incremental), each
 step's eras against the step before, and the targets (distinct, not in use,
 exactly each device's size). While writing, the targets are between two cuts;
 an error or a signal then stops with a message that says which cuts, and how to
-finish (records hold absolute data, so applying a delta again is harmless).
+finish (records hold absolute data, so applying a delta again is harmless). A
+kill -9 or a crash cannot say it: a durable record (dmrepl.applylog) does, and
+the next apply onto the same targets reports it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from dmrepl import blockio, delta, safefile
+from dmrepl import applylog, blockio, delta, safefile
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
 from dmrepl.signals import Say, SignalLatch, deferred_signals
 from dmrepl.sites import listed_deltas
@@ -95,6 +97,7 @@ def apply_dir(
         if value is not None and value < 0:
             raise InvalidInput(f"{option} {value} is not a cut (cuts are numbered from 1)")
     _check_directory(directory)
+    _check_unfinished(targets, from_cut, say)
     planned = _plan(directory, group, from_cut, to_cut)
     if to_cut is None:
         _note_unreachable(directory, group, planned[-1][0] if planned else from_cut, say)
@@ -103,7 +106,7 @@ def apply_dir(
         steps = _verified_chain(planned, group)
         for step in steps:
             _check_devices(step, targets, opened)
-        return _write_chain(steps, opened, from_cut, say)
+        return _write_chain(steps, opened, from_cut, say, record=(group, targets))
 
 
 def _check_directory(directory: Path) -> None:
@@ -366,10 +369,38 @@ def _some(names: list[str], limit: int = 10) -> str:
     return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
+def _check_unfinished(targets: Mapping[str, str], from_cut: int | None, say: Say) -> None:
+    """Say what an earlier apply onto these targets left, if it never finished (a kill -9, a
+    crash); refuse a --from-cut the targets cannot hold."""
+    unfinished = applylog.read(targets)
+    if unfinished is None:
+        return
+    wanted = "apply from the full image (without --from-cut)"
+    if unfinished.held is not None:
+        wanted = f"give --from-cut {unfinished.held}, or apply from the full image"
+    if from_cut is not None and from_cut != unfinished.held:
+        raise InvalidInput(
+            f"an earlier apply onto these targets did not finish: {unfinished.describe()}; "
+            f"they do not hold cut {from_cut}",
+            hint=wanted,
+        )
+    say(f"an earlier apply onto these targets did not finish: {unfinished.describe()}")
+
+
 def _write_chain(
-    steps: list[_Step], targets: Mapping[str, int], start: int | None, say: Say
+    steps: list[_Step],
+    targets: Mapping[str, int],
+    start: int | None,
+    say: Say,
+    record: tuple[str, Mapping[str, str]],
 ) -> ApplyResult:
-    """Apply the verified steps in order; on failure say exactly what the targets hold."""
+    """Apply the verified steps in order; on failure say exactly what the targets hold.
+
+    While a step is written, a durable record (dmrepl.applylog) says so, for the next
+    apply to report if this one is killed.
+    """
+    group, paths = record
+    warned = False
     applied: list[int] = []
     total = 0
     at = start
@@ -381,10 +412,19 @@ def _write_chain(
             say(f"applying cut {header.seq} from {step.path.name} ({size} bytes)")
             stream, reread = _reopen(step, at)
             with stream:
+                in_progress = applylog.started(group, paths, at, header.seq, step.path.name)
+                problem = applylog.write(in_progress)
+                if problem is not None and not warned:
+                    say(
+                        f"warning: cannot keep a record of this apply ({problem}); if it is "
+                        "killed, nothing will say what the targets hold"
+                    )
+                    warned = True
                 try:
                     _write_step(stream, reread, str(step.path), targets, latch)
                 except (OSError, DmreplError) as exc:
                     raise _stopped(exc, at, step) from None
+            applylog.clear(paths)  # the targets hold a whole cut again
             applied.append(header.seq)
             total += step.summary.data_bytes
             at = header.seq

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl import blockio, delta, rebuild
-from dmrepl.errors import DmreplError, ExitCode
+from dmrepl import applylog, blockio, delta, rebuild
+from dmrepl.errors import DmreplError, ExitCode, InvalidInput
 from dmrepl.rebuild import apply_dir
 from dmrepl.sites import delta_file_name
 from tests.clirun import run_cli_here
@@ -419,3 +419,76 @@ def test_a_chain_with_a_missing_delta_says_where_it_stops(vault: Path, target: P
         "the chain stops at cut 2" in line and "g.0000000004.0000000003.delta (cut 4)" in line
         for line in said
     ), said
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing of apply's own runs after it (no except, no finally of
+    apply's reaches the record)."""
+
+
+def test_a_killed_apply_is_reported_by_the_next_one(
+    vault: Path, target: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 between cut 1 and cut 2: the next apply says what the target holds and refuses
+    a --from-cut it does not hold; a finished apply drops the record."""
+    targets = {"d": str(target)}
+    failing_write_after(monkeypatch, 1, _Killed())  # cut 1 is one write; killed in cut 2
+    with pytest.raises(_Killed):
+        apply_dir(vault, "g", targets, say=quiet)
+    monkeypatch.undo()
+    record = applylog.read(targets)
+    assert record is not None and (record.held, record.writing) == (1, 2)
+    assert "between cut 1 and cut 2" in record.describe()
+
+    error = refused(
+        InvalidInput, ExitCode.INVALID_INPUT, "they do not hold cut 2", [target],
+        directory=vault, group="g", targets=targets, from_cut=2,
+    )  # fmt: skip
+    assert "between cut 1 and cut 2" in error.message
+    assert error.hint == "give --from-cut 1, or apply from the full image"
+
+    said: list[str] = []
+    result = apply_dir(vault, "g", targets, from_cut=1, say=said.append)
+    assert result.cut == 3
+    assert any("did not finish: the targets are between cut 1 and cut 2" in s for s in said)
+    assert applylog.read(targets) is None
+    assert not applylog.record_path(targets).exists()
+
+
+def test_a_killed_full_image_refuses_every_from_cut(
+    vault: Path, target: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    targets = {"d": str(target)}
+    failing_write_after(monkeypatch, 0, _Killed())
+    with pytest.raises(_Killed):
+        apply_dir(vault, "g", targets, say=quiet)
+    monkeypatch.undo()
+    refused(
+        InvalidInput, ExitCode.INVALID_INPUT, "hold no complete cut", [target],
+        directory=vault, group="g", targets=targets, from_cut=1,
+    )  # fmt: skip
+    assert apply_dir(vault, "g", targets, say=quiet).cut == 3  # from the full image: fine
+    assert applylog.read(targets) is None
+
+
+def test_the_record_names_targets_by_their_real_paths(tmp_path: Path) -> None:
+    target = tmp_path / "t.img"
+    target.touch()
+    (tmp_path / "link").symlink_to(target)
+    assert applylog.record_path({"d": str(target)}) == applylog.record_path(
+        {"d": str(tmp_path / "link")}
+    )
+    assert applylog.record_path({"d": str(target)}) != applylog.record_path({"e": str(target)})
+
+
+def test_apply_goes_on_with_a_warning_where_no_record_can_be_kept(
+    vault: Path, target: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is an aid, not a lock (e.g. a user without access to the records)."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv("DMREPL_APPLY_RECORDS", str(blocked / "apply"))
+    said: list[str] = []
+    assert apply_dir(vault, "g", {"d": str(target)}, say=said.append).cut == 3
+    warnings = [s for s in said if s.startswith("warning: cannot keep a record of this apply")]
+    assert len(warnings) == 1  # once, not once per delta

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from dmrepl import applylog
 from dmrepl.delta import DeltaDevice, DeltaHeader, DeltaWriter
 from dmrepl.errors import ExitCode
 from tests.unit.badinput import (
@@ -290,6 +291,9 @@ def d30(d: Path, w: Path) -> None:
     half = target.read_bytes()
     assert half not in (before, image(KILLED))  # zeroed, then 10 of 64 records written
     assert half[: 10 * 4096] == image(KILLED)[: 10 * 4096]
+    # The kill left a durable record that the rerun (this row's case) reports and clears.
+    record = applylog.read({"data": str(target)})
+    assert record is not None and (record.held, record.writing) == (None, 1)
 
 
 @dataclass(frozen=True)
