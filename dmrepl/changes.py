@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from dmrepl.errors import DmreplError, ExitCode, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.ranges import Extent
 from dmrepl.signals import Say
-from dmrepl.sites import recorded_cut
+from dmrepl.sites import RecordUnreadable, recorded_cut
 from dmrepl.stack import StackSpec
 from dmrepl.state import CutRecord, StateStore
 
@@ -152,13 +153,27 @@ def require_running(stacks: tuple[StackSpec, ...], owned: Mapping[str, dm.Observ
 
 def next_cut_seq(store: StateStore, spec: GroupSpec, state_dir: Path) -> int:
     """The next cut number of a group: past the store's cuts, every cursor it holds, and every
-    cut a site's own record names (also a site down now, when its record is readable here)."""
-    known = [store.next_cut_seq(spec.name)]
+    cut a site's own record names (also a site down now, when its record is readable here).
+
+    A store without cuts of the group while some site's record cannot be read (a journal
+    device detached, a `dir` site's directory not mounted) may have been lost while that site
+    holds any cut: numbering then starts past the current Unix time, which no cut number taken
+    at under one cut a second can have reached, so no number ever names two cuts.
+    """
+    first = store.next_cut_seq(spec.name)
+    known = [first]
+    unreadable = False
     for site in spec.sites:
         record = store.site(spec.name, site.name)
         if record is not None and record.seq is not None:
             known.append(record.seq + 1)
-        recorded = recorded_cut(site, state_dir)
+        try:
+            recorded = recorded_cut(site, state_dir)
+        except RecordUnreadable:
+            unreadable = True
+            continue
         if recorded is not None:
             known.append(recorded + 1)
+    if first == 1 and unreadable:
+        known.append(int(time.time()))
     return max(known)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -56,21 +57,45 @@ def journal_path(spec: SiteSpec, state_dir: Path) -> Path:
     return Path(spec.journal) if spec.journal else default
 
 
+class RecordUnreadable(Exception):
+    """A site's own record lives somewhere that cannot be read now (a journal device or a
+    `dir` site's directory that is missing, detached or failing)."""
+
+
 def recorded_cut(spec: SiteSpec, state_dir: Path) -> int | None:
     """The newest cut number a site's own record names (a journal header's, a `dir` site's
-    newest file), read without creating or changing anything; None if there is none to read.
+    newest file), read without creating or changing anything; None if it has none.
 
     Cut numbers are never reused, so a state store rebuilt after a loss numbers past these.
+    Raises RecordUnreadable when the record is configured to live outside the state
+    directory and cannot be read: the site may hold any cut.
     """
     if spec.transport == "dir":
         directory = Path(spec.path or "")
-        deltas = listed_deltas(directory, spec.group) if directory.is_dir() else []
+        if not directory.is_dir():
+            raise RecordUnreadable(f"{directory} is not reachable")
+        deltas = listed_deltas(directory, spec.group)
         return deltas[-1][0] if deltas else None
+    path = journal_path(spec, state_dir)
     try:
-        with journal_path(spec, state_dir).open("rb") as journal:
+        # O_NONBLOCK: a FIFO planted as the journal must not hang the cycle.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if spec.journal is None:
+            return None  # the default journal is made with the state directory
+        raise RecordUnreadable(f"journal {path} does not exist") from None
+    except OSError as exc:
+        raise RecordUnreadable(f"journal {path}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise RecordUnreadable(f"journal {path} is not a file or block device")
+        with os.fdopen(fd, "rb", closefd=False) as journal:
             slots = [decode_header(journal.read(SLOT_BYTES)) for _ in range(2)]
-    except OSError:
-        return None
+    except OSError as exc:
+        raise RecordUnreadable(f"journal {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     seqs = [h.seq for h in slots if h is not None and h.state is not JournalState.IDLE]
     return max(seqs, default=None)
 

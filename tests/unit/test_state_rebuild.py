@@ -4,7 +4,9 @@ place (issue 13, finding 3 and the state.db cases of finding 4: S01, S01d, F12, 
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from dmrepl.changes import next_cut_seq
 from dmrepl.config import Config, GroupSpec, SiteSpec
 from dmrepl.journal import Journal
 from dmrepl.replicate import _Cycle
-from dmrepl.sites import delta_file_name, journal_path, recorded_cut
+from dmrepl.sites import RecordUnreadable, delta_file_name, journal_path, recorded_cut
 from dmrepl.spool import Spool
 from dmrepl.state import StateStore, StateStoreError
 
@@ -143,10 +145,43 @@ def test_a_sites_own_record_is_read_without_creating_anything(tmp_path: Path) ->
         journal.mark_applied(41)
     assert recorded_cut(blockdev, tmp_path) == 41
     vault = SiteSpec("db", "vault", "dir", "asynchronous", {}, None, str(tmp_path / "vault"))
-    assert recorded_cut(vault, tmp_path) is None
+    with pytest.raises(RecordUnreadable):  # not there (not mounted?): it may hold any cut
+        recorded_cut(vault, tmp_path)
     (tmp_path / "vault").mkdir()
+    assert recorded_cut(vault, tmp_path) is None
     (tmp_path / "vault" / delta_file_name("db", 44, 43)).touch()
     assert recorded_cut(vault, tmp_path) == 44
+
+
+def test_a_journal_that_cannot_be_read_is_unreadable_and_a_fifo_does_not_hang(
+    tmp_path: Path,
+) -> None:
+    configured = SiteSpec(
+        "db", "dr", "blockdev", "asynchronous", {"data": "/dev/x"}, str(tmp_path / "gone"), None
+    )
+    with pytest.raises(RecordUnreadable, match="does not exist"):
+        recorded_cut(configured, tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    fifo = SiteSpec(
+        "db", "dr", "blockdev", "asynchronous", {"data": "/dev/x"}, str(tmp_path / "fifo"), None
+    )
+    with pytest.raises(RecordUnreadable, match="not a file or block device"):
+        recorded_cut(fifo, tmp_path)
+
+
+def test_a_lost_store_with_a_site_out_of_reach_numbers_past_the_clock(tmp_path: Path) -> None:
+    """Review finding: the store is lost and a site's journal device is detached. The site may
+    hold any cut; numbering from 1 would one day give its cut number to another cut."""
+    site = SiteSpec(
+        "db", "dr", "blockdev", "asynchronous", {"data": "/dev/x"}, str(tmp_path / "gone"), None
+    )
+    group = GroupSpec("db", (), (site,))
+    store, _ = opened(tmp_path)
+    before = int(time.time())
+    assert next_cut_seq(store, group, tmp_path) >= before
+    store.record_cut("db", {"data": 5}, 0.0, seq=7)
+    assert next_cut_seq(store, group, tmp_path) == 8  # a store that has cuts goes on from them
+    store.close()
 
 
 def test_numbering_goes_past_a_cut_only_a_sites_journal_remembers(tmp_path: Path) -> None:
