@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -481,7 +482,7 @@ def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zer
         for site in seed_sites:
             spec.site(site)  # an unknown site is exit 10 before the kernel is looked at
     require_device_mapper()
-    worst = ExitCode.OK
+    worst, failed = ExitCode.OK, None
     for name in groups:
         progress = CliProgress()
         try:
@@ -489,12 +490,21 @@ def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zer
                 Runner(), loaded, name, seed_sites=seed_sites, target_zeroed=zeroed,
                 say=say, progress=progress,
             )  # fmt: skip
+        except USER_ERRORS as caught:
+            # One group's failure (a lost disk, say) must not stop the other groups' cycles.
+            error = as_user_error(caught)
+            if error is None or len(groups) == 1 or Options.debug or isinstance(error, Interrupted):
+                raise
+            render_error(error)
+            err.print(f"group {name}: no cut this cycle; going on with the other groups")
+            failed = failed or error.exit_code
+            continue
         finally:
             progress.stop()
         render_sync(result)
         if any(site.state != "in sync" for site in result.sites):
             worst = ExitCode.SITES_BEHIND
-    return int(worst)
+    return int(failed or worst)
 
 
 def render_sync(result: replicate.SyncResult) -> None:
@@ -560,8 +570,8 @@ def run(
     while not stop.is_set():
         try:
             code = _sync_once(config, group, (), False)
-        except (DmreplError, OSError) as caught:
-            error = caught if isinstance(caught, DmreplError) else filesystem_error(caught)
+        except USER_ERRORS as caught:
+            error = as_user_error(caught)
             if error is None or Options.debug:
                 raise
             if isinstance(error, Interrupted):
@@ -706,13 +716,31 @@ def filesystem_error(exc: OSError) -> DmreplError | None:
     )
 
 
+USER_ERRORS = (DmreplError, OSError, sqlite3.Error)
+
+
+def as_user_error(caught: BaseException) -> DmreplError | None:
+    """The error to show for what a command raised; None for a bug (its traceback is shown)."""
+    if isinstance(caught, DmreplError):
+        return caught
+    if isinstance(caught, OSError):
+        return filesystem_error(caught)
+    if isinstance(caught, sqlite3.Error):  # a full or read-only disk, or a store held elsewhere
+        return DmreplError(
+            f"the state store (state.db) failed: {caught}",
+            hint="check that state_dir's filesystem is not full or read-only and that no other "
+            "program holds state.db, then run the command again",
+        )
+    return None
+
+
 def main() -> None:
     """Console-script entry point. Usage errors are click's (exit 2); ours are rendered here."""
     os.umask(safefile.PRIVATE_UMASK)  # whatever dmrepl creates holds replicated data
     try:
         app()
-    except (DmreplError, OSError) as caught:
-        error = caught if isinstance(caught, DmreplError) else filesystem_error(caught)
+    except USER_ERRORS as caught:
+        error = as_user_error(caught)
         if error is None or Options.debug:
             raise
         render_error(error)

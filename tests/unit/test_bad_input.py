@@ -3,6 +3,7 @@ nothing touched. Case ids are the report's."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from dmrepl import cli
 from dmrepl.config import ConfigError, load_config, parse_config
 from dmrepl.errors import ExitCode
+from dmrepl.probe import DeviceMissing
 from tests.clirun import run_cli_here
 from tests.unit.badinput import tree_digest
 
@@ -184,3 +186,51 @@ def test_cli_refuses_before_touching_anything(
     assert message in stderr
     assert "Traceback" not in stderr
     assert tree_digest(good_config.parent) == before  # no state dir, lock, spool or site file
+
+
+def two_group_config(tmp_path: Path) -> Path:
+    path = tmp_path / "two.toml"
+    text = f'[dmrepl]\nstate_dir = "{tmp_path / "state"}"\n'
+    for group in ("a", "b"):
+        text += (
+            f'[group.{group}.device.{group}data]\norigin = "/dev/vd{group}"\n'
+            f'metadata = "/dev/vd{group}m"\n'
+            f'[group.{group}.site.vault]\ntransport = "dir"\npath = "{tmp_path / group}"\n'
+        )
+    path.write_text(text)
+    return path
+
+
+def test_one_groups_failure_does_not_stop_the_other_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: a lost disk in the first group stopped every later group, each cycle."""
+    monkeypatch.setattr(cli.loop, "kernel_has_device_mapper", lambda: True)
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    reached: list[str] = []
+
+    def sync(runner: object, config: object, group: str, **_: object) -> None:
+        reached.append(group)
+        raise DeviceMissing(f"group {group}: its disk is gone")
+
+    monkeypatch.setattr(cli.replicate, "sync", sync)
+    code, _, stderr = run_cli_here("sync", "--config", str(two_group_config(tmp_path)))
+    assert reached == ["a", "b"]
+    assert code == ExitCode.DEVICE_MISSING
+    assert "group a: its disk is gone" in stderr and "group b: its disk is gone" in stderr
+    assert "group a: no cut this cycle; going on with the other groups" in stderr
+
+
+def test_a_state_store_failure_mid_cycle_is_an_error_not_a_traceback(
+    good_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli.loop, "kernel_has_device_mapper", lambda: True)
+
+    def sync(*_: object, **__: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(cli.replicate, "sync", sync)
+    code, _, stderr = run_cli_here("sync", "db", "--config", str(good_config))
+    assert code == ExitCode.FAILURE
+    assert "the state store (state.db) failed: database or disk is full" in stderr
+    assert "Traceback" not in stderr
