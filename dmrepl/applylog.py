@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -65,9 +66,27 @@ class InProgress:
         )
 
 
+def target_identity(path: str) -> str:
+    """What names a target across reboots: a dm device by its dm UUID (an LV's /dev/dm-N
+    changes), another block device by the path given (use /dev/disk/by-id links), a file by
+    its real path."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return f"path:{path}"
+    if not stat.S_ISBLK(info.st_mode):
+        return f"file:{os.path.realpath(path)}"
+    uuid_file = Path(f"/sys/dev/block/{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}/dm/uuid")
+    with contextlib.suppress(OSError):
+        uuid = uuid_file.read_text().strip()
+        if uuid:
+            return f"dm:{uuid}"
+    return f"path:{path}"
+
+
 def record_path(targets: Mapping[str, str], directory: Path | None = None) -> Path:
-    """Where the record of this set of targets lives (named by their real paths)."""
-    key = json.dumps(sorted((name, os.path.realpath(path)) for name, path in targets.items()))
+    """Where the record of this set of targets lives (named by their identities)."""
+    key = json.dumps(sorted((name, target_identity(path)) for name, path in targets.items()))
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return (directory or record_dir()) / f"{digest}.json"
 

@@ -97,8 +97,14 @@ def apply_dir(
         if value is not None and value < 0:
             raise InvalidInput(f"{option} {value} is not a cut (cuts are numbered from 1)")
     _check_directory(directory)
-    _check_unfinished(targets, from_cut, say)
+    unfinished = _check_unfinished(targets, from_cut, say)
     planned = _plan(directory, group, from_cut, to_cut)
+    if unfinished is not None and not planned:
+        raise InvalidInput(
+            f"an earlier apply onto these targets did not finish: {unfinished.describe()}; "
+            "applying nothing would leave them so",
+            hint=f"apply at least cut {unfinished.writing} (leave out --cut, or give a later one)",
+        )
     if to_cut is None:
         _note_unreachable(directory, group, planned[-1][0] if planned else from_cut, say)
     with ExitStack() as fds:
@@ -369,12 +375,14 @@ def _some(names: list[str], limit: int = 10) -> str:
     return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
-def _check_unfinished(targets: Mapping[str, str], from_cut: int | None, say: Say) -> None:
+def _check_unfinished(
+    targets: Mapping[str, str], from_cut: int | None, say: Say
+) -> applylog.InProgress | None:
     """Say what an earlier apply onto these targets left, if it never finished (a kill -9, a
     crash); refuse a --from-cut the targets cannot hold."""
     unfinished = applylog.read(targets)
     if unfinished is None:
-        return
+        return None
     wanted = "apply from the full image (without --from-cut)"
     if unfinished.held is not None:
         wanted = f"give --from-cut {unfinished.held}, or apply from the full image"
@@ -385,6 +393,7 @@ def _check_unfinished(targets: Mapping[str, str], from_cut: int | None, say: Say
             hint=wanted,
         )
     say(f"an earlier apply onto these targets did not finish: {unfinished.describe()}")
+    return unfinished
 
 
 def _write_chain(

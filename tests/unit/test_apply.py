@@ -446,6 +446,11 @@ def test_a_killed_apply_is_reported_by_the_next_one(
     )  # fmt: skip
     assert "between cut 1 and cut 2" in error.message
     assert error.hint == "give --from-cut 1, or apply from the full image"
+    # Review finding: --from-cut 1 --cut 1 plans nothing, which would leave them half-written.
+    refused(
+        InvalidInput, ExitCode.INVALID_INPUT, "applying nothing would leave them so", [target],
+        directory=vault, group="g", targets=targets, from_cut=1, to_cut=1,
+    )  # fmt: skip
 
     said: list[str] = []
     result = apply_dir(vault, "g", targets, from_cut=1, say=said.append)
@@ -492,3 +497,12 @@ def test_apply_goes_on_with_a_warning_where_no_record_can_be_kept(
     assert apply_dir(vault, "g", {"d": str(target)}, say=said.append).cut == 3
     warnings = [s for s in said if s.startswith("warning: cannot keep a record of this apply")]
     assert len(warnings) == 1  # once, not once per delta
+
+
+def test_a_block_device_target_is_named_by_the_path_given_not_its_kernel_name() -> None:
+    """/dev/dm-N and /dev/sdX change across reboots; the path given (a by-id or LV link) or,
+    for a dm device, its dm UUID do not."""
+    plain = [d for d in sorted(Path("/sys/block").iterdir()) if not (d / "dm").exists()]
+    node = next((Path("/dev") / d.name for d in plain if (Path("/dev") / d.name).exists()), None)
+    assert node is not None and node.is_block_device()
+    assert applylog.target_identity(str(node)) == f"path:{node}"
