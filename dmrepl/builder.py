@@ -17,6 +17,7 @@ from dmrepl import dm, era, probe
 from dmrepl.config import Config, DeviceSpec, GroupSpec
 from dmrepl.cut import recover, recover_cows
 from dmrepl.executor import Runner
+from dmrepl.lock import group_lock
 from dmrepl.plan import Plan, plan_down, plan_up, table_matches
 from dmrepl.probe import BlockDevice, DeviceMissing, DeviceProblem, MetadataHeader, MetadataKind
 from dmrepl.safety import DeviceFacts, check_all, metadata_area_sectors
@@ -206,18 +207,27 @@ def down(
     dry_run: bool = False,
     say: Say = print,
 ) -> Plan:
-    """Remove every layer of the configured stacks of `group`, top down."""
-    found = survey(runner, config.select(group), check=False)
-    stacks = found.stacks or tuple(_stacks_without_probe(config.select(group)))
-    plan = plan_down(stacks, found.observed, force=force)
-    if dry_run or plan.empty:
+    """Remove every layer of the configured stacks of `group`, top down.
+
+    Under each group's lock (as `sync` takes it): recovery resumes gates and removes `-pit`
+    images, which must never happen under a cut a running `sync` holds.
+    """
+    groups = config.select(group)
+    with ExitStack() as locks:
+        if not dry_run:
+            for spec in groups:
+                locks.enter_context(group_lock(config.state_dir, spec.name, "down"))
+        found = survey(runner, groups, check=False)
+        stacks = found.stacks or tuple(_stacks_without_probe(groups))
+        plan = plan_down(stacks, found.observed, force=force)
+        if dry_run or plan.empty:
+            return plan
+        if recover(runner, stacks, found.observed, say):
+            # What a killed cut left (a stale -pit holds the origin) is gone; plan afresh.
+            plan = plan_down(stacks, dm.observe(runner).owned, force=force)
+        recover_cows(runner, stacks, config.state_dir, say)
+        apply_plan(runner, plan, say)
         return plan
-    if recover(runner, stacks, found.observed, say):
-        # What a killed cut left (a stale -pit holds the origin) is gone; plan afresh.
-        plan = plan_down(stacks, dm.observe(runner).owned, force=force)
-    recover_cows(runner, stacks, config.state_dir, say)
-    apply_plan(runner, plan, say)
-    return plan
 
 
 def _stacks_without_probe(groups: list[GroupSpec]) -> Iterator[StackSpec]:

@@ -127,7 +127,17 @@ def find_uml_modules(root: Path = UML_MODULES) -> Path:
 
 
 def host_paths_to_keep(paths: Iterable[Path], scratch: Sequence[str] = UML_SCRATCH) -> list[str]:
-    """The host paths the guest must mount back over its fresh tmpfs, outermost only."""
+    """The host paths the guest must mount back over its fresh tmpfs, outermost only.
+
+    /tmp or /run itself cannot be kept: the guest's own would hide it.
+    """
+    paths = list(paths)
+    for given in paths:
+        if os.path.normpath(str(given)) in scratch:
+            raise VmFailed(
+                f"{given} cannot be shared with the guest: it mounts its own {given} there",
+                hint="use a directory below it (tempfile.mkdtemp(dir='/tmp')) instead",
+            )
     inside = sorted(
         {
             os.path.normpath(str(path))
@@ -193,7 +203,9 @@ def uml_init_script(
         "ip link set lo up 2>/dev/null",
         "stty -onlcr 2>/dev/null",  # the console would turn every \\n into \\r\\n
         f"cd {q(str(cwd))} || fail {q('cannot enter ' + str(cwd))}",
-        f"( {command} )",
+        "(",  # the command on lines of its own: a trailing comment cannot swallow the ")"
+        command,
+        ")",
         f"echo $? > {q(str(status_file))}",
         "poweroff -f >/dev/null 2>&1",
     ]

@@ -11,6 +11,7 @@ import pytest
 from dmrepl import cli
 from dmrepl.config import ConfigError, load_config, parse_config
 from dmrepl.errors import ExitCode
+from dmrepl.lock import group_lock
 from dmrepl.probe import DeviceMissing
 from tests.clirun import run_cli_here
 from tests.unit.badinput import tree_digest
@@ -234,3 +235,23 @@ def test_a_state_store_failure_mid_cycle_is_an_error_not_a_traceback(
     assert code == ExitCode.FAILURE
     assert "the state store (state.db) failed: database or disk is full" in stderr
     assert "Traceback" not in stderr
+
+
+def test_down_refuses_while_a_sync_holds_the_group(
+    good_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: `down` recovered (resumed gates, removed -pit images) under a running
+    sync's cut. It now takes the group's lock first: busy is exit 7, nothing touched."""
+    monkeypatch.setattr(cli.loop, "kernel_has_device_mapper", lambda: True)
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("down ran a command while the group was busy")
+
+    monkeypatch.setattr(cli.Runner, "run", refuse)
+    state_dir = good_config.parent / "state"
+    with group_lock(state_dir, "db", "sync"):
+        before = tree_digest(good_config.parent)
+        code, _, stderr = run_cli_here("down", "--config", str(good_config))
+        assert tree_digest(good_config.parent) == before
+    assert code == ExitCode.BUSY
+    assert "group db is busy" in stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def test_uml_init_finds_tools_in_the_venv_and_keeps_host_paths(tmp_path: Path) -
     assert "mount -t hostfs none /tmp/results -o /tmp/results" in script
     # Host paths are mounted back only after the fresh tmpfs, and the command runs last.
     assert script.index("tmpfs /tmp") < script.index("hostfs none /tmp/clone")
-    assert script.index("modprobe -a loop dm-era") < script.index("( pytest -q )")
+    assert script.index("modprobe -a loop dm-era") < script.index("\n(\npytest -q\n)\n")
     assert "echo $? > /tmp/ctl/status" in script
     assert "NO_COLOR=1" in script
 
@@ -44,6 +45,22 @@ def test_only_outermost_host_paths_under_guest_scratch_are_kept() -> None:
         [Path("/tmp/clone"), Path("/tmp/clone/.venv"), Path("/work/main"), Path("/tmp/r/")]
     )
     assert kept == ["/tmp/clone", "/tmp/r"]
+    with pytest.raises(VmFailed, match="mounts its own /tmp"):  # its output would be lost
+        vm.host_paths_to_keep([Path("/tmp/")])
+
+
+def test_a_command_ending_in_a_comment_still_reports_its_status(tmp_path: Path) -> None:
+    script = vm.uml_init_script(
+        "exit 3  # a note",
+        cwd=tmp_path,
+        keep=[],
+        modules=Path("/m/6.1"),
+        status_file=tmp_path / "status",
+    )
+    body = script[script.index("\n(\n") :]  # the command and the status line only
+    done = subprocess.run(["sh", "-c", body.replace("poweroff -f", "true")], check=False)
+    assert done.returncode == 0
+    assert (tmp_path / "status").read_text().strip() == "3"
 
 
 def test_uml_plan_names_programs_by_absolute_path_with_a_fixed_path(tmp_path: Path) -> None:
