@@ -29,6 +29,7 @@ from pathlib import Path
 from dmrepl import safefile
 from dmrepl.config import DEFAULT_STATE_DIR
 from dmrepl.errors import DmreplError
+from dmrepl.sites import fsync_directory, write_durably
 
 RECORD_DIR = DEFAULT_STATE_DIR / "apply"
 
@@ -112,13 +113,9 @@ def write(record: InProgress, directory: Path | None = None) -> str | None:
     path = record_path(record.targets, directory)
     try:
         safefile.private_dir(path.parent, what="the apply records' directory")
-        partial = path.with_name(path.name + ".partial")
-        with safefile.open_new(partial) as stream:
-            stream.write(json.dumps(asdict(record)).encode())
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(partial, path)
-        _sync_directory(path.parent)
+        write_durably(
+            path.parent, path.name, lambda out: out.write(json.dumps(asdict(record)).encode())
+        )
     except OSError as exc:
         return f"{path.parent}: {exc.strerror or exc}"
     except DmreplError as exc:
@@ -132,18 +129,10 @@ def clear(targets: Mapping[str, str], directory: Path | None = None) -> None:
     with contextlib.suppress(OSError):
         if os.path.lexists(path):
             path.unlink()
-            _sync_directory(path.parent)
+            fsync_directory(path.parent)
 
 
 def started(
     group: str, targets: Mapping[str, str], held: int | None, writing: int, file: str
 ) -> InProgress:
     return InProgress(group, dict(targets), held, writing, file, time.time())
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
