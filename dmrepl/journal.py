@@ -78,6 +78,12 @@ def decode_header(slot: bytes) -> JournalHeader | None:
         return None
 
 
+def read_header_slots(fd: int) -> list[JournalHeader]:
+    """The valid headers of the journal open as `fd` (zero, one or both slots)."""
+    slots = [decode_header(os.pread(fd, SLOT_BYTES, i * SLOT_BYTES)) for i in (0, 1)]
+    return [h for h in slots if h is not None]
+
+
 class Journal:
     """An open journal file or device."""
 
@@ -105,8 +111,7 @@ class Journal:
         self.close()
 
     def _read_header(self) -> JournalHeader:
-        slots = [decode_header(os.pread(self.fd, SLOT_BYTES, i * SLOT_BYTES)) for i in (0, 1)]
-        valid = [h for h in slots if h is not None]
+        valid = read_header_slots(self.fd)
         if valid:
             return max(valid, key=lambda h: h.generation)
         if any(os.pread(self.fd, SLOT_BYTES, 0)):

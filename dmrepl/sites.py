@@ -24,7 +24,7 @@ from typing import BinaryIO
 from dmrepl import blockio, delta, phases, safefile
 from dmrepl.config import SiteSpec
 from dmrepl.errors import DmreplError, ExitCode
-from dmrepl.journal import SLOT_BYTES, Journal, JournalState, decode_header
+from dmrepl.journal import Journal, JournalState, read_header_slots
 from dmrepl.probe import DeviceProblem, probe_block_device
 from dmrepl.stack import StackSpec
 from dmrepl.units import format_sectors
@@ -90,13 +90,12 @@ def recorded_cut(spec: SiteSpec, state_dir: Path) -> int | None:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise RecordUnreadable(f"journal {path} is not a file or block device")
-        with os.fdopen(fd, "rb", closefd=False) as journal:
-            slots = [decode_header(journal.read(SLOT_BYTES)) for _ in range(2)]
+        slots = read_header_slots(fd)
     except OSError as exc:
         raise RecordUnreadable(f"journal {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
-    seqs = [h.seq for h in slots if h is not None and h.state is not JournalState.IDLE]
+    seqs = [h.seq for h in slots if h.state is not JournalState.IDLE]
     return max(seqs, default=None)
 
 
