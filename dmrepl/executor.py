@@ -226,7 +226,8 @@ def _spawn(op: Op, timeout: float | None) -> tuple[int, bytes, bytes]:
     of a cut pays it (`python -m bench.commands`). On timeout the command is
     killed and `CommandTimedOut` keeps what it printed so far.
     """
-    program = shutil.which(op.argv[0], path=command_env(op.env).get("PATH"))
+    env = command_env(op.env)
+    program = shutil.which(op.argv[0], path=env.get("PATH"))
     if program is None:
         raise CommandNotFound(
             f"command not found: {op.argv[0]}",
@@ -237,7 +238,7 @@ def _spawn(op: Op, timeout: float | None) -> tuple[int, bytes, bytes]:
         stdin=subprocess.DEVNULL if op.stdin is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=command_env(op.env),
+        env=env,
     ) as process:
         stdin = None if op.stdin is None else op.stdin.encode()
         try:
