@@ -109,12 +109,24 @@ def require_surveyed(spec: GroupSpec, found: Survey, doing: str, config_path: Pa
 
 def _missing(spec: GroupSpec, doing: str, config_path: Path, problems: list[str]) -> DeviceMissing:
     count = len(problems)
-    return DeviceMissing(
+    return devices_missing(
         f"refusing to {doing} group {spec.name}: {count} configured device path"
         f"{'s' if count != 1 else ''} cannot be used; nothing was changed",
+        problems,
+        config_path,
+        then="then run again; a group is replicated whole, never without one of its devices",
+    )
+
+
+def devices_missing(
+    summary: str, problems: list[str], config_path: Path, *, then: str = ""
+) -> DeviceMissing:
+    """Exit 11 for configured device paths that cannot be used, one line each."""
+    return DeviceMissing(
+        summary,
         context="\n".join(f"- {text}" for text in problems),
         hint=f"fix the path in {config_path} (a renamed /dev/disk/by-id link?) or reattach the "
-        "disk, then run again; a group is replicated whole, never without one of its devices",
+        "disk" + (f", {then}" if then else ""),
     )
 
 

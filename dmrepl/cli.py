@@ -36,7 +36,7 @@ from rich.table import Table
 
 from dmrepl import __version__, builder, loop, replicate, safefile, vm
 from dmrepl import changes as changes_api
-from dmrepl.config import DEFAULT_PATH, load_config
+from dmrepl.config import DEFAULT_PATH, Config, load_config
 from dmrepl.demo import DemoResult, load_modules, run_demo
 from dmrepl.errors import (
     DmreplError,
@@ -95,6 +95,15 @@ def global_options(
 def require_root() -> None:
     if os.geteuid() != 0:
         raise NotRoot("dmrepl must run as root to drive device-mapper", hint="run it with sudo")
+
+
+def config_for_kernel(config: Path, group: str | None) -> Config:
+    """The configuration, for a command that talks to device-mapper: bad files (exit 3) and
+    unknown groups (exit 10) are refused before the kernel is looked at (exit 6)."""
+    loaded = load_config(config)
+    loaded.select(group)
+    require_device_mapper()
+    return loaded
 
 
 def require_device_mapper() -> None:
@@ -207,9 +216,7 @@ def up(
 ) -> None:
     """Build the device stacks of GROUP (or all groups); rebuild them after a reboot."""
     require_root()
-    loaded = load_config(config)
-    loaded.select(group)  # an unknown group is exit 10 before the kernel is looked at
-    require_device_mapper()
+    loaded = config_for_kernel(config, group)
     plan = builder.up(Runner(), loaded, group, fresh=fresh, dry_run=dry_run, say=say)
     print_plan(plan, dry_run)
 
@@ -226,9 +233,7 @@ def down(
 ) -> None:
     """Remove the device stacks of GROUP (or all groups). Data on the origins is untouched."""
     require_root()
-    loaded = load_config(config)
-    loaded.select(group)
-    require_device_mapper()
+    loaded = config_for_kernel(config, group)
     plan = builder.down(Runner(), loaded, group, force=force, dry_run=dry_run, say=say)
     print_plan(plan, dry_run)
 
@@ -255,9 +260,7 @@ def show_status(
 ) -> None:
     """Show each stack: layers, sizes, current era, metadata use, held snapshot, mirror legs."""
     require_root()
-    loaded = load_config(config)
-    loaded.select(group)
-    require_device_mapper()
+    loaded = config_for_kernel(config, group)
     states = builder.status(Runner(), loaded, group)
     missing = [text for spec in loaded.select(group) for text in builder.unprobed_devices(spec)]
     if as_json:
@@ -292,11 +295,11 @@ def show_status(
 def _fail_if_missing(missing: list[str], config: Path) -> None:
     """Status shows what it can, then exits 11 if a configured device path does not probe."""
     if missing:
-        raise DeviceMissing(
+        raise builder.devices_missing(
             f"{len(missing)} configured device path(s) cannot be used; their stacks are not "
             "shown, and sync, seed and changes refuse to run until this is fixed",
-            context="\n".join(f"- {text}" for text in missing),
-            hint=f"fix the path in {config} (a renamed /dev/disk/by-id link?) or reattach the disk",
+            missing,
+            config,
         )
 
 
@@ -394,9 +397,7 @@ def show_changes(
     """Take a cut of GROUP and list the ranges written since a cut (default: the last one)."""
     require_root()
     changes_api.validate_since(since_cut, since_era)
-    loaded = load_config(config)
-    loaded.select(group)
-    require_device_mapper()
+    loaded = config_for_kernel(config, group)
     result = changes_api.changes(
         Runner(), loaded, group, since_cut=since_cut, since_era=since_era,
         say=(lambda _: None) if as_json else say,
