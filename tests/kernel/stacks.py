@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,16 @@ class Bed:
                 f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
             )
         return done
+
+    def killed_at(self, phase: str, *args: str) -> None:
+        """Run `dmrepl ARGS --config CONFIG` in a process that kills itself with SIGKILL when
+        the cycle reaches `phase` (tests/kernel/crashrun.py); assert it died that way."""
+        killed = subprocess.run(
+            [sys.executable, "-m", "tests.kernel.crashrun", phase, *args,
+             "--config", str(self.config)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert killed.returncode == -9, killed.stdout + killed.stderr
 
     def owned(self) -> list[str]:
         """dm devices of this bed's group."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -109,12 +108,7 @@ def test_sync_killed_at_each_phase_then_a_clean_sync_leaves_nothing_behind(
     own_loops, devices = loops(), dm_names(bed.runner)
     write_raw("/dev/mapper/pa", [3, 100])
     write_raw("/dev/mapper/pb", [5])
-    killed = subprocess.run(
-        [sys.executable, "-m", "tests.kernel.crashrun", phase, "sync", bed.group,
-         "--config", str(bed.config)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert killed.returncode == -9, killed.stdout + killed.stderr
+    bed.killed_at(phase, "sync", bed.group)
     result = bed.cli("sync", bed.group)
     assert "site dr: in sync" in result.stdout, result.stdout + result.stderr
     assert loops() == own_loops  # no COW loop left attached (to a deleted file or not)

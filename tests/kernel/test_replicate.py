@@ -132,12 +132,7 @@ def test_kill_9_at_each_phase_leaves_a_cut_and_the_next_sync_catches_up(
     write_raw("/dev/mapper/pa", [1, 7, 100])
     write_raw("/dev/mapper/pb", [3])
     after = gate_digests(pair)
-    killed = subprocess.run(
-        [sys.executable, "-m", "tests.kernel.crashrun", phase, "sync", pair.group,
-         "--config", str(pair.config)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert killed.returncode == -9, killed.stdout + killed.stderr
+    pair.killed_at(phase, "sync", pair.group)
     # What any next run does first at the site: finish a committed journal. The replicas then
     # hold exactly one cut: the one before the killed cycle, or the one it took.
     group = load_config(pair.config).groups[pair.group]
