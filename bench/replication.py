@@ -8,7 +8,7 @@ side in one VM run:
 
 1. Ship throughput vs dd: 10 % of the device is rewritten in scattered 1-2 MiB
    runs (aligned to era blocks, so the changed bytes are exactly the bytes
-   written); `dmrepl.replicate.sync` is timed in-process, split by the cycle's
+   written); `dmrepl.replication.cycle.sync` is timed in-process, split by the cycle's
    phase marks (dmrepl.phases) into capture and ship; then the same ranges are
    copied from the gate to the replica by one `dd` per range and, separately,
    by a single Python pread/pwrite loop in 1 MiB pieces (both fsync at the end).
@@ -46,9 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.vmrun import run_guest_half
-from dmrepl import loop, phases, replicate
+from dmrepl import loop, phases
 from dmrepl.config import load_config
 from dmrepl.executor import Runner
+from dmrepl.replication import cycle
 from dmrepl.sizing import metadata_size
 
 KiB = 1024
@@ -185,7 +186,7 @@ class PhaseClock:
 def timed_sync(
     runner: Runner, config_path: Path, replica: str, say: Callable[[str], None], **kwargs: Any
 ) -> dict[str, Any]:
-    """One dmrepl.replicate.sync with its phase split and the replica's sectors written."""
+    """One dmrepl.replication.cycle.sync with its phase split and the replica's sectors written."""
     config = load_config(config_path)
     clock = PhaseClock()
     messages: list[str] = []
@@ -199,7 +200,7 @@ def timed_sync(
     phases.set_hook(clock)
     started = time.monotonic()
     try:
-        result = replicate.sync(runner, config, GROUP, say=note, **kwargs)
+        result = cycle.sync(runner, config, GROUP, say=note, **kwargs)
     finally:
         phases.set_hook(None)
     ended = time.monotonic()

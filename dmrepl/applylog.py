@@ -28,8 +28,8 @@ from pathlib import Path
 
 from dmrepl import safefile
 from dmrepl.config import DEFAULT_STATE_DIR
+from dmrepl.deltafiles import fsync_directory, write_durably
 from dmrepl.errors import DmreplError
-from dmrepl.sites import fsync_directory, write_durably
 
 RECORD_DIR = DEFAULT_STATE_DIR / "apply"
 

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from dmrepl import builder, dm
-from dmrepl.config import Config, GroupSpec
+from dmrepl.config import Config
 from dmrepl.cut import held_cut, list_changes, recover
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.ranges import Extent
 from dmrepl.signals import Say
-from dmrepl.sites import RecordUnreadable, recorded_cut
+from dmrepl.sites import Receiver, RecordUnreadable, SiteContext, open_site
 from dmrepl.stack import StackSpec
 from dmrepl.state import CutRecord, StateStore
+from dmrepl.statedir import StateDir
 
 FIRST_ERA = 1  # a new era device starts in era 1: since era 1 means "since tracking began"
 MAX_NUMBER = 2**63 - 1  # cuts are SQLite integers; dm-era's eras are 32-bit
@@ -88,7 +88,9 @@ def changes(
             ranges = list_changes(runner, held, since)
         # Recorded only once listed and released: a run killed before this point leaves
         # no record, so the next list starts from the last completed cut (a superset).
-        seq = next_cut_seq(store, spec, config.state_dir)
+        context = SiteContext.of(stacks, StateDir(config.state_dir))
+        sites = [open_site(site, context) for site in spec.sites]
+        seq = next_cut_seq(store, group, sites)
         record = store.record_cut(group, held.eras, held.stall_s, seq=seq)
     finally:
         store.close()
@@ -151,7 +153,7 @@ def require_running(stacks: tuple[StackSpec, ...], owned: Mapping[str, dm.Observ
         )
 
 
-def next_cut_seq(store: StateStore, spec: GroupSpec, state_dir: Path) -> int:
+def next_cut_seq(store: StateStore, group: str, sites: Iterable[Receiver]) -> int:
     """The next cut number of a group: past the store's cuts, every cursor it holds, and every
     cut a site's own record names (also a site down now, when its record is readable here).
 
@@ -160,15 +162,15 @@ def next_cut_seq(store: StateStore, spec: GroupSpec, state_dir: Path) -> int:
     holds any cut: numbering then starts past the current Unix time, which no cut number taken
     at under one cut a second can have reached, so no number ever names two cuts.
     """
-    first = store.next_cut_seq(spec.name)
+    first = store.next_cut_seq(group)
     known = [first]
     unreadable = False
-    for site in spec.sites:
-        record = store.site(spec.name, site.name)
+    for site in sites:
+        record = store.site(group, site.name)
         if record is not None and record.seq is not None:
             known.append(record.seq + 1)
         try:
-            recorded = recorded_cut(site, state_dir)
+            recorded = site.recorded()
         except RecordUnreadable:
             unreadable = True
             continue

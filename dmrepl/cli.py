@@ -34,7 +34,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from dmrepl import __version__, builder, loop, replicate, safefile, vm
+from dmrepl import __version__, builder, loop, safefile, vm
 from dmrepl import changes as changes_api
 from dmrepl.config import DEFAULT_PATH, Config, load_config
 from dmrepl.demo import DemoResult, load_modules, run_demo
@@ -50,6 +50,8 @@ from dmrepl.executor import Runner
 from dmrepl.plan import Plan
 from dmrepl.probe import DeviceMissing, DeviceProblem, probe_block_device
 from dmrepl.rebuild import apply_dir
+from dmrepl.replication import cycle as sync_cycle
+from dmrepl.replication import status as site_status_api
 from dmrepl.sizing import metadata_size
 from dmrepl.state import StateStore
 from dmrepl.status import Health
@@ -265,7 +267,7 @@ def show_status(
     missing = [text for spec in loaded.select(group) for text in builder.unprobed_devices(spec)]
     if as_json:
         devices = [device_state_json(state) for state in states]
-        sites = [asdict(site) for site in replicate.site_status(loaded, group)]
+        sites = [asdict(site) for site in site_status_api.site_status(loaded, group)]
         shown = {"devices": devices, "missing_devices": missing, "sites": sites}
         print(json.dumps(shown, indent=2))
         _fail_if_missing(missing, config)
@@ -287,7 +289,7 @@ def show_status(
                 )
     finally:
         store.close()
-    for site in replicate.site_status(loaded, group):
+    for site in site_status_api.site_status(loaded, group):
         render_site_status(site)
     _fail_if_missing(missing, config)
 
@@ -303,7 +305,7 @@ def _fail_if_missing(missing: list[str], config: Path) -> None:
         )
 
 
-def render_site_status(site: replicate.SiteStatus) -> None:
+def render_site_status(site: site_status_api.SiteStatus) -> None:
     cursor = "none" if site.cursor is None else f"cut {site.cursor}"
     lag = []
     if site.lag_cuts is not None:
@@ -487,7 +489,7 @@ def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zer
     for name in groups:
         progress = CliProgress()
         try:
-            result = replicate.sync(
+            result = sync_cycle.sync(
                 Runner(), loaded, name, seed_sites=seed_sites, target_zeroed=zeroed,
                 say=say, progress=progress,
             )  # fmt: skip
@@ -508,7 +510,7 @@ def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zer
     return int(failed or worst)
 
 
-def render_sync(result: replicate.SyncResult) -> None:
+def render_sync(result: sync_cycle.SyncResult) -> None:
     for line in result.recovered:
         out.print(f"recovered: {line}", markup=False)
     out.print(

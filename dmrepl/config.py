@@ -37,7 +37,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
 from dmrepl.sizing import validate_block_size
@@ -48,7 +48,6 @@ DEFAULT_STATE_DIR = Path("/var/lib/dmrepl")
 DEFAULT_BLOCK = "2MiB"
 DEFAULT_REGION = "512KiB"
 DEFAULT_SPOOL = "4GiB"
-TRANSPORTS = ("blockdev", "dir")
 POLICIES = ("asynchronous", "synchronous", "stall")
 IMPLEMENTED_POLICIES = ("asynchronous",)
 # Names become dm device names and parts of dm UUIDs ("DMREPL-<layer>-<group>.<device>"),
@@ -64,7 +63,7 @@ MAX_DEVICE_SECTORS = 2**63 // 512  # sector_t: the largest device the kernel add
 MAX_METADATA_SECTORS = 255 * 16320 * 8
 
 _GROUP_KEYS = {"block_size", "device", "site", "spool_size"}
-_SITE_KEYS = {"transport", "policy", "journal", "path", "replica"}
+_SITE_KEYS = frozenset({"transport", "policy"})  # every transport's own come on top
 _DEVICE_KEYS = {
     "origin", "metadata", "metadata_offset", "metadata_size", "block_size", "cow", "cow_size",
     "mirror_legs", "mirror_log", "mirror_log_device", "mirror_region_size",
@@ -119,19 +118,41 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """A place holding one replica of every device of a group."""
+    """A place holding one replica of every device of a group.
+
+    Each transport (dmrepl.sites.registry) subclasses it with its own fields, the keys
+    it reads (`KEYS`) and `parse`; the cross-file checks ask it through the methods below.
+    """
+
+    KEYS: ClassVar[frozenset[str]] = frozenset()
 
     group: str
     name: str
-    transport: str  # "blockdev" or "dir"
+    transport: str
     policy: str
-    replicas: dict[str, str]  # blockdev: group device name -> replica device path
-    journal: str | None  # blockdev: journal device or file; None: a file in the state dir
-    path: str | None  # dir: the directory receiving delta files
 
     @property
     def key(self) -> str:
         return f"group.{self.group}.site.{self.name}"
+
+    @classmethod
+    def parse(
+        cls, reader: FieldReader, spec: SiteSpec, raw: dict[str, Any], devices: list[str]
+    ) -> SiteSpec | None:
+        """This transport's spec from its keys in `raw`, or None after reporting problems."""
+        return cls(spec.group, spec.name, spec.transport, spec.policy)
+
+    def claims(self) -> list[tuple[str, str, str]]:
+        """(key, field, path) of every device this site writes: no path may have two roles."""
+        return []
+
+    def state_dir_problems(self, state_dir: Path) -> list[str]:
+        """Problems with where the site keeps things, relative to the state directory."""
+        return []
+
+    def filesystem_problems(self) -> list[str]:
+        """Problems found by looking at (never changing) the filesystem when loading."""
+        return []
 
 
 @dataclass(frozen=True)
@@ -183,10 +204,10 @@ def load_config(path: Path) -> Config:
         ) from None
     config = parse_config(text, path)
     problems = [
-        f"{site.key}.path: {site.path} is not a directory"
+        problem
         for group in config.groups.values()
         for site in group.sites
-        if site.path is not None and os.path.lexists(site.path) and not os.path.isdir(site.path)
+        for problem in site.filesystem_problems()
     ]
     if problems:
         raise ConfigError(path, problems)
@@ -199,7 +220,7 @@ def parse_config(text: str, path: Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
-    reader = _Reader()
+    reader = FieldReader()
     top = raw.get("dmrepl", {})
     reader.unknown(top, {"state_dir"}, "dmrepl")
     unknown_top = set(raw) - {"dmrepl", "group"}
@@ -228,13 +249,13 @@ def _size_limit(field: str) -> tuple[int, str]:
     return MAX_DEVICE_SECTORS, "the largest device the kernel addresses (8 EiB)"
 
 
-def _inside(path: Path, directory: Path) -> bool:
+def inside(path: Path, directory: Path) -> bool:
     """Whether `path` is `directory` or below it (lexically: config paths are not probed)."""
     normal, top = Path(os.path.normpath(path)), Path(os.path.normpath(directory))
     return normal == top or top in normal.parents
 
 
-class _Reader:
+class FieldReader:
     """Collects problems while reading the raw TOML tree."""
 
     def __init__(self) -> None:
@@ -353,6 +374,9 @@ class _Reader:
         )
 
     def site(self, group: str, name: str, raw: Any, devices: list[str]) -> SiteSpec | None:
+        # The registry's spec classes build on this module, so it is imported here.
+        from dmrepl.sites.registry import TRANSPORTS
+
         key = f"group.{group}.site.{name}"
         if not self.name(name, key):
             return None
@@ -360,49 +384,35 @@ class _Reader:
             self.problem(key, "must be a table")
             return None
         before = len(self.problems)
-        self.unknown(raw, _SITE_KEYS, key)
+        known = ", ".join(TRANSPORTS)
         transport = raw.get("transport")
+        chosen = TRANSPORTS.get(transport) if isinstance(transport, str) else None
+        every_key = _SITE_KEYS.union(*(t.spec.KEYS for t in TRANSPORTS.values()))
+        for field in sorted(set(raw) - _SITE_KEYS - (chosen.spec.KEYS if chosen else set())):
+            users = [t.name for t in TRANSPORTS.values() if field in t.spec.KEYS]
+            if field not in every_key:
+                self.problem(
+                    f"{key}.{field}", f"unknown key (allowed: {', '.join(sorted(every_key))})"
+                )
+            elif chosen is not None:
+                only = " or ".join(f'transport = "{user}"' for user in users)
+                self.problem(f"{key}.{field}", f"only used with {only}")
         if transport is None:
-            self.problem(f"{key}.transport", f"missing (one of {', '.join(TRANSPORTS)})")
-        elif transport not in TRANSPORTS:
-            self.problem(f"{key}.transport", f"{transport!r} is not one of {', '.join(TRANSPORTS)}")
+            self.problem(f"{key}.transport", f"missing (one of {known})")
+        elif chosen is None:
+            self.problem(f"{key}.transport", f"{transport!r} is not one of {known}")
         policy = raw.get("policy", "asynchronous")
         if policy not in POLICIES:
             self.problem(f"{key}.policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
         elif policy not in IMPLEMENTED_POLICIES:
             self.problem(f"{key}.policy", f"{policy!r} is not implemented yet (use asynchronous)")
-        journal = self.path(raw, "journal", key, required=False)
-        path = self.path(raw, "path", key, required=False)
-        replicas = self.replicas(raw.get("replica"), f"{key}.replica", devices, transport)
-        if transport == "dir":
-            if path is None and "path" not in raw:
-                self.problem(f"{key}.path", "missing (the directory receiving delta files)")
-            for field in ("journal", "replica"):
-                if field in raw:
-                    self.problem(f"{key}.{field}", 'only used with transport = "blockdev"')
-        elif transport == "blockdev" and "path" in raw:
-            self.problem(f"{key}.path", 'only used with transport = "dir"')
-        if len(self.problems) > before:
+        if chosen is None:
             return None
-        return SiteSpec(group, name, str(transport), str(policy), replicas, journal, path)
-
-    def replicas(self, raw: Any, key: str, devices: list[str], transport: object) -> dict[str, str]:
-        """blockdev: exactly one absolute replica path per group device."""
-        if transport != "blockdev":
-            return {}
-        if not isinstance(raw, dict):
-            self.problem(key, "missing: a table naming the replica of every group device")
-            return {}
-        replicas: dict[str, str] = {}
-        for device in devices:
-            value = self.path(raw, device, key, required=False)
-            if value is None and device not in raw:
-                self.problem(f"{key}.{device}", "missing (the replica of this group device)")
-            elif value is not None:
-                replicas[device] = value
-        for extra in sorted(set(raw) - set(devices)):
-            self.problem(f"{key}.{extra}", "not a device of this group")
-        return replicas
+        common = SiteSpec(group, name, chosen.name, str(policy))
+        spec = chosen.spec.parse(self, common, raw, devices)
+        if spec is None or len(self.problems) > before:
+            return None
+        return spec
 
     def device(
         self, group: str, name: str, raw: Any, default_block: int | None
@@ -516,15 +526,8 @@ class _Reader:
                     used += [(device.key, "mirror_legs", leg) for leg in device.mirror.legs]
                 self.claim(used, seen_paths)
             for site in group.sites:
-                if site.path is not None and _inside(Path(site.path), state_dir):
-                    self.problem(
-                        f"{site.key}.path",
-                        f"{site.path} is inside state_dir {state_dir}, whose cleanup would "
-                        "delete the site's files",
-                    )
-                used = [(f"{site.key}.replica", d, path) for d, path in site.replicas.items()]
-                if site.journal is not None:
-                    used.append((site.key, "journal", site.journal))
+                self.problems += site.state_dir_problems(state_dir)
+                used = site.claims()
                 self.claim(used, seen_paths)
                 for device in group.devices:
                     if device.metadata in [path for _, _, path in used]:

@@ -19,9 +19,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmrepl import builder, loop, replicate
+from dmrepl import builder, loop
 from dmrepl.config import Config, parse_config
 from dmrepl.executor import Op, Runner, command
+from dmrepl.replication import cycle
 from dmrepl.stack import Layer
 
 MiB = 2**20
@@ -128,7 +129,7 @@ def run_demo(runner: Runner, say: Callable[[str], object] = print) -> DemoResult
 
 
 def _cycle(runner: Runner, config: Config, what: str, say: Callable[[str], object]) -> DemoCycle:
-    result = replicate.sync(runner, config, GROUP, say=say)
+    result = cycle.sync(runner, config, GROUP, say=say)
     (site,) = result.sites
     shipped = sum(d.data_bytes for d in site.delivered)
     if site.seeded is not None:

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from dmrepl import applylog, blockio, delta, safefile
+from dmrepl import applylog, blockio, delta, deltafiles, safefile
+from dmrepl.deltafiles import DeltaFile
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
 from dmrepl.signals import Say, SignalLatch, deferred_signals
-from dmrepl.sites import listed_deltas
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
 SYS_BLOCK = Path("/sys/block")
@@ -106,7 +106,7 @@ def apply_dir(
             hint=f"apply at least cut {unfinished.writing} (leave out --cut, or give a later one)",
         )
     if to_cut is None:
-        _note_unreachable(directory, group, planned[-1][0] if planned else from_cut, say)
+        _note_unreachable(directory, group, planned[-1].seq if planned else from_cut, say)
     with ExitStack() as fds:
         opened = _open_targets(targets, fds)
         steps = _verified_chain(planned, group)
@@ -122,28 +122,26 @@ def _check_directory(directory: Path) -> None:
         raise InvalidInput(f"{directory} is not a directory", hint="give the dir site's directory")
 
 
-def _plan(
-    directory: Path, group: str, from_cut: int | None, to_cut: int | None
-) -> list[tuple[int, int | None, Path]]:
+def _plan(directory: Path, group: str, from_cut: int | None, to_cut: int | None) -> list[DeltaFile]:
     """The files of the chain, picked and linked by their names (checked against headers later)."""
-    files = listed_deltas(directory, group)
+    files = deltafiles.list_files(directory, group)
     if not files:
         raise InvalidInput(f"{directory} holds no delta files of group {group}")
-    by_base: dict[int, tuple[int, int | None, Path]] = {}
-    for seq, base, path in files:
-        if base is None:
+    starts: dict[int, DeltaFile] = {}
+    for file in files:
+        if file.base_seq is None:
             continue
-        if base in by_base:
-            other = by_base[base][2].name
+        if file.base_seq in starts:
             raise ChainMismatch(
-                f"{directory}: two deltas start at cut {base} ({other} and {path.name})",
+                f"{directory}: two deltas start at cut {file.base_seq} "
+                f"({starts[file.base_seq].path.name} and {file.path.name})",
                 hint="keep the one that belongs to this group's chain and move the other away; "
                 + _NOTHING_WRITTEN,
             )
-        by_base[base] = (seq, base, path)
-    steps: list[tuple[int, int | None, Path]] = []
+        starts[file.base_seq] = file
+    steps: list[DeltaFile] = []
     if from_cut is None:
-        fulls = [f for f in files if f[1] is None and (to_cut is None or f[0] <= to_cut)]
+        fulls = [f for f in files if f.base_seq is None and (to_cut is None or f.seq <= to_cut)]
         if not fulls:
             raise InvalidInput(
                 f"{directory} holds no full image of group {group}"
@@ -151,18 +149,17 @@ def _plan(
                 hint="give --from-cut with the cut the targets already hold",
             )
         steps.append(fulls[-1])
-        at = fulls[-1][0]
+        at = fulls[-1].seq
     else:
         at = from_cut
-        if at not in by_base and to_cut != at:
-            starts = ", ".join(str(b) for b in sorted(by_base)) or "none"
+        if at not in starts and to_cut != at:
+            known = ", ".join(str(b) for b in sorted(starts)) or "none"
             raise InvalidInput(
                 f"{directory} holds no delta of group {group} from cut {from_cut}",
-                hint=f"deltas there start at cuts: {starts}; give the cut the targets hold",
+                hint=f"deltas there start at cuts: {known}; give the cut the targets hold",
             )
-    while at in by_base and (to_cut is None or by_base[at][0] <= to_cut):
-        steps.append(by_base[at])
-        at = by_base[at][0]
+    steps += deltafiles.walk(files, at, to_cut)
+    at = steps[-1].seq if steps else at
     if to_cut is not None and at != to_cut:
         raise InvalidInput(f"the deltas in {directory} do not reach cut {to_cut} (stop at {at})")
     return steps
@@ -170,18 +167,18 @@ def _plan(
 
 def _note_unreachable(directory: Path, group: str, reached: int | None, say: Say) -> None:
     """Say so when newer files exist than the cut the chain reaches (a delta is missing)."""
-    newest = listed_deltas(directory, group)[-1]
-    if reached is not None and newest[0] > reached:
+    newest = deltafiles.list_files(directory, group)[-1]
+    if reached is not None and newest.seq > reached:
         say(
             f"note: the chain stops at cut {reached}: no delta in {directory} starts there, "
-            f"so {newest[2].name} (cut {newest[0]}) cannot be reached"
+            f"so {newest.path.name} (cut {newest.seq}) cannot be reached"
         )
 
 
-def _verified_chain(planned: list[tuple[int, int | None, Path]], group: str) -> list[_Step]:
+def _verified_chain(planned: list[DeltaFile], group: str) -> list[_Step]:
     """Verify every file end to end and that it is the step its name says, linking to the last."""
     steps: list[_Step] = []
-    for seq, base, path in planned:
+    for seq, base, path in ((f.seq, f.base_seq, f.path) for f in planned):
         with _open_delta(path) as stream:
             header, summary = delta.verify(stream, str(path))
             info = os.fstat(stream.fileno())

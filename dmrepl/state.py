@@ -108,7 +108,7 @@ class StateStore:
     The store is a cache of what the kernel and the sites know. A corrupt one is
     moved aside as `state.db.corrupt-<UTC time>` (kept as evidence), `warn` says
     so, and a new one is started; the cycle then rebuilds each site's cursor from
-    the site's own record (see dmrepl.replicate).
+    the site's own record (see dmrepl.replication.cycle).
     """
 
     def __init__(self, state_dir: Path, warn: Callable[[str], None] = _warn):

@@ -14,10 +14,12 @@ import pytest
 
 from dmrepl import builder, delta, dm, phases
 from dmrepl.config import load_config
+from dmrepl.deltafiles import file_name as delta_file_name
 from dmrepl.demo import write_random
 from dmrepl.lock import group_lock
-from dmrepl.sites import BlockdevSite, delta_file_name
+from dmrepl.sites import SiteContext, open_site
 from dmrepl.stack import Layer, layer_name
+from dmrepl.statedir import StateDir
 from tests.clirun import run_cli_here
 from tests.kernel.stacks import Bed
 
@@ -137,7 +139,7 @@ def test_kill_9_at_each_phase_leaves_a_cut_and_the_next_sync_catches_up(
     # hold exactly one cut: the one before the killed cycle, or the one it took.
     group = load_config(pair.config).groups[pair.group]
     stacks = builder.survey(pair.runner, [group], check=False).stacks
-    BlockdevSite(group.sites[0], stacks, pair.state_dir).replay()
+    open_site(group.sites[0], SiteContext.of(stacks, StateDir(pair.state_dir))).recover()
     assert site_digests(pair, "dr") in (before, after)
     result = sync(pair)
     assert "site dr: in sync" in result.stdout, result.stdout + result.stderr

@@ -1,8 +1,14 @@
-"""Values for pure tests: a configured device with overridable fields."""
+"""Values for pure tests: configured devices and sites with overridable fields."""
 
 from __future__ import annotations
 
-from dmrepl.config import DeviceSpec
+from pathlib import Path
+
+from dmrepl.config import DeviceSpec, SiteSpec
+from dmrepl.sites import Receiver, SiteContext, open_site
+from dmrepl.sites.archive import DirSiteSpec
+from dmrepl.sites.journaled import BlockdevSiteSpec
+from dmrepl.statedir import StateDir
 
 
 def device_spec(**extra: object) -> DeviceSpec:
@@ -13,3 +19,21 @@ def device_spec(**extra: object) -> DeviceSpec:
     )  # fmt: skip
     fields.update(extra)
     return DeviceSpec(**fields)  # type: ignore[arg-type]
+
+
+def blockdev_site(
+    name: str = "dr", replicas: dict[str, str] | None = None, journal: str | None = None
+) -> BlockdevSiteSpec:
+    """A `blockdev` site of group `db` (replica of `data` at /dev/x unless given)."""
+    return BlockdevSiteSpec(
+        "db", name, "blockdev", "asynchronous", replicas or {"data": "/dev/x"}, journal
+    )
+
+
+def dir_site(path: Path, name: str = "vault", group: str = "db") -> DirSiteSpec:
+    return DirSiteSpec(group, name, "dir", "asynchronous", str(path))
+
+
+def receiver(spec: SiteSpec, state_dir: Path, devices: dict[str, int] | None = None) -> Receiver:
+    """The site's Receiver, for a group of `devices` (name -> sectors; default none)."""
+    return open_site(spec, SiteContext(devices or {}, StateDir(state_dir)))

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from dmrepl import applylog, blockio, delta, rebuild
+from dmrepl.deltafiles import file_name as delta_file_name
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
 from dmrepl.rebuild import apply_dir
-from dmrepl.sites import delta_file_name
 from tests.clirun import run_cli_here
 
 SECTORS = 8192  # 4 MiB devices

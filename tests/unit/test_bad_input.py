@@ -214,7 +214,7 @@ def test_one_groups_failure_does_not_stop_the_other_groups(
         reached.append(group)
         raise DeviceMissing(f"group {group}: its disk is gone")
 
-    monkeypatch.setattr(cli.replicate, "sync", sync)
+    monkeypatch.setattr(cli.sync_cycle, "sync", sync)
     code, _, stderr = run_cli_here("sync", "--config", str(two_group_config(tmp_path)))
     assert reached == ["a", "b"]
     assert code == ExitCode.DEVICE_MISSING
@@ -230,7 +230,7 @@ def test_a_state_store_failure_mid_cycle_is_an_error_not_a_traceback(
     def sync(*_: object, **__: object) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(cli.replicate, "sync", sync)
+    monkeypatch.setattr(cli.sync_cycle, "sync", sync)
     code, _, stderr = run_cli_here("sync", "db", "--config", str(good_config))
     assert code == ExitCode.FAILURE
     assert "the state store (state.db) failed: database or disk is full" in stderr

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmrepl import delta
+from dmrepl.deltafiles import file_name as delta_file_name
 from dmrepl.errors import DmreplError, ExitCode
 from dmrepl.rebuild import apply_dir
-from dmrepl.sites import delta_file_name
 
 SECTORS = 64  # 32 KiB devices keep each example fast
 SETTINGS = settings(

@@ -10,13 +10,17 @@ import pytest
 
 from dmrepl import delta
 from dmrepl.cli import parse_interval
-from dmrepl.config import ConfigError, SiteSpec, parse_config
+from dmrepl.config import ConfigError, parse_config
+from dmrepl.deltafiles import chain
+from dmrepl.deltafiles import file_name as delta_file_name
 from dmrepl.errors import ExitCode, InvalidInput
 from dmrepl.journal import SLOT_BYTES, Journal, JournalError, JournalState, decode_header
 from dmrepl.lock import Busy, group_lock, lock_holder
 from dmrepl.rebuild import apply_dir
-from dmrepl.sites import BlockdevSite, delta_file_name
+from dmrepl.sites.journaled import JournaledSite
 from dmrepl.spool import Spool
+from dmrepl.statedir import StateDir
+from tests.unit.factories import blockdev_site, receiver
 
 DEVICE_BYTES = 4 * 2**20
 
@@ -40,50 +44,57 @@ def make_delta(seq: int, base: int | None, writes: list[tuple[int, bytes]]) -> b
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> BlockdevSite:
+def site(tmp_path: Path) -> JournaledSite:
     replica = tmp_path / "replica.img"
     replica.write_bytes(bytes(DEVICE_BYTES))
-    spec = SiteSpec("g", "dr", "blockdev", "asynchronous", {"d": str(replica)}, None, None)
-    blockdev = BlockdevSite(spec, (), tmp_path / "state")
-    blockdev.journal_path.parent.mkdir(parents=True)
-    blockdev._check_header = lambda header: None  # type: ignore[method-assign]
+    spec = blockdev_site(replicas={"d": str(replica)})
+    blockdev = receiver(spec, tmp_path / "state", {"d": DEVICE_BYTES // 512})
+    assert isinstance(blockdev, JournaledSite)
     return blockdev
 
 
-def replica_bytes(site: BlockdevSite) -> bytes:
+def replica_bytes(site: JournaledSite) -> bytes:
     return Path(site.spec.replicas["d"]).read_bytes()
 
 
-def test_journal_apply_moves_the_replica_and_records_the_cut(site: BlockdevSite) -> None:
-    assert site.held_seq() is None
+def pending(site: JournaledSite) -> int | None:
+    """A committed but unapplied cut in the site's journal, if any."""
+    with Journal(site.journal_path) as journal:
+        header = journal.header
+    return header.seq if header.state is JournalState.COMMITTED else None
+
+
+def test_journal_apply_moves_the_replica_and_records_the_cut(site: JournaledSite) -> None:
+    assert site.held() is None
     delivery = site.receive(io.BytesIO(make_delta(1, None, [(8, b"a" * 1024)])))
     assert (delivery.seq, delivery.data_bytes) == (1, 1024)
     assert replica_bytes(site)[4096:5120] == b"a" * 1024
-    assert site.held_seq() == 1 and site.pending_seq() is None
+    assert site.held() == 1 and pending(site) is None
 
 
-def test_a_committed_journal_is_replayed_by_the_next_run(site: BlockdevSite) -> None:
+def test_a_committed_journal_is_replayed_by_the_next_run(site: JournaledSite) -> None:
     data = make_delta(2, 1, [(16, b"b" * 512)])
+    site.journal_path.parent.mkdir(parents=True)
     with Journal(site.journal_path) as journal:
         length = journal.stage(io.BytesIO(data))
         journal.commit(length, accept=lambda header: None)  # then the process "dies"
-    assert site.pending_seq() == 2 and site.held_seq() is None
-    replayed = site.replay()
+    assert pending(site) == 2 and site.held() is None
+    replayed = site.recover()
     assert replayed is not None and replayed.seq == 2
     assert replica_bytes(site)[8192:8704] == b"b" * 512
-    assert site.replay() is None  # nothing left to do
+    assert site.recover() is None  # nothing left to do
 
 
-def test_a_corrupt_delta_never_reaches_the_replica(site: BlockdevSite) -> None:
+def test_a_corrupt_delta_never_reaches_the_replica(site: JournaledSite) -> None:
     data = bytearray(make_delta(1, None, [(0, b"c" * 4096)]))
     data[-100] ^= 1
     with pytest.raises(delta.CorruptDelta, match="corrupt delta at byte"):
         site.receive(io.BytesIO(bytes(data)))
     assert replica_bytes(site) == bytes(DEVICE_BYTES)
-    assert site.pending_seq() is None  # never committed
+    assert pending(site) is None  # never committed
 
 
-def test_a_torn_header_write_falls_back_to_the_other_slot(site: BlockdevSite) -> None:
+def test_a_torn_header_write_falls_back_to_the_other_slot(site: JournaledSite) -> None:
     site.receive(io.BytesIO(make_delta(1, None, [(0, b"x" * 512)])))
     site.receive(io.BytesIO(make_delta(2, 1, [(0, b"y" * 512)])))
     with Journal(site.journal_path) as journal:
@@ -104,23 +115,29 @@ def test_garbage_in_both_header_slots_is_refused(tmp_path: Path) -> None:
     assert decode_header(b"\0" * SLOT_BYTES) is None
 
 
-def test_spool_chain_eviction_and_pruning(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", "g", cap_bytes=3000)
+def test_spool_listing_chain_and_orphans(tmp_path: Path) -> None:
+    spool = Spool(StateDir(tmp_path), "g", cap_bytes=3000)
+    assert spool.chain_deltas() == [] and not (tmp_path / "spool").exists()  # reads create none
+    spool.prepare()
     for seq, base in ((2, 1), (3, 2), (4, 3)):
         spool.path(seq, base).write_bytes(b"z" * 900)
-    assert spool.head() == 4
-    assert [e.seq for e in spool.chain(1, 4) or []] == [2, 3, 4]
-    assert spool.chain(2, 4) is not None and spool.chain(0, 4) is None
-    assert spool.make_room(5000) is None  # larger than the cap: nothing evicted
-    evicted = spool.make_room(1000)
-    assert [e.seq for e in evicted or []] == [2]
-    assert spool.chain(1, 4) is None  # site at cut 1 must now resync
-    assert [e.seq for e in spool.prune(3)] == [3]
-    assert [e.seq for e in spool.entries()] == [4]
-    spool.resync_path("far", 5, 1).write_bytes(b"r")
+    listed = spool.chain_deltas()
+    assert [(f.seq, f.base_seq, f.size) for f in listed] == [(2, 1, 900), (3, 2, 900), (4, 3, 900)]
+    assert [e.seq for e in chain(listed, 1, 4) or []] == [2, 3, 4]
+    assert chain(listed, 2, 4) is not None and chain(listed, 0, 4) is None
+    spool.delete(listed[:2])
+    assert [e.seq for e in spool.chain_deltas()] == [4]
+    spool.own_path("far", 5, 1).write_bytes(b"r")
+    spool.own_path("far", 5, None).write_bytes(b"f")
+    assert [(f.seq, f.base_seq) for f in spool.own_deltas("far")] == [(5, 1), (5, None)]
+    assert spool.own_deltas("near") == []
     spool.path(5, 4).write_bytes(b"orphan")  # a capture whose cut was never recorded
     removed = {p.name for p in spool.remove_orphans(last_recorded_seq=4)}
-    assert removed == {delta_file_name("g", 5, 4), "far~" + delta_file_name("g", 5, 1)}
+    assert removed == {
+        delta_file_name("g", 5, 4),
+        "far~" + delta_file_name("g", 5, 1),
+        "far~" + delta_file_name("g", 5, None),
+    }
 
 
 def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
@@ -262,9 +279,10 @@ def test_parse_interval_rejects(text: str) -> None:
 
 
 def test_a_spool_file_is_staged_by_the_kernel_from_where_it_stands(
-    site: BlockdevSite, tmp_path: Path
+    site: JournaledSite, tmp_path: Path
 ) -> None:
     data = make_delta(1, None, [(0, b"s" * 8192)])
+    site.journal_path.parent.mkdir(parents=True)
     spooled = tmp_path / "spooled.delta"
     spooled.write_bytes(b"junk" + data)
     with spooled.open("rb") as source, Journal(site.journal_path) as journal:
@@ -276,8 +294,9 @@ def test_a_spool_file_is_staged_by_the_kernel_from_where_it_stands(
 
 
 def test_a_spool_file_too_big_for_the_journal_device_is_refused(
-    site: BlockdevSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    site: JournaledSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    site.journal_path.parent.mkdir(parents=True)
     spooled = tmp_path / "spooled.delta"
     spooled.write_bytes(make_delta(1, None, [(0, b"s" * 8192)]))
     monkeypatch.setattr(Journal, "capacity", lambda self: 4096)

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl import replicate
 from dmrepl.cli import filesystem_error
 from dmrepl.errors import ExitCode
 from dmrepl.lock import describe_holder, flock_holders, lock_holder
+from dmrepl.replication import cycle
 from dmrepl.spool import Spool
 from dmrepl.state import StateStore
+from dmrepl.statedir import StateDir
 from tests.unit.badinput import (
     NOBODY,
     ROOT,
@@ -417,7 +418,7 @@ def _earlier_sync(state: Path) -> Path:
     """The state dir as an earlier `sync` left it: store, spool, lock."""
     _private(state)
     StateStore(state, warn=pytest.fail).close()
-    Spool(state / "spool" / "db", "db", 1 << 30)
+    Spool(StateDir(state), "db", 1 << 30).prepare()
     (_private(state / "locks") / "db.lock").write_text(STALE)
     return state
 
@@ -505,7 +506,7 @@ def _full_mid_cycle(w: Path, stack: contextlib.ExitStack) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
 
     patch = stack.enter_context(pytest.MonkeyPatch.context())
-    patch.setattr(replicate, "_Cycle", Cycle)
+    patch.setattr(cycle, "Cycle", Cycle)
 
 
 def _evil_state(w: Path, _stack: contextlib.ExitStack) -> None:

@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 
 from dmrepl import loop, safefile
-from dmrepl.config import SiteSpec
+from dmrepl.deltafiles import write_durably
 from dmrepl.errors import ExitCode
 from dmrepl.journal import Journal, JournalError
 from dmrepl.lock import group_lock, lock_holder
-from dmrepl.sites import DirSite, ReplicaMismatch, write_durably
+from dmrepl.sites import Receiver, ReplicaMismatch
 from dmrepl.spool import Spool
 from dmrepl.state import StateStore
+from dmrepl.statedir import StateDir
+from tests.unit import factories
 
 NOBODY = 65534
 
@@ -67,7 +69,7 @@ def test_a_new_state_dir_and_its_files_are_private(tmp_path: Path) -> None:
         pass
     store = StateStore(state)
     store.close()
-    Spool(state / "spool" / "db", "db", 1 << 20)
+    Spool(StateDir(state), "db", 1 << 20).prepare()
     for directory in (tmp_path / "a", tmp_path / "a" / "b", state, state / "locks"):
         assert mode_of(directory) == 0o700, directory
     for directory in (state / "spool", state / "spool" / "db", state / "spool" / "db" / "resync"):
@@ -212,9 +214,8 @@ def test_create_new_never_opens_an_existing_path(tmp_path: Path, victim: Path) -
         safefile.create_new(victim)
 
 
-def dir_site(path: Path) -> DirSite:
-    spec = SiteSpec("db", "vault", "dir", "asynchronous", {}, None, str(path))
-    return DirSite(spec, (), path.parent / "state")
+def dir_site(path: Path) -> Receiver:
+    return factories.receiver(factories.dir_site(path), path.parent / "state")
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])

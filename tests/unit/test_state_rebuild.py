@@ -13,12 +13,12 @@ import pytest
 
 from dmrepl import state
 from dmrepl.changes import next_cut_seq
-from dmrepl.config import Config, GroupSpec, SiteSpec
+from dmrepl.deltafiles import file_name as delta_file_name
 from dmrepl.journal import Journal
-from dmrepl.replicate import _Cycle
-from dmrepl.sites import RecordUnreadable, delta_file_name, journal_path, recorded_cut
-from dmrepl.spool import Spool
+from dmrepl.sites import RecordUnreadable
 from dmrepl.state import StateStore, StateStoreError
+from dmrepl.statedir import StateDir
+from tests.unit.factories import blockdev_site, dir_site, receiver
 
 
 def opened(state: Path) -> tuple[StateStore, list[str]]:
@@ -69,43 +69,13 @@ def test_a_store_that_cannot_be_opened_is_a_clear_error_and_nothing_is_moved(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.db"]
 
 
-def planning_cycle(tmp_path: Path, store: StateStore) -> _Cycle:
-    """A cycle with just what planning reads: the store, the spool and the site names."""
-    cycle = _Cycle.__new__(_Cycle)
-    sites = tuple(
-        SiteSpec("db", name, "dir", "asynchronous", {}, None, str(tmp_path))
-        for name in ("dr", "vault")
-    )
-    cycle.spec = GroupSpec("db", (), sites)
-    cycle.config = Config(tmp_path / "dmrepl.toml", tmp_path, {"db": cycle.spec})
-    cycle.store = store
-    cycle.spool = Spool(tmp_path / "spool", "db", 2**30)
-    cycle.sites = dict.fromkeys(("dr", "vault"))  # type: ignore[arg-type]
-    return cycle
-
-
-def test_a_site_at_a_cut_the_store_lost_is_reseeded_and_numbering_goes_on_past_it(
-    tmp_path: Path,
-) -> None:
+def test_numbering_goes_past_every_cursor_the_store_holds(tmp_path: Path) -> None:
     store, _ = opened(tmp_path)
     # What a cycle's recovery records after state.db was lost: each site's own cut.
     store.set_cursor("db", "dr", 57)
     store.set_cursor("db", "vault", 55)
-    cycle = planning_cycle(tmp_path, store)
-    plan = cycle._plan({"dr": None, "vault": None}, set())  # type: ignore[dict-item]
-    assert sorted(plan.seed) == ["dr", "vault"] and not plan.spool_delta and not plan.resync
-    assert cycle._next_seq() == 58  # never 1: cut 1..57 are names the sites already hold
-    store.close()
-
-
-def test_a_site_at_a_known_cut_follows_the_spool_as_before(tmp_path: Path) -> None:
-    store, _ = opened(tmp_path)
-    store.record_cut("db", {"data": 3}, 0.0)
-    store.set_cursor("db", "dr", 1)
-    cycle = planning_cycle(tmp_path, store)
-    plan = cycle._plan({"dr": None, "vault": None}, set())  # type: ignore[dict-item]
-    assert plan.seed == ["vault"] and plan.head == 1 and plan.spool_delta
-    assert cycle._next_seq() == 2
+    sites = [receiver(dir_site(tmp_path, name), tmp_path) for name in ("dr", "vault")]
+    assert next_cut_seq(store, "db", sites) == 58  # never 1: cuts 1..57 are names sites hold
     store.close()
 
 
@@ -136,62 +106,55 @@ def test_a_corrupt_store_that_cannot_be_moved_aside_is_a_clear_error(
 
 
 def test_a_sites_own_record_is_read_without_creating_anything(tmp_path: Path) -> None:
-    blockdev = SiteSpec("db", "dr", "blockdev", "asynchronous", {"data": "/dev/x"}, None, None)
-    assert recorded_cut(blockdev, tmp_path) is None
+    blockdev = receiver(blockdev_site(), tmp_path)
+    assert blockdev.recorded() is None and blockdev.held() is None
     assert list(tmp_path.iterdir()) == []  # no journal file or directory created
-    path = journal_path(blockdev, tmp_path)
+    path = StateDir(tmp_path).journal("db", "dr")
     path.parent.mkdir()
     with Journal(path) as journal:
         journal.mark_applied(41)
-    assert recorded_cut(blockdev, tmp_path) == 41
-    vault = SiteSpec("db", "vault", "dir", "asynchronous", {}, None, str(tmp_path / "vault"))
+    assert blockdev.recorded() == 41 and blockdev.held() == 41
+    vault = receiver(dir_site(tmp_path / "vault"), tmp_path)
     with pytest.raises(RecordUnreadable):  # not there (not mounted?): it may hold any cut
-        recorded_cut(vault, tmp_path)
+        vault.recorded()
     (tmp_path / "vault").mkdir()
-    assert recorded_cut(vault, tmp_path) is None
+    assert vault.recorded() is None
     (tmp_path / "vault" / delta_file_name("db", 44, 43)).touch()
-    assert recorded_cut(vault, tmp_path) == 44
+    assert vault.recorded() == 44
 
 
 def test_a_journal_that_cannot_be_read_is_unreadable_and_a_fifo_does_not_hang(
     tmp_path: Path,
 ) -> None:
-    configured = SiteSpec(
-        "db", "dr", "blockdev", "asynchronous", {"data": "/dev/x"}, str(tmp_path / "gone"), None
-    )
+    configured = receiver(blockdev_site(journal=str(tmp_path / "gone")), tmp_path)
     with pytest.raises(RecordUnreadable, match="does not exist"):
-        recorded_cut(configured, tmp_path)
+        configured.recorded()
+    assert not (tmp_path / "gone").exists()
     os.mkfifo(tmp_path / "fifo")
-    fifo = SiteSpec(
-        "db", "dr", "blockdev", "asynchronous", {"data": "/dev/x"}, str(tmp_path / "fifo"), None
-    )
-    with pytest.raises(RecordUnreadable, match="not a file or block device"):
-        recorded_cut(fifo, tmp_path)
+    fifo = receiver(blockdev_site(journal=str(tmp_path / "fifo")), tmp_path)
+    with pytest.raises(RecordUnreadable, match="not a file or device"):
+        fifo.recorded()
 
 
 def test_a_lost_store_with_a_site_out_of_reach_numbers_past_the_clock(tmp_path: Path) -> None:
     """Review finding: the store is lost and a site's journal device is detached. The site may
     hold any cut; numbering from 1 would one day give its cut number to another cut."""
-    site = SiteSpec(
-        "db", "dr", "blockdev", "asynchronous", {"data": "/dev/x"}, str(tmp_path / "gone"), None
-    )
-    group = GroupSpec("db", (), (site,))
+    sites = [receiver(blockdev_site(journal=str(tmp_path / "gone")), tmp_path)]
     store, _ = opened(tmp_path)
     before = int(time.time())
-    assert next_cut_seq(store, group, tmp_path) >= before
+    assert next_cut_seq(store, "db", sites) >= before
     store.record_cut("db", {"data": 5}, 0.0, seq=7)
-    assert next_cut_seq(store, group, tmp_path) == 8  # a store that has cuts goes on from them
+    assert next_cut_seq(store, "db", sites) == 8  # a store that has cuts goes on from them
     store.close()
 
 
 def test_numbering_goes_past_a_cut_only_a_sites_journal_remembers(tmp_path: Path) -> None:
     """After a lost state.db, `changes` (or a sync while that site is down) must not number a
     new cut 1..41 while the site's journal says it holds cut 41."""
-    site = SiteSpec("db", "dr", "blockdev", "asynchronous", {"data": "/dev/x"}, None, None)
-    path = journal_path(site, tmp_path)
+    path = StateDir(tmp_path).journal("db", "dr")
     path.parent.mkdir()
     with Journal(path) as journal:
         journal.mark_applied(41)
     store, _ = opened(tmp_path)
-    assert next_cut_seq(store, GroupSpec("db", (), (site,)), tmp_path) == 42
+    assert next_cut_seq(store, "db", [receiver(blockdev_site(), tmp_path)]) == 42
     store.close()

@@ -1,0 +1,397 @@
+"""The replication cycle (DESIGN.md section 5), driven from a pure plan.
+
+One `sync` of a group, under the group's lock:
+
+1. Observe and recover: repair a killed cut; let each site finish an apply an
+   interrupted run committed; drop spool files of cuts never recorded; read each
+   site's cursor from its own record and the spool's chain deltas, once.
+2. Plan (replication.plan.plan_cycle), then cut the group with `-pit` images and,
+   while it is held, list the chain delta's extents, finalize the plan with its
+   size (evictions, resyncs), and capture the chain delta, each resync delta and
+   each full-image seed into the spool; compare-mode seeds copy in place. A `-pit`
+   that overflowed voids the whole capture.
+3. Release the cut and record it; only then are compare seeds marked.
+4. Ship to every reachable site, strictly in cut order, through its Receiver; a
+   site's cursor moves only after its durable apply. A site that fails is reported
+   and skipped; the others go on.
+5. Delete spooled deltas every site has applied.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dmrepl import blockio, builder, delta, phases
+from dmrepl.changes import next_cut_seq, require_running
+from dmrepl.config import Config, GroupSpec
+from dmrepl.cut import HeldCut, check_pits, cow_devices, held_cut, recover, recover_cows
+from dmrepl.errors import InvalidInput
+from dmrepl.executor import Runner
+from dmrepl.lock import group_lock
+from dmrepl.replication import capture
+from dmrepl.replication.capture import ProgressFactory, no_progress
+from dmrepl.replication.plan import (
+    Capture,
+    CyclePlan,
+    Observed,
+    Seed,
+    SiteView,
+    deliveries,
+    finalize,
+    plan_cycle,
+    prunable,
+)
+from dmrepl.signals import Say
+from dmrepl.sites import (
+    Delivery,
+    Receiver,
+    SiteContext,
+    SiteFailure,
+    SiteState,
+    open_site,
+)
+from dmrepl.sites.base import FAILED_STATES
+from dmrepl.spool import Spool
+from dmrepl.state import CutRecord, StateStore
+from dmrepl.statedir import StateDir
+
+
+@dataclass
+class SiteReport:
+    site: str
+    transport: str
+    state: SiteState
+    cursor: int | None
+    delivered: list[Delivery] = field(default_factory=list)
+    seeded: blockio.CopyStats | None = None
+    detail: str = ""
+
+
+@dataclass
+class SyncResult:
+    group: str
+    cut: CutRecord
+    recovered: list[str]
+    changed_bytes: int  # written since the spool head, at era-block granularity
+    spooled_bytes: int  # size of the delta added to the spool (0 if none)
+    spool_bytes: int  # spool use after the cycle
+    sites: list[SiteReport]
+
+
+def sync(
+    runner: Runner,
+    config: Config,
+    group: str,
+    *,
+    seed_sites: tuple[str, ...] = (),
+    target_zeroed: bool = False,
+    say: Say = print,
+    progress: ProgressFactory = no_progress,
+) -> SyncResult:
+    """One replication cycle of `group` (and a (re-)seed of `seed_sites`)."""
+    (spec,) = config.select(group)
+    if not spec.sites:
+        raise InvalidInput(
+            f"group {group} has no sites to replicate to",
+            hint=f"add a [group.{group}.site.NAME] table to {config.path}",
+        )
+    for name in seed_sites:
+        spec.site(name)
+    doing = "seed" if seed_sites else "sync"
+    builder.require_devices(spec, doing, config.path)  # before the lock: nothing is touched
+    with group_lock(config.state_dir, group, "sync"):
+        store = StateStore(config.state_dir)
+        try:
+            cycle = Cycle(runner, config, spec, store, say, progress)
+            return cycle.run(set(seed_sites), target_zeroed)
+        finally:
+            store.close()
+
+
+class Cycle:
+    """One cycle's driver: observes, plans, and carries the plan out."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        config: Config,
+        spec: GroupSpec,
+        store: StateStore,
+        say: Say,
+        progress: ProgressFactory,
+    ):
+        self.runner, self.config, self.spec, self.store = runner, config, spec, store
+        self.say, self.progress = say, progress
+        found = builder.survey(runner, [spec], check=False)
+        builder.require_surveyed(spec, found, "sync", config.path)  # a path vanished since
+        self.stacks, self.observed = found.stacks, found.observed
+        require_running(self.stacks, self.observed)
+        state_dir = StateDir(config.state_dir)
+        self.spool = Spool(state_dir, spec.name, spec.spool_bytes)
+        context = SiteContext.of(self.stacks, state_dir)
+        self.sites = {s.name: open_site(s, context) for s in spec.sites}
+        self.reports = {
+            s.name: SiteReport(s.name, s.transport, SiteState.UNKNOWN, None) for s in spec.sites
+        }
+        self.cursors: dict[str, int | None] = {}  # the cursors this cycle knows, kept current
+        self.cleanup = ExitStack()
+
+    def run(self, force_seed: set[str], target_zeroed: bool) -> SyncResult:
+        recovered = recover(self.runner, self.stacks, self.observed, self.say)
+        recovered += recover_cows(self.runner, self.stacks, self.config.state_dir, self.say)
+        latest = self.store.cuts(self.spec.name, limit=1)
+        for orphan in self.spool.remove_orphans(latest[0].seq if latest else 0):
+            recovered.append(f"removed {orphan.name} (capture of a cut never recorded)")
+        observed = self.observe(recovered, force_seed)
+        plan = plan_cycle(observed)
+        seq = next_cut_seq(self.store, self.spec.name, self.sites.values())
+        self.spool.prepare()
+        with self.cleanup:  # unpublished captures are deleted on the way out
+            with ExitStack() as resources:
+                cow = resources.enter_context(
+                    cow_devices(self.runner, self.stacks, self.config.state_dir)
+                )
+                held = resources.enter_context(
+                    held_cut(self.runner, self.stacks, cow_for=cow, say=self.say)
+                )
+                changed, publishers, marks = self._capture(held, seq, plan, observed)
+                self._seed_by_compare(held, seq, plan, target_zeroed, marks)
+                check_pits(self.runner, held)  # an overflowed image voids everything read
+                phases.reached("captured")
+                for publish in publishers:
+                    publish()
+            record = self.store.record_cut(self.spec.name, held.eras, held.stall_s, seq=seq)
+            # A seed is marked only once its cut is recorded: a site never holds an unknown cut.
+            for name, mark in marks.items():
+                try:
+                    mark(seq)
+                except SiteFailure as exc:
+                    self._site_failed(name, exc)
+                    continue
+                self._set_cursor(name, seq)
+        for name in self.sites:
+            self._ship(name, seq)
+        spool = self.spool.chain_deltas()
+        self.spool.delete(prunable(spool, list(self.cursors.values())))
+        remaining = self.spool.chain_deltas()
+        return SyncResult(
+            group=self.spec.name,
+            cut=record,
+            recovered=recovered,
+            changed_bytes=changed,
+            spooled_bytes=sum(f.size for f in remaining if f.seq == seq),
+            spool_bytes=sum(f.size for f in remaining),
+            sites=list(self.reports.values()),
+        )
+
+    # -- 1. observe (and let each site finish what an interrupted run committed)
+
+    def observe(self, recovered: list[str], force_seed: set[str]) -> Observed:
+        views = [self._observe_site(name, recovered, name in force_seed) for name in self.sites]
+        return Observed(tuple(views), tuple(self.spool.chain_deltas()), self.spec.spool_bytes)
+
+    def _observe_site(self, name: str, recovered: list[str], force_seed: bool) -> SiteView:
+        site, report = self.sites[name], self.reports[name]
+        known = self.store.site(self.spec.name, name)
+        stored = None if known is None else known.seq
+        self.cursors[name] = stored
+        compare = site.compare_seeder() is not None
+        try:
+            site.check()
+            held = None
+            if not force_seed:  # a seed overwrites everything anyway
+                replayed = site.recover()
+                if replayed is not None:
+                    recovered.append(
+                        f"site {name}: finished applying cut {replayed.seq} from its journal"
+                    )
+                held = site.held()
+        except SiteFailure as exc:
+            self._site_failed(name, exc)
+            return SiteView(name, False, stored, self._known(stored), force_seed, compare)
+        except OSError as exc:
+            self._failed(name, SiteState.DOWN, str(exc))
+            return SiteView(name, False, stored, self._known(stored), force_seed, compare)
+        if force_seed:
+            return SiteView(name, True, stored, self._known(stored), True, compare)
+        if held is not None and held != stored:
+            self._set_cursor(name, held)  # the site's own record is the truth
+        elif held is None and stored is not None:
+            self.store.forget_cursor(
+                self.spec.name, name, "the site's journal records no applied cut"
+            )
+            self.cursors[name] = None
+        report.cursor = held
+        known_cut = self._known(held)
+        if held is not None and not known_cut:
+            # The store lost it (state.db deleted, or corrupt and rebuilt): without the
+            # cut's eras nothing can be listed since it, so the site is compared whole.
+            report.detail = (
+                f"holds cut {held}, which the state store does not know "
+                "(state.db lost or rebuilt): re-seeding by compare"
+            )
+            self.store.set_site_state(self.spec.name, name, SiteState.NEEDS_SEED, report.detail)
+            self.say(f"site {name}: {report.detail}")
+        return SiteView(name, True, held, known_cut, False, compare)
+
+    def _known(self, cut: int | None) -> bool:
+        return cut is not None and self.store.cut(self.spec.name, cut) is not None
+
+    # -- 2. capture while the cut is held
+
+    def _capture(
+        self, held: HeldCut, seq: int, plan: CyclePlan, observed: Observed
+    ) -> tuple[int, list[Callable[[], None]], dict[str, Callable[[int], None]]]:
+        """Stage the chain delta, resync deltas and full-image seeds under temporary names.
+        Returns the bytes changed since the head, the publishers, and the seeds' marks."""
+        phases.reached("capture")
+        changed = 0
+        publishers: list[Callable[[], None]] = []
+        bases: dict[int, CutRecord] = {}
+        final: Capture = finalize(plan, observed, 0)
+        if plan.head is not None:
+            base = self._cut_record(plan.head, bases)
+            ranges = capture.changed_since(self.runner, held, base)
+            changed = capture.total_bytes(ranges)
+            head = capture.header(self.spec.name, held, seq, base)
+            size = capture.encoded_size(head, ranges)
+            final = finalize(plan, observed, size)
+            if final.over_cap:
+                self.say(
+                    f"the delta of cut {seq} ({size} bytes) exceeds the spool cap "
+                    f"({self.spool.cap_bytes} bytes): sites resync from this cut instead"
+                )
+            for evicted in final.evict:
+                self.say(f"spool full: evicted {evicted.path.name}")
+            self.spool.delete(final.evict)
+            if final.chain_delta:
+                target = self.spool.path(seq, plan.head)
+                publishers.append(self._stage(held, head, ranges, target))
+        for name, cursor in final.resyncs.items():
+            base = self._cut_record(cursor, bases)
+            ranges = capture.changed_since(self.runner, held, base)
+            self.say(
+                f"site {name}: resync from cut {cursor} ({capture.total_bytes(ranges)} bytes "
+                "changed)"
+            )
+            self.reports[name].state = SiteState.RESYNCING
+            head = capture.header(self.spec.name, held, seq, base)
+            publishers.append(
+                self._stage(held, head, ranges, self.spool.own_path(name, seq, cursor))
+            )
+        marks: dict[str, Callable[[int], None]] = {}
+        for name, how in plan.seeds.items():
+            if how is not Seed.FULL:
+                continue
+            self._start_seed(name, seq)
+            head = capture.header(self.spec.name, held, seq, None)
+            publishers.append(self._stage(held, head, None, self.spool.own_path(name, seq, None)))
+        return changed, publishers, marks
+
+    def _seed_by_compare(
+        self,
+        held: HeldCut,
+        seq: int,
+        plan: CyclePlan,
+        target_zeroed: bool,
+        marks: dict[str, Callable[[int], None]],
+    ) -> None:
+        """Copy the cut's images onto the replicas of sites seeded in place."""
+        images = {d.stack.device.name: d.pit.path for d in held.devices if d.pit is not None}
+        total = sum(s.origin_sectors * 512 for s in self.stacks)
+        for name, how in plan.seeds.items():
+            seeder = self.sites[name].compare_seeder()
+            if how is not Seed.COMPARE or seeder is None:
+                continue
+            self._start_seed(name, seq)
+            try:
+                self.reports[name].seeded = seeder.seed(
+                    images,
+                    target_zeroed=target_zeroed,
+                    progress=self.progress(f"seed {name}", total),
+                )
+            except SiteFailure as exc:
+                self._site_failed(name, exc)
+                continue
+            marks[name] = seeder.mark_seeded
+
+    def _start_seed(self, name: str, seq: int) -> None:
+        self.reports[name].state = SiteState.SEEDING
+        self.say(f"site {name}: initial copy from cut {seq}")
+
+    def _stage(
+        self, held: HeldCut, head: delta.DeltaHeader, ranges: capture.Ranges | None, target: Path
+    ) -> Callable[[], None]:
+        return capture.stage(held, head, ranges, target, self.cleanup, self.progress)
+
+    def _cut_record(self, seq: int, cache: dict[int, CutRecord]) -> CutRecord:
+        if seq not in cache:
+            record = self.store.cut(self.spec.name, seq)
+            assert record is not None, f"the plan used cut {seq}, which the store does not know"
+            cache[seq] = record
+        return cache[seq]
+
+    # -- 4. ship
+
+    def _ship(self, name: str, seq: int) -> None:
+        """Deliver, in cut order, what takes the site from its cursor to `seq`."""
+        site, report = self.sites[name], self.reports[name]
+        if report.state in FAILED_STATES:
+            return
+        own = self.spool.own_deltas(name)
+        cursor = self.cursors.get(name)
+        if cursor is None and not own:
+            return
+        steps = deliveries(cursor, seq, self.spool.chain_deltas(), own)
+        if steps is None:
+            report.state = SiteState.BEHIND
+            report.detail = f"at cut {cursor}; the spool no longer reaches it"
+            self.store.set_site_state(self.spec.name, name, SiteState.BEHIND, report.detail)
+            return
+        for step in steps:
+            if not self._deliver(site, step.path):
+                return
+        self.spool.delete(own)
+        report.state = SiteState.IN_SYNC
+
+    def _deliver(self, site: Receiver, path: Path) -> bool:
+        """Send one spooled delta; False (and the site reported) if it failed."""
+        try:
+            with path.open("rb", buffering=blockio.CHUNK_BYTES) as source:
+                delivery = site.receive(source)
+        except delta.CorruptDelta as exc:
+            # Set aside, so the next cycle resyncs the site from a fresh cut instead.
+            os.rename(path, path.with_name(path.name + ".corrupt"))
+            message = f"{path.name} failed its checks in transit: {exc.message}"
+            self._failed(site.name, SiteState.BROKEN, message)
+            return False
+        except SiteFailure as exc:
+            self._site_failed(site.name, exc)
+            return False
+        except OSError as exc:
+            self._failed(site.name, SiteState.DOWN, str(exc))
+            return False
+        self.reports[site.name].delivered.append(delivery)
+        phases.reached("cursor")
+        self._set_cursor(site.name, delivery.seq)
+        return True
+
+    # -- bookkeeping
+
+    def _set_cursor(self, site: str, seq: int) -> None:
+        self.store.set_cursor(self.spec.name, site, seq)
+        self.cursors[site] = seq
+        self.reports[site].cursor = seq
+
+    def _site_failed(self, site: str, exc: SiteFailure) -> None:
+        self._failed(site, exc.state, exc.message)
+
+    def _failed(self, site: str, state: SiteState, message: str) -> None:
+        report = self.reports[site]
+        report.state, report.detail = state, message
+        self.store.set_site_state(self.spec.name, site, state, message)
+        self.say(f"site {site}: {state}: {message}")

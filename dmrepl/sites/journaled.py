@@ -1,0 +1,311 @@
+"""`blockdev` sites: replicas that are block devices on this host (loop, NBD, iSCSI), written
+through the site's journal (dmrepl.journal) so they move from one cut to the next
+atomically. The journal header is the site's own record of the cut it holds.
+
+The journal is a file in the state directory, or the device or file configured as
+`journal`; a configured journal must exist (dmrepl never creates one in /dev). Reading
+a site (`check`, `held`, `recorded`) opens nothing for writing and creates nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar, TypeVar
+
+from dmrepl import blockio, delta, phases, safefile
+from dmrepl.config import FieldReader, SiteSpec
+from dmrepl.journal import (
+    Journal,
+    JournalError,
+    JournalHeader,
+    JournalState,
+    read_header_slots,
+)
+from dmrepl.probe import DeviceProblem, probe_block_device
+from dmrepl.sites.base import (
+    CompareSeeder,
+    Delivery,
+    Progress,
+    RecordUnreadable,
+    ReplicaMismatch,
+    SiteBroken,
+    SiteContext,
+    SiteDown,
+)
+from dmrepl.units import format_sectors
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BlockdevSiteSpec(SiteSpec):
+    """`transport = "blockdev"`: one replica device per group device, and a journal."""
+
+    KEYS: ClassVar[frozenset[str]] = frozenset({"replica", "journal"})
+
+    replicas: Mapping[str, str]  # group device name -> replica device path
+    journal: str | None  # a journal device or file; None: a file in the state directory
+
+    @classmethod
+    def parse(
+        cls, reader: FieldReader, spec: SiteSpec, raw: dict[str, Any], devices: list[str]
+    ) -> SiteSpec | None:
+        journal = reader.path(raw, "journal", spec.key, required=False)
+        key = f"{spec.key}.replica"
+        table = raw.get("replica")
+        replicas: dict[str, str] = {}
+        if not isinstance(table, dict):
+            reader.problem(key, "missing: a table naming the replica of every group device")
+            return None
+        for device in devices:
+            value = reader.path(table, device, key, required=False)
+            if value is None and device not in table:
+                reader.problem(f"{key}.{device}", "missing (the replica of this group device)")
+            elif value is not None:
+                replicas[device] = value
+        for extra in sorted(set(table) - set(devices)):
+            reader.problem(f"{key}.{extra}", "not a device of this group")
+        return cls(spec.group, spec.name, spec.transport, spec.policy, replicas, journal)
+
+    def claims(self) -> list[tuple[str, str, str]]:
+        used = [(f"{self.key}.replica", device, path) for device, path in self.replicas.items()]
+        if self.journal is not None:
+            used.append((self.key, "journal", self.journal))
+        return used
+
+
+class JournalUnreadable(SiteDown):
+    """The journal cannot be read now (missing device, I/O error, not a file)."""
+
+
+class JournaledSite:
+    """A `blockdev` site: a Receiver (and CompareSeeder) over replicas behind a journal."""
+
+    def __init__(self, spec: BlockdevSiteSpec, context: SiteContext):
+        self._spec = spec
+        self.devices = context.devices
+        self.state_dir = context.state_dir
+        configured = Path(spec.journal) if spec.journal else None
+        self.journal_path = configured or context.state_dir.journal(spec.group, spec.name)
+
+    @property
+    def name(self) -> str:
+        return self._spec.name
+
+    @property
+    def spec(self) -> BlockdevSiteSpec:
+        return self._spec
+
+    def check(self) -> None:
+        """Raise SiteDown or ReplicaMismatch unless every replica (and a configured journal)
+        is present and fits."""
+        for device, sectors in self.devices.items():
+            path = self._spec.replicas[device]
+            try:
+                replica = probe_block_device(path, role=f"replica of {device}")
+            except DeviceProblem as exc:
+                raise SiteDown(f"site {self.name}: {exc.message}") from None
+            if replica.size_sectors != sectors:
+                raise ReplicaMismatch(
+                    f"site {self.name}: replica {path} of {device} is "
+                    f"{format_sectors(replica.size_sectors)}, the origin is "
+                    f"{format_sectors(sectors)}",
+                    hint="a replica must be exactly the size of its origin; nothing was written",
+                )
+            if replica.mountpoints:
+                raise ReplicaMismatch(
+                    f"site {self.name}: replica {path} is mounted on "
+                    f"{', '.join(replica.mountpoints)}",
+                    hint="unmount it; a replica is written only by dmrepl",
+                )
+        if self._spec.journal is not None and not os.path.exists(self.journal_path):
+            raise SiteDown(
+                f"site {self.name}: journal {self.journal_path} does not exist",
+                hint="attach the journal device (dmrepl never creates a configured journal)",
+            )
+
+    def held(self) -> int | None:
+        """The cut the replicas hold per the journal (None: never seeded or mid-apply)."""
+        header = self._read_header()
+        return header.seq if header is not None and header.state is JournalState.APPLIED else None
+
+    def recorded(self) -> int | None:
+        try:
+            header = self._read_header()
+        except JournalUnreadable as exc:
+            raise RecordUnreadable(exc.message) from None
+        except SiteBroken:
+            return None  # not a journal: it names no cut
+        if header is None or header.state is JournalState.IDLE:
+            return None
+        return header.seq
+
+    def recover(self) -> Delivery | None:
+        """Finish applying a committed journal left by an interrupted run."""
+        header = self._read_header()
+        if header is None or header.state is not JournalState.COMMITTED:
+            return None
+        with self._open_journal() as journal:
+            try:
+                staged, summary = self._guard(lambda: journal.verify_staged(journal.header.length))
+            except delta.CorruptDelta as exc:
+                raise SiteBroken(
+                    f"site {self.name}: the committed delta in its journal is damaged: "
+                    f"{exc.message}",
+                    hint=f"re-seed the site: `dmrepl seed {self._spec.group} --site {self.name}`",
+                ) from None
+            self._check_header(staged)
+            return self._apply(journal, summary)
+
+    def receive(self, stream: BinaryIO) -> Delivery:
+        """Journal, verify, commit and apply one delta stream; return what was applied."""
+        with self._open_journal() as journal:
+            phases.reached("journal-write")
+            length = self._guard(lambda: journal.stage(stream))
+            _, summary = self._guard(lambda: journal.commit(length, accept=self._check_header))
+            phases.reached("journal-committed")
+            return self._apply(journal, summary)
+
+    def compare_seeder(self) -> CompareSeeder | None:
+        return self
+
+    def seed(
+        self, images: Mapping[str, str], *, target_zeroed: bool, progress: Progress
+    ) -> blockio.CopyStats:
+        """Copy the cut's images (device -> `-pit` path) onto the replicas, compare mode."""
+        total = blockio.CopyStats()
+        try:
+            with ExitStack() as fds:
+                for device, sectors in self.devices.items():
+                    source = os.open(images[device], os.O_RDONLY)
+                    fds.callback(os.close, source)
+                    target = os.open(self._spec.replicas[device], os.O_RDWR)
+                    fds.callback(os.close, target)
+                    stats = blockio.compare_copy(
+                        source, target, sectors * 512,
+                        target_zeroed=target_zeroed, progress=progress,
+                    )  # fmt: skip
+                    os.fsync(target)
+                    for field in ("compared", "written", "equal", "zero_skipped"):
+                        setattr(total, field, getattr(total, field) + getattr(stats, field))
+        except OSError as exc:
+            raise SiteDown(f"site {self.name}: seeding failed: {exc.strerror or exc}") from None
+        return total
+
+    def mark_seeded(self, seq: int) -> None:
+        """The replicas now hold cut `seq` (once the cut's images were confirmed intact)."""
+        with self._open_journal() as journal:
+            self._guard(lambda: journal.mark_applied(seq))
+
+    # -- the journal
+
+    def _read_header(self) -> JournalHeader | None:
+        """The journal's current header, read-only; None if the default journal file was
+        never made. Raises SiteDown/SiteBroken when it cannot be read or is not a journal."""
+        try:
+            # O_NONBLOCK: a FIFO planted as the journal must not hang the cycle.
+            fd = os.open(self.journal_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if self._spec.journal is None:
+                return None
+            raise JournalUnreadable(
+                f"site {self.name}: journal {self.journal_path} does not exist"
+            ) from None
+        except OSError as exc:
+            raise JournalUnreadable(
+                f"site {self.name}: journal {self.journal_path}: {exc.strerror}"
+            ) from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise JournalUnreadable(
+                    f"site {self.name}: journal {self.journal_path} is not a file or device"
+                )
+            slots = read_header_slots(fd)
+            if not slots and any(os.pread(fd, 2 * 4096, 0)):
+                raise SiteBroken(
+                    f"site {self.name}: {self.journal_path}: neither journal header slot is "
+                    "valid (not a dmrepl journal?)",
+                    hint="if this really is the site's journal device, zero its first 8 KiB "
+                    f"and re-seed the site: `dmrepl seed {self._spec.group} --site {self.name}`",
+                )
+        except OSError as exc:
+            raise JournalUnreadable(
+                f"site {self.name}: journal {self.journal_path}: {exc.strerror}"
+            ) from None
+        finally:
+            os.close(fd)
+        return max(slots, key=lambda h: h.generation) if slots else None
+
+    def _open_journal(self) -> Journal:
+        """The journal, open for writing; only the default journal file is ever created."""
+        if self._spec.journal is None:
+            try:
+                safefile.private_dir(
+                    self.journal_path.parent, what="state_dir", strict_from=self.state_dir.root
+                )
+            except safefile.UnsafePath as exc:
+                raise ReplicaMismatch(f"site {self.name}: {exc.message}", hint=exc.hint) from None
+        elif not os.path.exists(self.journal_path):
+            raise SiteDown(f"site {self.name}: journal {self.journal_path} does not exist")
+        return self._guard(lambda: Journal(self.journal_path))
+
+    def _guard(self, step: Callable[[], T]) -> T:
+        """Run a journal step; its errors become this site's failures."""
+        try:
+            return step()
+        except JournalError as exc:
+            raise SiteBroken(f"site {self.name}: {exc.message}", hint=exc.hint) from None
+        except OSError as exc:
+            raise SiteDown(
+                f"site {self.name}: journal {self.journal_path}: {exc.strerror or exc}"
+            ) from None
+
+    def _apply(self, journal: Journal, summary: delta.DeltaSummary) -> Delivery:
+        """Write the committed (and verified) delta's records to the replicas, fsync, mark."""
+        source = f"{self.journal_path} (journal)"
+        with ExitStack() as fds, journal.staged(journal.header.length) as reader:
+            header = delta.read_header(reader, source)
+            targets = self._open_replicas(fds, header)
+            try:
+                # verified end to end just before (commit or replay): no second CRC pass
+                for record in delta.records(reader, header, source, checksums=False):
+                    blockio.write_at(targets[record.device], record.offset, record.data)
+                    phases.reached("apply")
+                for fd in targets.values():
+                    os.fsync(fd)
+            except OSError as exc:
+                raise SiteDown(
+                    f"site {self.name}: writing the replicas failed: {exc.strerror or exc}",
+                    hint="the journal keeps the delta; the next run finishes the apply",
+                ) from None
+        phases.reached("applied")
+        self._guard(lambda: journal.mark_applied(header.seq))
+        return Delivery(header.seq, header.base_seq, summary.data_bytes)
+
+    def _check_header(self, header: delta.DeltaHeader) -> None:
+        expected = dict(self.devices)
+        got = {d.name: d.sectors for d in header.devices}
+        if got != expected:
+            raise ReplicaMismatch(
+                f"site {self.name}: delta for cut {header.seq} describes devices {got}, "
+                f"the group has {expected}",
+                hint="the group's devices changed; re-seed the site",
+            )
+
+    def _open_replicas(self, fds: ExitStack, header: delta.DeltaHeader) -> dict[int, int]:
+        targets: dict[int, int] = {}
+        for index, device in enumerate(header.devices):
+            path = self._spec.replicas[device.name]
+            try:
+                fd = os.open(path, os.O_WRONLY)
+            except OSError as exc:
+                raise SiteDown(f"site {self.name}: cannot open {path}: {exc.strerror}") from None
+            fds.callback(os.close, fd)
+            targets[index] = fd
+        return targets
