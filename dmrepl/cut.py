@@ -93,6 +93,46 @@ def recover(
     return done
 
 
+@dataclass(frozen=True)
+class CutStep:
+    """One command of a cut, with what undoes it when the cut fails (`undo`) and what
+    releases it once the cut is no longer needed (`release`)."""
+
+    op: Op
+    undo: Op | None = None  # run if a later step fails (in reverse order)
+    release: Op | None = None  # run when the held cut is released (in reverse order)
+
+
+def cut_steps(stacks: tuple[StackSpec, ...], cow_for: Mapping[str, str] | None) -> list[CutStep]:
+    """The commands of a cut, in order (pure: `dmrepl sync --dry-run` prints these).
+
+    Gates are suspended first (freezing writers, flushing in-flight I/O); every era then
+    closes its era and pins its metadata; with `cow_for` (device -> COW device) each origin
+    gets a `-pit` image, loaded while its snapshot-origin is suspended as dm-snapshot
+    requires; finally the gates resume.
+    """
+    steps: list[CutStep] = []
+    for stack in stacks:  # 1. freeze writers (flushes in-flight I/O)
+        gate = stack.require(Layer.GATE).name
+        steps.append(CutStep(dm.suspend(gate), undo=dm.resume(gate)))
+    for stack in stacks:  # 2. close the era and pin its metadata (era stays active)
+        name = stack.require(Layer.ERA).name
+        drop = dm.message(name, "drop_metadata_snap")
+        steps.append(CutStep(dm.message(name, "take_metadata_snap"), release=drop))
+    if cow_for is not None:  # 3. the point-in-time images
+        for stack in stacks:
+            pit = pit_spec(stack, cow_for[stack.device.name])
+            origin = stack.require(Layer.ORIGIN).name
+            steps.append(CutStep(dm.suspend(origin), undo=dm.resume(origin)))
+            steps.append(
+                CutStep(dm.create(pit.name, pit.table, pit.uuid), release=dm.remove(pit.name))
+            )
+            steps.append(CutStep(dm.resume(origin)))
+    for stack in reversed(stacks):  # 4. writers go on
+        steps.append(CutStep(dm.resume(stack.require(Layer.GATE).name)))
+    return steps
+
+
 @contextmanager
 def held_cut(
     runner: Runner,
@@ -101,34 +141,38 @@ def held_cut(
     cow_for: Callable[[StackSpec], str] | None = None,
     say: Say = print,
 ) -> Iterator[HeldCut]:
-    """Take a cut of every stack at once and hold it for the body.
+    """Take a cut of every stack at once (`cut_steps`) and hold it for the body.
 
     With `cow_for` (device -> COW device), each device also gets a `-pit` image.
     Any failure, SIGINT or SIGTERM undoes every step in reverse; whatever happens,
     gates are resumed before the body runs and everything is released after it.
     """
+    cows = None if cow_for is None else {s.device.name: cow_for(s) for s in stacks}
     with deferred_signals() as latch, ExitStack() as release:
         started = time.monotonic()
-        pits: dict[str, LayerSpec] = {}
-        with ExitStack() as gates:
-            for stack in stacks:  # 1. freeze writers (flushes in-flight I/O)
-                gate = stack.require(Layer.GATE).name
+        pending: list[Op] = []  # what undoes the steps taken so far (resumes of suspends)
+        try:
+            for step in cut_steps(stacks, cows):
                 latch.check()
-                runner.run(dm.suspend(gate))
-                gates.callback(runner.run_best_effort, dm.resume(gate))
-            for stack in stacks:  # 2. close the era and pin its metadata (era stays active)
-                name = stack.require(Layer.ERA).name
-                latch.check()
-                runner.run(dm.message(name, "take_metadata_snap"))
-                release.callback(runner.run_best_effort, dm.message(name, "drop_metadata_snap"))
-            if cow_for is not None:  # 3. the point-in-time images
-                for stack in stacks:
-                    pits[stack.device.name] = _create_pit(runner, stack, cow_for, release, latch)
-            latch.check()
-        stall = time.monotonic() - started  # 4. gates resumed by leaving the block above
+                runner.run(step.op)
+                if step.op in pending:
+                    pending.remove(step.op)  # the step was that undo itself: a resume
+                if step.undo is not None:
+                    pending.append(step.undo)
+                if step.release is not None:
+                    release.callback(runner.run_best_effort, step.release)
+        except BaseException:
+            for op in reversed(pending):
+                runner.run_best_effort(op)
+            raise
+        stall = time.monotonic() - started
         say(f"cut taken; writers stalled {stall * 1000:.0f} ms")
         devices = tuple(
-            DeviceCut(stack, _last_era(runner, stack), pits.get(stack.device.name))
+            DeviceCut(
+                stack,
+                _last_era(runner, stack),
+                None if cows is None else pit_spec(stack, cows[stack.device.name]),
+            )
             for stack in stacks
         )
         yield HeldCut(devices, stall, latch)
@@ -143,26 +187,6 @@ def _last_era(runner: Runner, stack: StackSpec) -> int:
     any that an interrupted run left suspended.
     """
     return era.read_status(runner, stack.require(Layer.ERA).name, checked=False).current_era - 1
-
-
-def _create_pit(
-    runner: Runner,
-    stack: StackSpec,
-    cow_for: Callable[[StackSpec], str],
-    release: ExitStack,
-    latch: SignalLatch,
-) -> LayerSpec:
-    """Load `-pit` with its snapshot-origin suspended, as dm-snapshot requires."""
-    pit = pit_spec(stack, cow_for(stack))
-    origin = stack.require(Layer.ORIGIN).name
-    latch.check()
-    runner.run(dm.suspend(origin))
-    try:
-        runner.run(dm.create(pit.name, pit.table, pit.uuid))
-        release.callback(runner.run_best_effort, dm.remove(pit.name))
-    finally:
-        runner.run(dm.resume(origin))
-    return pit
 
 
 def cow_file(state_dir: Path, stack: StackSpec) -> Path:

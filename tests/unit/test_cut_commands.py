@@ -11,8 +11,8 @@ from collections.abc import Iterable
 import pytest
 
 from dmrepl import dm
-from dmrepl.cut import held_cut, recover
-from dmrepl.executor import Op, Result, Runner
+from dmrepl.cut import cut_steps, held_cut, recover
+from dmrepl.executor import CommandFailed, Op, Result, Runner
 from dmrepl.stack import Layer, StackSpec, plan_stack
 from tests.unit.factories import device_spec
 
@@ -88,3 +88,54 @@ def test_recover_resumes_a_suspended_era_device_before_asking_its_status(
         ("dmsetup", "message", era_dev, "0", "drop_metadata_snap"),
     ]
     assert len(done) == 2
+
+
+def two_stacks() -> tuple[StackSpec, ...]:
+    return tuple(
+        plan_stack(device_spec(name=name, origin=f"/dev/{origin}"), 2097152, 8192)
+        for name, origin in (("a", "vdb"), ("b", "vdd"))
+    )
+
+
+def test_a_cut_runs_exactly_the_steps_dry_run_prints() -> None:
+    stacks = two_stacks()
+    runner = ScriptedRunner()
+    cows = {"a": "/dev/loop1", "b": "/dev/loop2"}
+    with held_cut(runner, stacks, cow_for=lambda s: cows[s.device.name], say=lambda _: None):
+        taken = list(runner.ops)
+    steps = cut_steps(stacks, cows)
+    assert taken[: len(steps)] == [step.op.argv for step in steps]
+    released = runner.ops[len(taken) :]
+    assert released == [s.release.argv for s in reversed(steps) if s.release is not None]
+
+
+class FailingRunner(ScriptedRunner):
+    def __init__(self, fail_at: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+
+    def run(self, op: Op, *, ok_codes: Iterable[int] = (0,)) -> Result:
+        if op.argv[: len(self.fail_at)] == self.fail_at:
+            self.ops.append(op.argv)
+            raise CommandFailed(op.argv, 1, "", "device busy")
+        return super().run(op, ok_codes=ok_codes)
+
+
+def test_a_failed_pit_load_resumes_everything_it_suspended_in_reverse() -> None:
+    stacks = two_stacks()
+    runner = FailingRunner(("dmsetup", "create", "b-pit"))
+    cut = held_cut(runner, stacks, cow_for=lambda _: "/dev/loop1", say=lambda _: None)
+    with pytest.raises(CommandFailed), cut:
+        pytest.fail("the body must not run")
+    failed = [op[:3] for op in runner.ops].index(("dmsetup", "create", "b-pit"))
+    after = runner.ops[failed + 1 :]
+    assert [op[:3] for op in after] == [
+        ("dmsetup", "resume", "b-orig"),
+        ("dmsetup", "resume", "b"),
+        ("dmsetup", "resume", "a"),
+        ("dmsetup", "remove", "--retry"),
+        ("dmsetup", "message", "b-era"),
+        ("dmsetup", "message", "a-era"),
+    ]
+    assert after[3][-1] == "a-pit"
+    assert ("dmsetup", "message", "b-era", "0", "drop_metadata_snap") in after
