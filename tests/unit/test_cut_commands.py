@@ -12,7 +12,8 @@ import pytest
 
 from dmrepl import dm
 from dmrepl.cut import held_cut, recover
-from dmrepl.executor import Op, Result, Runner
+from dmrepl.executor import Runner
+from dmrepl.ops import Op, Result
 from dmrepl.stack import Layer, StackSpec, plan_stack
 from tests.unit.factories import device_spec
 
