@@ -11,10 +11,8 @@ import json
 import logging
 import os
 import shlex
-import signal
 import sqlite3
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -50,6 +48,7 @@ from dmrepl.executor import Runner
 from dmrepl.plan import Plan
 from dmrepl.probe import DeviceMissing, DeviceProblem, probe_block_device
 from dmrepl.rebuild import apply_dir
+from dmrepl.replication.loop import parse_interval, run_cycles
 from dmrepl.sizing import metadata_size
 from dmrepl.state import StateStore
 from dmrepl.status import Health
@@ -564,44 +563,23 @@ def run(
     """Run `sync` every INTERVAL until SIGTERM or SIGINT (finishes the cycle in progress)."""
     require_root()
     seconds = parse_interval(interval)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    code = 0
-    while not stop.is_set():
+
+    def cycle() -> int:
         try:
-            code = _sync_once(config, group, (), False)
+            return _sync_once(config, group, (), False)
         except USER_ERRORS as caught:
             error = as_user_error(caught)
-            if error is None or Options.debug:
+            if error is None or Options.debug or error is caught:
                 raise
-            if isinstance(error, Interrupted):
-                break
-            render_error(error)
-            code = int(error.exit_code)
-        stop.wait(seconds)
+            raise error from caught
+
+    def report(error: DmreplError) -> int:
+        render_error(error)
+        return int(error.exit_code)
+
+    code = run_cycles(cycle, seconds, on_error=None if Options.debug else report)
     err.print("stopped", markup=False)
     raise typer.Exit(code)
-
-
-MIN_INTERVAL_S = 1.0  # shorter would run cycles back to back: a busy loop of cuts
-MAX_INTERVAL_S = 7 * 86400.0
-
-
-def parse_interval(text: str) -> float:
-    """`run --interval`: seconds between cycles, from 1 s to 7 days."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
-    try:
-        seconds = float(number) * units[unit]
-    except ValueError:
-        raise InvalidInput(f"interval {text!r} is not like 30s, 5m or 1h") from None
-    if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:  # also false for nan
-        raise InvalidInput(
-            f"interval {text!r} is out of range",
-            hint="give 1s to 7 days between cycles, like 30s, 5m or 1h",
-        )
-    return seconds
 
 
 @app.command("apply")
