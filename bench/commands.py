@@ -33,7 +33,8 @@ import sh
 
 from bench.vmrun import run_guest_half
 from dmrepl import vm
-from dmrepl.executor import Runner, probe
+from dmrepl.executor import Runner
+from dmrepl.ops import probe
 
 RESULTS_FILE = "commands.json"
 

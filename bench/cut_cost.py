@@ -40,7 +40,8 @@ from bench.vmrun import run_guest_half
 from dmrepl import dm, loop
 from dmrepl.config import DeviceSpec
 from dmrepl.cut import held_cut, list_changes
-from dmrepl.executor import CommandFailed, Op, Result, Runner, probe
+from dmrepl.executor import CommandFailed, Runner
+from dmrepl.ops import Op, Result, probe
 from dmrepl.ranges import total_length
 from dmrepl.sizing import metadata_size
 from dmrepl.stack import Layer, StackSpec, plan_stack

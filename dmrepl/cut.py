@@ -22,7 +22,8 @@ from pathlib import Path
 
 from dmrepl import dm, era, loop, probe, safefile
 from dmrepl.errors import DmreplError
-from dmrepl.executor import Op, Runner
+from dmrepl.executor import Runner
+from dmrepl.ops import Op
 from dmrepl.ranges import Extent, blocks_to_sectors
 from dmrepl.signals import Say, SignalLatch, deferred_signals
 from dmrepl.stack import Layer, LayerSpec, StackSpec, layer_name, pit_spec

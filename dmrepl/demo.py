@@ -21,7 +21,8 @@ from pathlib import Path
 
 from dmrepl import builder, loop
 from dmrepl.config import Config, parse_config
-from dmrepl.executor import Op, Runner, command
+from dmrepl.executor import Runner
+from dmrepl.ops import Op, command
 from dmrepl.replication import cycle
 from dmrepl.stack import Layer
 

@@ -7,9 +7,13 @@ probing and teardown only touch devices that carry it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dmrepl.errors import DmreplError
-from dmrepl.executor import Op, Runner, command, probe
+from dmrepl.ops import Op, command, probe
+
+if TYPE_CHECKING:  # the probes below run commands through the caller's runner
+    from dmrepl.executor import Runner
 
 UUID_PREFIX = "DMREPL-"
 

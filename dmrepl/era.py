@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from dmrepl import dm
 from dmrepl.eraxml import EraInvalidateParser
 from dmrepl.errors import ParseError
-from dmrepl.executor import CommandFailed, Runner, probe
+from dmrepl.executor import CommandFailed, Runner
+from dmrepl.ops import probe
 from dmrepl.ranges import Extent
 from dmrepl.status import EraStatus, parse_era_status, parse_status_line
 

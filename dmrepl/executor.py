@@ -1,13 +1,13 @@
 """The command gateway: the only module that runs external commands.
 
-Every command is an `Op` value (argv, optional stdin, whether it mutates state).
-A `Runner` executes it with `LC_ALL=C`, a timeout, no pty, and logs argv and
-duration; failures raise `CommandFailed` carrying argv, exit code and the whole
-stdout/stderr. Short commands (every dmsetup, losetup, era_invalidate) start
-through `subprocess`, which spawns with vfork; long commands whose output is
-streamed line by line (the test guests) go through `sh`. `DryRunRunner`
-prints mutating ops instead of running them, so `--dry-run` shows exactly what
-would run.
+Every command is an `Op` value (`dmrepl.ops`: argv, optional stdin, whether it
+mutates state). A `Runner` executes it with `LC_ALL=C`, a timeout, no pty, and
+logs argv and duration; failures raise `CommandFailed` carrying argv, exit code
+and the whole stdout/stderr. Short commands (every dmsetup, losetup,
+era_invalidate) start through `subprocess`, which spawns with vfork; long
+commands whose output is streamed line by line (the test guests) go through
+`sh`. `DryRunRunner` prints mutating ops instead of running them, so
+`--dry-run` shows exactly what would run.
 """
 
 from __future__ import annotations
@@ -22,55 +22,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import sh
 
 from dmrepl.errors import DmreplError, ExitCode
+from dmrepl.ops import Op, Result
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0
-
-
-@dataclass(frozen=True)
-class Op:
-    """One external command. Pure data: safe to print, compare and test."""
-
-    argv: tuple[str, ...]
-    stdin: str | None = None
-    mutating: bool = True
-    timeout_s: float | None = None  # None: the runner's default
-    env: tuple[tuple[str, str], ...] = ()  # set or override these variables for this command
-
-    def render(self) -> str:
-        """The shell-quoted command line, plus stdin if any (for dry-run and logs)."""
-        line = shlex.join(self.argv)
-        if self.stdin is not None:
-            line += " <<'EOF'\n" + self.stdin.rstrip("\n") + "\nEOF"
-        return line
-
-
-def command(*argv: str | int, stdin: str | None = None, mutating: bool = True) -> Op:
-    """Build an `Op` from arguments (ints are converted to strings)."""
-    return Op(tuple(str(a) for a in argv), stdin=stdin, mutating=mutating)
-
-
-def probe(*argv: str | int, stdin: str | None = None) -> Op:
-    """Build a read-only `Op`: it runs even under `--dry-run`."""
-    return command(*argv, stdin=stdin, mutating=False)
-
-
-@dataclass(frozen=True)
-class Result:
-    """What a finished command returned."""
-
-    argv: tuple[str, ...]
-    exit_code: int
-    stdout: str
-    stderr: str
-    duration_s: float
 
 
 class CommandFailed(DmreplError):

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from dmrepl import safefile
-from dmrepl.executor import Op, Runner, command, probe
+from dmrepl.executor import Runner
+from dmrepl.ops import Op, command, probe
 
 
 def create_sparse_file(path: Path, size_bytes: int) -> None:

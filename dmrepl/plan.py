@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from dmrepl import dm
 from dmrepl.errors import DmreplError, ExitCode, ParseError
-from dmrepl.executor import Op, command
+from dmrepl.ops import Op, command
 from dmrepl.probe import MetadataHeader, MetadataKind
 from dmrepl.sizing import METADATA_BLOCK_BYTES
 from dmrepl.stack import Layer, LayerSpec, StackSpec

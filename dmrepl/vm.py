@@ -31,7 +31,8 @@ from pathlib import Path
 
 from dmrepl import safefile
 from dmrepl.errors import VmFailed
-from dmrepl.executor import Op, Runner
+from dmrepl.executor import Runner
+from dmrepl.ops import Op
 
 GUEST_MODULES = ("loop", "dm-era", "dm-snapshot", "dm-mirror", "dm-flakey", "dm-delay", "dm-zero")
 DEFAULT_MEMORY = "3G"  # loop files live in the guest's RAM-backed /tmp

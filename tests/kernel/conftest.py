@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from dmrepl import dm, loop
-from dmrepl.executor import CommandFailed, Runner, probe
+from dmrepl.executor import CommandFailed, Runner
+from dmrepl.ops import probe
 from tests.kernel.stacks import Bed
 
 REQUIRED_TARGETS = ("linear", "era", "snapshot", "mirror", "zero")

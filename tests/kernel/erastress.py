@@ -53,7 +53,8 @@ from pathlib import Path
 
 from dmrepl import dm, loop
 from dmrepl.errors import DmreplError
-from dmrepl.executor import CommandFailed, Runner, probe
+from dmrepl.executor import CommandFailed, Runner
+from dmrepl.ops import probe
 from dmrepl.sizing import ERAS_PER_ARRAY_BLOCK, SECTORS_PER_METADATA_BLOCK
 from dmrepl.status import parse_era_status, parse_status_line
 from dmrepl.tables import Era, Linear, Zero, single

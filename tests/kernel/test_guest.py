@@ -12,7 +12,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from dmrepl.executor import Runner, command
+from dmrepl.executor import Runner
+from dmrepl.ops import command
 
 LISTEN = """
 import socket

@@ -3,16 +3,19 @@ nothing touched. Case ids are the report's."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from dmrepl import cli
+from dmrepl import loop
 from dmrepl.config import ConfigError, load_config, parse_config
 from dmrepl.errors import ExitCode
+from dmrepl.executor import Runner
 from dmrepl.lock import group_lock
 from dmrepl.probe import DeviceMissing
+from dmrepl.replication import cycle as sync_cycle
 from tests.clirun import run_cli_here
 from tests.unit.badinput import tree_digest
 
@@ -146,8 +149,8 @@ def test_c02c_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
 @pytest.fixture
 def good_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A valid config whose state_dir does not exist yet, on a kernel without device-mapper."""
-    monkeypatch.setattr(cli.loop, "kernel_has_device_mapper", lambda: False)
-    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(loop, "kernel_has_device_mapper", lambda: False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     path = tmp_path / "dmrepl.toml"
     site = SITE_DIR.format(path=tmp_path / "vault")
     path.write_text(config_text(site=site, top=f'state_dir = "{tmp_path / "state"}"'))
@@ -206,15 +209,15 @@ def test_one_groups_failure_does_not_stop_the_other_groups(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review finding: a lost disk in the first group stopped every later group, each cycle."""
-    monkeypatch.setattr(cli.loop, "kernel_has_device_mapper", lambda: True)
-    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(loop, "kernel_has_device_mapper", lambda: True)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     reached: list[str] = []
 
     def sync(runner: object, config: object, group: str, **_: object) -> None:
         reached.append(group)
         raise DeviceMissing(f"group {group}: its disk is gone")
 
-    monkeypatch.setattr(cli.sync_cycle, "sync", sync)
+    monkeypatch.setattr(sync_cycle, "sync", sync)
     code, _, stderr = run_cli_here("sync", "--config", str(two_group_config(tmp_path)))
     assert reached == ["a", "b"]
     assert code == ExitCode.DEVICE_MISSING
@@ -225,12 +228,12 @@ def test_one_groups_failure_does_not_stop_the_other_groups(
 def test_a_state_store_failure_mid_cycle_is_an_error_not_a_traceback(
     good_config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli.loop, "kernel_has_device_mapper", lambda: True)
+    monkeypatch.setattr(loop, "kernel_has_device_mapper", lambda: True)
 
     def sync(*_: object, **__: object) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(cli.sync_cycle, "sync", sync)
+    monkeypatch.setattr(sync_cycle, "sync", sync)
     code, _, stderr = run_cli_here("sync", "db", "--config", str(good_config))
     assert code == ExitCode.FAILURE
     assert "the state store (state.db) failed: database or disk is full" in stderr
@@ -242,12 +245,12 @@ def test_down_refuses_while_a_sync_holds_the_group(
 ) -> None:
     """Review finding: `down` recovered (resumed gates, removed -pit images) under a running
     sync's cut. It now takes the group's lock first: busy is exit 7, nothing touched."""
-    monkeypatch.setattr(cli.loop, "kernel_has_device_mapper", lambda: True)
+    monkeypatch.setattr(loop, "kernel_has_device_mapper", lambda: True)
 
     def refuse(*_: object, **__: object) -> None:
         raise AssertionError("down ran a command while the group was busy")
 
-    monkeypatch.setattr(cli.Runner, "run", refuse)
+    monkeypatch.setattr(Runner, "run", refuse)
     state_dir = good_config.parent / "state"
     with group_lock(state_dir, "db", "sync"):
         before = tree_digest(good_config.parent)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from dmrepl import cli, udev
+from dmrepl import udev
 from dmrepl.builder import metadata_warnings
 from dmrepl.status import EraStatus
 from tests.clirun import run_cli_here
@@ -24,7 +26,7 @@ def test_metadata_warning_from_three_quarters_full() -> None:
 def test_mutating_and_probing_commands_need_root(
     command: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     code, _out, err = run_cli_here(command, "--config", "/nonexistent.toml")
     assert code == 5
     assert "must run as root" in err and "sudo" in err

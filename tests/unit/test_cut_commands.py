@@ -12,7 +12,8 @@ import pytest
 
 from dmrepl import dm
 from dmrepl.cut import cut_steps, held_cut, recover
-from dmrepl.executor import CommandFailed, Op, Result, Runner
+from dmrepl.executor import CommandFailed, Runner
+from dmrepl.ops import Op, Result
 from dmrepl.stack import Layer, StackSpec, plan_stack
 from tests.unit.factories import device_spec
 

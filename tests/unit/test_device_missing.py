@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dmrepl import builder, executor, loop
+from dmrepl.ops import Op, Result
 from tests.clirun import run_cli_here
 
 
@@ -50,7 +51,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture(autouse=True)
 def no_kernel_contact(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(self: executor.Runner, op: executor.Op, **_: object) -> executor.Result:
+    def refuse(self: executor.Runner, op: Op, **_: object) -> Result:
         raise AssertionError(f"ran {op.render()} before refusing")
 
     monkeypatch.setattr(executor.Runner, "run", refuse)

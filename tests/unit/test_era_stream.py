@@ -14,7 +14,8 @@ from dmrepl import era
 from dmrepl.era import EraToolFailed
 from dmrepl.eraxml import EraInvalidateParser, parse_era_invalidate
 from dmrepl.errors import ExitCode, ParseError
-from dmrepl.executor import DryRunRunner, Op, Runner, probe
+from dmrepl.executor import DryRunRunner, Runner
+from dmrepl.ops import Op, probe
 from dmrepl.ranges import Extent, coalesce
 
 DATA = Path(__file__).parent.parent / "data" / "era"

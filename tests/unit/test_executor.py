@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dmrepl.executor import (
-    CommandFailed,
-    CommandNotFound,
-    CommandTimedOut,
-    DryRunRunner,
-    Op,
-    Runner,
-    command,
-    probe,
-)
+from dmrepl.executor import CommandFailed, CommandNotFound, CommandTimedOut, DryRunRunner, Runner
+from dmrepl.ops import Op, command, probe
 
 
 def test_success_returns_stdout_and_exit_code() -> None:

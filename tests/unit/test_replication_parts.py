@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from dmrepl import delta
-from dmrepl.cli import parse_interval
 from dmrepl.config import ConfigError, parse_config
 from dmrepl.deltafiles import chain
 from dmrepl.deltafiles import file_name as delta_file_name
@@ -265,17 +264,6 @@ def test_apply_verifies_each_delta_before_writing_it(tmp_path: Path) -> None:
     assert target.read_bytes() == bytes(DEVICE_BYTES)  # the whole chain is checked first
     with pytest.raises(InvalidInput, match="do not reach cut 7"):
         apply_dir(archive, "g", {"d": str(target)}, to_cut=7, say=lambda _: None)
-
-
-@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("1h", 3600), ("2", 2)])
-def test_parse_interval(text: str, seconds: float) -> None:
-    assert parse_interval(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["0s", "fast", "-1m"])
-def test_parse_interval_rejects(text: str) -> None:
-    with pytest.raises(InvalidInput):
-        parse_interval(text)
 
 
 def test_a_spool_file_is_staged_by_the_kernel_from_where_it_stands(

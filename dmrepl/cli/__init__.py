@@ -1,0 +1,28 @@
+"""The `dmrepl` command line: parse options, make one library call, render the result.
+
+`app` (global options, error rendering, `main`) is in `cli.app`; the commands are in
+`cli.stacks` and `cli.replication`, and what they print in `cli.render`.
+"""
+
+from __future__ import annotations
+
+from dmrepl.cli import replication, stacks
+from dmrepl.cli.app import app, filesystem_error, main
+
+__all__ = ["app", "filesystem_error", "main"]
+
+# Registered here, in the order `dmrepl --help` lists them.
+for _name, _command in (
+    ("demo", stacks.demo),
+    ("up", stacks.up),
+    ("down", stacks.down),
+    ("check-config", stacks.check_config),
+    ("status", stacks.show_status),
+    ("changes", stacks.show_changes),
+    ("sync", replication.sync),
+    ("seed", replication.seed),
+    ("run", replication.run),
+    ("apply", replication.apply_deltas),
+    ("size", stacks.size),
+):
+    app.command(_name)(_command)

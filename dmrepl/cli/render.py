@@ -1,0 +1,224 @@
+"""What the commands print: the consoles, progress, and every result as text or JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+import typer
+from rich import box as rich_box
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from dmrepl import builder
+from dmrepl import changes as changes_api
+from dmrepl.demo import DemoResult
+from dmrepl.plan import Plan
+from dmrepl.replication.cycle import SyncResult
+from dmrepl.replication.status import SiteStatus
+from dmrepl.status import Health
+from dmrepl.units import format_bytes, format_sectors, sectors_to_bytes
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def say(text: str) -> None:
+    """A progress line, on stderr."""
+    err.print(text, markup=False)
+
+
+def print_plan(plan: Plan, dry_run: bool) -> None:
+    """Notes, the commands (under --dry-run) and what was already as configured."""
+    for note in plan.notes:
+        out.print(f"note: {note}", markup=False)
+    if dry_run:
+        for step in plan.steps:
+            out.print(f"# {step.what.splitlines()[0]}", markup=False)
+            out.print(step.op.render(), markup=False)
+    if plan.unchanged:
+        out.print(f"already as configured: {', '.join(plan.unchanged)}", markup=False)
+    if plan.empty:
+        out.print("nothing to do", markup=False)
+
+
+def render_demo(result: DemoResult) -> None:
+    """The demo's cycles and verdict; exit 1 if the replica differs."""
+    table = Table(title=f"Replicating a mounted ext4 to site dr ({result.kernel})")
+    for column in ("cut", "before the cut", "changed", "applied to replica", "stall", "site"):
+        table.add_column(column, justify="left" if column == "before the cut" else "right")
+    for cycle in result.cycles:
+        table.add_row(
+            str(cycle.cut), cycle.what, format_bytes(cycle.changed_bytes),
+            format_bytes(cycle.shipped_bytes), f"{cycle.stall_ms:.0f} ms", cycle.site_state,
+        )  # fmt: skip
+    out.print(table)
+    verdict = "identical" if result.identical else "DIFFERENT"
+    out.print(
+        f"replica vs gate after the last cut: {verdict} (sha256 {result.replica_sha256[:16]}…) "
+        f"over {format_bytes(sectors_to_bytes(result.origin_sectors))}",
+        markup=False,
+    )
+    if not result.identical:
+        raise typer.Exit(1)
+
+
+def render_site_status(site: SiteStatus) -> None:
+    """One line per site: state, held cut and lag."""
+    cursor = "none" if site.cursor is None else f"cut {site.cursor}"
+    lag = []
+    if site.lag_cuts is not None:
+        lag.append(f"{site.lag_cuts} cuts")
+    if site.lag_eras is not None:
+        lag.append(f"{site.lag_eras} eras")
+    if site.lag_bytes is not None:
+        lag.append(format_bytes(site.lag_bytes))
+    elif site.cursor is not None and site.lag_cuts:
+        lag.append("resync needed")
+    if site.lag_s is not None:
+        lag.append(f"{site.lag_s:.0f} s")
+    out.print(
+        f"site {site.group}/{site.site} ({site.transport}, {site.policy}): {site.state}; "
+        f"holds {cursor}; lag {', '.join(lag) or '-'}"
+        + (f"; {site.detail}" if site.detail else ""),
+        markup=False,
+    )
+
+
+def _leg_health(health: Health) -> str:
+    return "alive" if health is Health.ALIVE else f"failed ({health.value}: {health.name.lower()})"
+
+
+def device_state_json(state: builder.DeviceState) -> dict[str, object]:
+    """The `status --json` record of one device (a stable, documented shape)."""
+    record = asdict(state)
+    if state.mirror is not None:
+        record["mirror"] = {
+            "legs": [leg.health.value for leg in state.mirror.legs],
+            "leg_devices": [leg.device for leg in state.mirror.legs],
+            "in_sync": state.mirror.in_sync_regions,
+            "regions": state.mirror.regions,
+            "log": state.mirror.log.kind,
+        }
+    return record
+
+
+def render_device_state(state: builder.DeviceState) -> None:
+    """One stack: sizes, era, mirror legs and a table of its layers."""
+    running = "running" if state.running else "not running"
+    out.print(
+        f"{state.group}/{state.device}: {running}, gate {state.gate}, origin "
+        f"{format_sectors(state.origin_sectors)}, era block {state.block_sectors} sectors, "
+        f"metadata area {format_sectors(state.metadata_sectors)}",
+        markup=False,
+    )
+    if state.era is not None:
+        held = f"held (root {state.era.held_root})" if state.era.snapshot_held else "none held"
+        out.print(
+            f"  era {state.era.current_era}; metadata {state.era.metadata_used_blocks}/"
+            f"{state.era.metadata_total_blocks} blocks used; metadata snapshot {held}",
+            markup=False,
+        )
+    if state.mirror is not None:
+        mirror = state.mirror
+        legs = ", ".join(f"{leg.device} {_leg_health(leg.health)}" for leg in mirror.legs)
+        out.print(
+            f"  mirror: {mirror.in_sync_regions}/{mirror.regions} regions in sync; legs: {legs}",
+            markup=False,
+        )
+    table = Table(box=None if not out.is_terminal else rich_box.SIMPLE, show_edge=False)
+    for column in ("layer", "dm name", "present", "suspended", "open", "table"):
+        table.add_column(column)
+    for layer in state.layers:
+        match = {None: "-", True: "as configured", False: "DIFFERS"}[layer.matches]
+        table.add_row(
+            layer.layer,
+            layer.name,
+            "yes" if layer.present else "no",
+            "yes" if layer.suspended else "no",
+            str(layer.open_count),
+            match,
+        )
+    out.print(table)
+    for warning in state.warnings:
+        err.print(f"warning: {warning}", markup=False)
+
+
+def changes_json(result: changes_api.ChangesResult) -> dict[str, object]:
+    """`changes --json`: ranges are half-open [begin, end) in 512-byte sectors."""
+    return {
+        "group": result.group,
+        "cut": result.cut.seq,
+        "stall_s": result.cut.stall_s,
+        "since": result.since,
+        "recovered": result.recovered,
+        "devices": [
+            {
+                "device": d.device,
+                "since_era": d.since_era,
+                "cut_era": d.cut_era,
+                "block_sectors": d.block_sectors,
+                "origin_sectors": d.origin_sectors,
+                "changed_sectors": d.changed_sectors,
+                "ranges": [[e.begin, e.end] for e in d.ranges],
+            }
+            for d in result.devices
+        ],
+    }
+
+
+class CliProgress:
+    """Progress bars (rate, ETA) on a terminal; one plain line per task otherwise."""
+
+    def __init__(self) -> None:
+        self.bars: Progress | None = None
+
+    def __call__(self, what: str, total: int) -> Callable[[int], object]:
+        if not err.is_terminal:
+            err.print(f"{what}: {format_bytes(total)}", markup=False)
+            return lambda _done: None
+        if self.bars is None:
+            self.bars = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
+            )  # fmt: skip
+            self.bars.start()
+        bars = self.bars
+        task = bars.add_task(what, total=total or None)
+        return lambda done: bars.advance(task, done)
+
+    def stop(self) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+
+def render_sync(result: SyncResult) -> None:
+    """One cycle: the cut, then what each site got."""
+    for line in result.recovered:
+        out.print(f"recovered: {line}", markup=False)
+    out.print(
+        f"cut {result.cut.seq} of {result.group}: {format_bytes(result.changed_bytes)} changed, "
+        f"writers stalled {result.cut.stall_s * 1000:.0f} ms; spool "
+        f"{format_bytes(result.spool_bytes)}",
+        markup=False,
+    )
+    for site in result.sites:
+        shipped = sum(d.data_bytes for d in site.delivered)
+        cuts = ", ".join(str(d.seq) for d in site.delivered)
+        what = f"applied cuts {cuts} ({format_bytes(shipped)})" if cuts else "nothing applied"
+        if site.seeded is not None:
+            what = (
+                f"seeded: {format_bytes(site.seeded.written)} written of "
+                f"{format_bytes(site.seeded.compared)}"
+            )
+        held = "none" if site.cursor is None else f"cut {site.cursor}"
+        detail = f"; {site.detail}" if site.detail else ""
+        out.print(f"  site {site.site}: {site.state}, holds {held}; {what}{detail}", markup=False)

@@ -1,0 +1,147 @@
+"""Replication commands: sync, seed, run, apply.
+
+Registered on the app by `dmrepl.cli`, in the order `dmrepl --help` lists them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dmrepl.cli.app import (
+    USER_ERRORS,
+    ConfigOption,
+    GroupArg,
+    Options,
+    as_user_error,
+    render_error,
+    require_device_mapper,
+    require_root,
+)
+from dmrepl.cli.render import CliProgress, err, out, render_sync, say
+from dmrepl.config import DEFAULT_PATH, load_config
+from dmrepl.errors import DmreplError, ExitCode, Interrupted, InvalidInput
+from dmrepl.executor import Runner
+from dmrepl.rebuild import apply_dir
+from dmrepl.replication import cycle
+from dmrepl.replication.loop import parse_interval, run_cycles
+from dmrepl.units import format_bytes
+
+
+def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zeroed: bool) -> int:
+    """One cycle of each selected group that has sites; the exit code for the worst outcome."""
+    loaded = load_config(config)
+    groups = [g.name for g in loaded.select(group) if g.sites or group is not None]
+    if not groups:
+        raise InvalidInput(f"no group in {config} has sites", hint="add a [group.G.site.S] table")
+    for spec in loaded.select(group):
+        for site in seed_sites:
+            spec.site(site)  # an unknown site is exit 10 before the kernel is looked at
+    require_device_mapper()
+    worst, failed = ExitCode.OK, None
+    for name in groups:
+        progress = CliProgress()
+        try:
+            result = cycle.sync(
+                Runner(), loaded, name, seed_sites=seed_sites, target_zeroed=zeroed,
+                say=say, progress=progress,
+            )  # fmt: skip
+        except USER_ERRORS as caught:
+            # One group's failure (a lost disk, say) must not stop the other groups' cycles.
+            error = as_user_error(caught)
+            if error is None or len(groups) == 1 or Options.debug or isinstance(error, Interrupted):
+                raise
+            render_error(error)
+            err.print(f"group {name}: no cut this cycle; going on with the other groups")
+            failed = failed or error.exit_code
+            continue
+        finally:
+            progress.stop()
+        render_sync(result)
+        if any(site.state != "in sync" for site in result.sites):
+            worst = ExitCode.SITES_BEHIND
+    return int(failed or worst)
+
+
+def sync(group: GroupArg = None, config: ConfigOption = DEFAULT_PATH) -> None:
+    """One replication cycle: recover, cut, capture, ship to every reachable site (for cron)."""
+    require_root()
+    raise typer.Exit(_sync_once(config, group, (), False))
+
+
+def seed(
+    group: Annotated[str, typer.Argument(help="Group name.")],
+    site: Annotated[str, typer.Option("--site", help="The site to copy everything to.")],
+    config: ConfigOption = DEFAULT_PATH,
+    target_zeroed: Annotated[
+        bool,
+        typer.Option("--target-zeroed", help="The replicas are known to be all zeros."),
+    ] = False,
+) -> None:
+    """Full copy of GROUP to SITE from a fresh cut, writing only chunks that differ."""
+    require_root()
+    raise typer.Exit(_sync_once(config, group, (site,), target_zeroed))
+
+
+def run(
+    group: GroupArg = None,
+    config: ConfigOption = DEFAULT_PATH,
+    interval: Annotated[
+        str, typer.Option("--interval", help="Time between cycles: 30s, 5m, 1h.")
+    ] = "30s",
+) -> None:
+    """Run `sync` every INTERVAL until SIGTERM or SIGINT (finishes the cycle in progress)."""
+    require_root()
+    seconds = parse_interval(interval)
+
+    def cycle() -> int:
+        """`sync` once; a full filesystem or failing state store becomes a DmreplError."""
+        try:
+            return _sync_once(config, group, (), False)
+        except USER_ERRORS as caught:
+            error = as_user_error(caught)
+            if error is None or Options.debug or error is caught:
+                raise
+            raise error from caught
+
+    def report(error: DmreplError) -> int:
+        """Show a cycle's error; it is that cycle's exit code."""
+        render_error(error)
+        return int(error.exit_code)
+
+    code = run_cycles(cycle, seconds, on_error=None if Options.debug else report)
+    err.print("stopped", markup=False)
+    raise typer.Exit(code)
+
+
+def apply_deltas(
+    directory: Annotated[Path, typer.Argument(help="A dir site's directory of delta files.")],
+    group: Annotated[str, typer.Option("--group", help="The group the deltas belong to.")],
+    to: Annotated[
+        list[str], typer.Option("--to", help="DEVICE=/dev/TARGET for every group device.")
+    ],
+    from_cut: Annotated[
+        int | None, typer.Option("--from-cut", help="The cut the targets already hold.")
+    ] = None,
+    to_cut: Annotated[int | None, typer.Option("--cut", help="Stop at this cut.")] = None,
+) -> None:
+    """Rebuild devices from a dir site's deltas (or roll them forward with --from-cut)."""
+    targets: dict[str, str] = {}
+    for item in to:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path.startswith("/"):
+            raise InvalidInput(f"--to {item!r} is not DEVICE=/dev/TARGET")
+        if name in targets:
+            raise InvalidInput(
+                f"--to gives device {name} twice ({targets[name]} and {path})",
+                hint="give one target per device; nothing was written",
+            )
+        targets[name] = path
+    result = apply_dir(directory, group, targets, from_cut=from_cut, to_cut=to_cut, say=say)
+    out.print(
+        f"targets hold cut {result.cut} of {group} ({len(result.applied)} deltas, "
+        f"{format_bytes(result.data_bytes)})",
+        markup=False,
+    )
