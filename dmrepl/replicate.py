@@ -58,6 +58,7 @@ from dmrepl.sites import (
 )
 from dmrepl.spool import Spool
 from dmrepl.state import CutRecord, SiteRecord, StateStore
+from dmrepl.statedir import StateDir
 
 # (description, total bytes) -> a callback taking bytes done since the last call.
 ProgressFactory = Callable[[str, int], Progress]
@@ -147,7 +148,7 @@ class _Cycle:
         builder.require_surveyed(spec, found, "sync", config.path)  # a path vanished since
         self.stacks, self.observed = found.stacks, found.observed
         require_running(self.stacks, self.observed)
-        self.spool = Spool(config.state_dir / "spool" / spec.name, spec.name, spec.spool_bytes)
+        self.spool = Spool(StateDir(config.state_dir).spool(spec.name), spec.name, spec.spool_bytes)
         self.sites = {s.name: open_site(s, self.stacks, config.state_dir) for s in spec.sites}
         self.cleanup: ExitStack
         self.reports = {
@@ -530,7 +531,7 @@ def site_status(config: Config, group: str | None = None) -> list[SiteStatus]:
         for spec in config.select(group):
             latest = store.cuts(spec.name, limit=1)
             newest = latest[0] if latest else None
-            spool = Spool(config.state_dir / "spool" / spec.name, spec.name, spec.spool_bytes)
+            spool = Spool(StateDir(config.state_dir).spool(spec.name), spec.name, spec.spool_bytes)
             busy = lock_holder(config.state_dir, spec.name)
             for site in spec.sites:
                 known = store.site(spec.name, site.name)

@@ -27,6 +27,7 @@ from dmrepl.errors import DmreplError, ExitCode
 from dmrepl.journal import Journal, JournalState, read_header_slots
 from dmrepl.probe import DeviceProblem, probe_block_device
 from dmrepl.stack import StackSpec
+from dmrepl.statedir import StateDir
 from dmrepl.units import format_sectors
 
 Progress = Callable[[int], object]
@@ -53,8 +54,9 @@ class Delivery:
 
 def journal_path(spec: SiteSpec, state_dir: Path) -> Path:
     """A blockdev site's journal: as configured, else a file in the state directory."""
-    default = state_dir / "journal" / f"{spec.group}.{spec.name}.journal"
-    return Path(spec.journal) if spec.journal else default
+    if spec.journal:
+        return Path(spec.journal)
+    return StateDir(state_dir).journal(spec.group, spec.name)
 
 
 class RecordUnreadable(Exception):

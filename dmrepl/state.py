@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dmrepl import safefile
 from dmrepl.errors import DmreplError, ExitCode
+from dmrepl.statedir import StateDir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cuts (
@@ -113,7 +114,7 @@ class StateStore:
 
     def __init__(self, state_dir: Path, warn: Callable[[str], None] = _warn):
         safefile.private_dir(state_dir, what="state_dir")
-        self.path = state_dir / "state.db"
+        self.path = StateDir(state_dir).db
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as exc:
