@@ -123,7 +123,11 @@ def group_lock(state_dir: Path, group: str, purpose: str) -> Iterator[None]:
 
 
 def lock_holder(state_dir: Path, group: str) -> str | None:
-    """Who holds the group's lock now, or None if nobody does (never blocks)."""
+    """Who holds the group's lock now, or None if nobody does (never blocks).
+
+    Opens an existing lock file read-only and creates nothing: no lock file (or no state
+    directory) means nobody holds it.
+    """
     path = StateDir(state_dir).lock(group)
     try:
         fd = safefile.open_own(path, os.O_RDONLY, create=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dmrepl.lock import group_lock, lock_holder
 from dmrepl.state import StateStore
 from dmrepl.statedir import StateDir
 
@@ -97,3 +98,23 @@ def test_a_store_with_an_unfinished_write_is_not_rolled_back_by_a_reader(tmp_pat
     store = StateStore(state, warn=pytest.fail)  # the next writer finishes it: nothing lost
     assert [cut.seq for cut in store.cuts("db")] == [1]
     store.close()
+
+
+@pytest.mark.parametrize("made", ["nothing", "empty dir", "locks dir"])
+def test_lock_holder_creates_nothing(tmp_path: Path, made: str) -> None:
+    state = StateDir(tmp_path / "state")
+    if made != "nothing":
+        state.root.mkdir(mode=0o700)
+    if made == "locks dir":
+        state.locks.mkdir(mode=0o700)
+    before = snapshot(tmp_path)
+    assert lock_holder(state.root, "db") is None
+    assert snapshot(tmp_path) == before
+
+
+def test_lock_holder_reads_a_held_lock_without_changing_it(tmp_path: Path) -> None:
+    with group_lock(tmp_path, "db", "sync"):
+        before = snapshot(tmp_path)
+        holder = lock_holder(tmp_path, "db")
+        assert holder is not None and "(sync, started" in holder
+        assert snapshot(tmp_path) == before
