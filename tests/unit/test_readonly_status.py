@@ -4,15 +4,23 @@ even when there is none yet."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from dmrepl import builder, executor, loop, replicate
+from dmrepl.config import Config, parse_config
 from dmrepl.lock import group_lock, lock_holder
+from dmrepl.replication.status import SiteStatus, replication_status, site_status
+from dmrepl.sites import delta_file_name
 from dmrepl.state import StateStore
 from dmrepl.statedir import StateDir
+from tests.clirun import run_cli_here
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, bytes, int]]:
@@ -118,3 +126,122 @@ def test_lock_holder_reads_a_held_lock_without_changing_it(tmp_path: Path) -> No
         holder = lock_holder(tmp_path, "db")
         assert holder is not None and "(sync, started" in holder
         assert snapshot(tmp_path) == before
+
+
+def config_at(tmp_path: Path) -> Path:
+    """Group db (device data) with sites dr and far (blockdev) and vault (dir), its state dir
+    at tmp_path/state (not created)."""
+    (tmp_path / "vault").mkdir()
+    path = tmp_path / "dmrepl.toml"
+    path.write_text(
+        f"""
+[dmrepl]
+state_dir = "{tmp_path / "state"}"
+[group.db.device.data]
+origin = "/dev/vdb"
+metadata = "/dev/vdc"
+[group.db.site.dr]
+transport = "blockdev"
+replica.data = "/dev/vdd"
+[group.db.site.far]
+transport = "blockdev"
+replica.data = "/dev/vde"
+[group.db.site.vault]
+transport = "dir"
+path = "{tmp_path / "vault"}"
+"""
+    )
+    return path
+
+
+def loaded(path: Path) -> Config:
+    return parse_config(path.read_text(), path)
+
+
+def after_three_cuts(state: StateDir) -> None:
+    """Cuts 1-3; dr holds 2, far holds 1 (the spool's 1->2 delta was evicted), vault is down."""
+    store = StateStore(state.root)
+    for eras in ({"data": 2}, {"data": 5}, {"data": 9}):
+        store.record_cut("db", eras, 0.01)
+    store.set_cursor("db", "dr", 2)
+    store.set_cursor("db", "far", 1)
+    store.set_site_state("db", "vault", "down", "/srv/vault is not mounted")
+    store.close()
+    state.spool("db").mkdir(parents=True)
+    (state.spool("db") / delta_file_name("db", 3, 2)).write_bytes(b"d" * 1234)
+
+
+def test_site_status_on_a_fresh_host_creates_nothing(tmp_path: Path) -> None:
+    config = loaded(config_at(tmp_path))
+    before = snapshot(tmp_path)
+    shown = replication_status(config)
+    assert snapshot(tmp_path) == before and not (tmp_path / "state").exists()
+    assert shown.recent_cuts == {"db": []}
+    assert [(s.site, s.state, s.cursor, s.lag_bytes) for s in shown.sites] == [
+        ("dr", "not seeded", None, None),
+        ("far", "not seeded", None, None),
+        ("vault", "not seeded", None, None),
+    ]
+    assert replicate.site_status is site_status and replicate.SiteStatus is SiteStatus
+
+
+def test_site_status_reads_an_existing_state_and_changes_nothing(tmp_path: Path) -> None:
+    config = loaded(config_at(tmp_path))
+    state = StateDir(config.state_dir)
+    after_three_cuts(state)
+    before = snapshot(tmp_path)
+    shown = replication_status(config, "db", recent=2)
+    assert snapshot(tmp_path) == before  # state.db's bytes and mtime too; no -journal
+    assert [cut.seq for cut in shown.recent_cuts["db"]] == [3, 2]
+    by_site = {s.site: s for s in shown.sites}
+    dr, far, vault = by_site["dr"], by_site["far"], by_site["vault"]
+    assert (dr.state, dr.cursor, dr.latest_cut, dr.lag_cuts, dr.lag_eras) == ("behind", 2, 3, 1, 4)
+    assert dr.lag_bytes == 1234  # the spooled 2->3 delta
+    assert (far.state, far.lag_cuts, far.lag_eras, far.lag_bytes) == ("behind", 2, 7, None)
+    assert (vault.state, vault.detail) == ("down", "/srv/vault is not mounted")
+    untimed = [dataclasses.replace(s, lag_s=None) for s in site_status(config, "db")]
+    assert untimed == [dataclasses.replace(s, lag_s=None) for s in shown.sites]
+
+
+@pytest.fixture
+def no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's kernel part answers "no stacks up"; no command may run; the devices probe."""
+
+    def refuse(self: executor.Runner, op: executor.Op, **_: object) -> executor.Result:
+        raise AssertionError(f"status ran {op.render()}")
+
+    monkeypatch.setattr(executor.Runner, "run", refuse)
+    monkeypatch.setattr(loop, "kernel_has_device_mapper", lambda: True)
+    monkeypatch.setattr(builder, "status", lambda *_args: [])
+    monkeypatch.setattr(builder, "unprobed_devices", lambda _spec: [])
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="dmrepl status refuses non-root")
+
+
+@needs_root
+@pytest.mark.usefixtures("no_kernel")
+@pytest.mark.parametrize("args", [("status",), ("status", "db", "--json")], ids=["text", "json"])
+def test_cli_status_on_a_fresh_host_creates_nothing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    config = config_at(tmp_path)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli_here(*args, "--config", str(config))
+    assert code == 0, out + err
+    assert snapshot(tmp_path) == before and not (tmp_path / "state").exists()
+    assert "not seeded" in out and err == ""
+
+
+@needs_root
+@pytest.mark.usefixtures("no_kernel")
+def test_cli_status_reads_an_existing_state_and_changes_nothing(tmp_path: Path) -> None:
+    config = config_at(tmp_path)
+    after_three_cuts(StateDir(tmp_path / "state"))
+    before = snapshot(tmp_path)
+    code, out, err = run_cli_here("status", "--config", str(config))
+    assert code == 0, out + err
+    assert "last cuts of db:" in out and "  cut 3  " in out
+    assert "site db/dr (blockdev, asynchronous): behind; holds cut 2; lag 1 cuts, 4 eras" in out
+    code, out, err = run_cli_here("status", "--json", "--config", str(config))
+    assert code == 0, out + err
+    assert [s["state"] for s in json.loads(out)["sites"]] == ["behind", "behind", "down"]
+    assert snapshot(tmp_path) == before
