@@ -24,7 +24,14 @@ from typing import BinaryIO
 from dmrepl import blockio, delta, phases, safefile
 from dmrepl.config import SiteSpec
 from dmrepl.errors import DmreplError, ExitCode
-from dmrepl.journal import Journal, JournalState, read_header_slots
+from dmrepl.journal import (
+    EMPTY_HEADER,
+    Journal,
+    JournalHeader,
+    JournalMissing,
+    JournalState,
+    read_header_slots,
+)
 from dmrepl.probe import DeviceProblem, probe_block_device
 from dmrepl.stack import StackSpec
 from dmrepl.statedir import StateDir
@@ -115,7 +122,8 @@ class BlockdevSite:
         return self.spec.name
 
     def check(self) -> None:
-        """Raise SiteDown or ReplicaMismatch unless every replica is present and fits."""
+        """Raise SiteDown or ReplicaMismatch unless every replica (and a configured journal)
+        is present and fits; JournalError for a configured journal that is not one."""
         for stack in self.stacks:
             device = stack.device.name
             path = self.spec.replicas[device]
@@ -136,7 +144,9 @@ class BlockdevSite:
                     f"{', '.join(replica.mountpoints)}",
                     hint="unmount it; a replica is written only by dmrepl",
                 )
-        if not self.spec.journal:
+        if self.spec.journal:
+            self._header()  # a configured journal is never created: missing, SiteDown
+        else:
             try:
                 safefile.private_dir(
                     self.journal_path.parent, what="state_dir", strict_from=self.state_dir
@@ -144,30 +154,47 @@ class BlockdevSite:
             except safefile.UnsafePath as exc:
                 raise ReplicaMismatch(f"site {self.name}: {exc.message}", hint=exc.hint) from None
 
+    def _header(self) -> JournalHeader:
+        """The journal's header, read without creating the journal: a default journal not
+        made yet holds nothing; a configured one that is missing is the site being down."""
+        try:
+            with Journal(self.journal_path, create=False) as journal:
+                return journal.header
+        except JournalMissing as exc:
+            if self.spec.journal:
+                raise SiteDown(f"site {self.name}: {exc.message}", hint=exc.hint) from None
+            return EMPTY_HEADER
+
+    def _open(self) -> Journal:
+        """The journal, to write: the default one is created if missing, a configured one
+        (a device) never is."""
+        try:
+            return Journal(self.journal_path, create=not self.spec.journal)
+        except JournalMissing as exc:
+            raise SiteDown(f"site {self.name}: {exc.message}", hint=exc.hint) from None
+
     def held_seq(self) -> int | None:
         """The cut the replicas hold per the journal (None: never seeded or mid-apply)."""
-        with Journal(self.journal_path) as journal:
-            header = journal.header
+        header = self._header()
         return header.seq if header.state is JournalState.APPLIED else None
 
     def pending_seq(self) -> int | None:
         """A committed but unapplied cut in the journal, if any."""
-        with Journal(self.journal_path) as journal:
-            header = journal.header
+        header = self._header()
         return header.seq if header.state is JournalState.COMMITTED else None
 
     def replay(self) -> Delivery | None:
         """Finish applying a committed journal left by an interrupted run."""
-        with Journal(self.journal_path) as journal:
-            if journal.header.state is not JournalState.COMMITTED:
-                return None
+        if self._header().state is not JournalState.COMMITTED:
+            return None
+        with self._open() as journal:
             header, summary = journal.verify_staged(journal.header.length)
             self._check_header(header)
             return self._apply(journal, summary)
 
     def receive(self, source: BinaryIO) -> Delivery:
         """Journal, verify, commit and apply one delta stream; return what was applied."""
-        with Journal(self.journal_path) as journal:
+        with self._open() as journal:
             phases.reached("journal-write")
             length = journal.stage(source)
             _, summary = journal.commit(length, accept=self._check_header)
@@ -241,7 +268,7 @@ class BlockdevSite:
 
     def mark_seeded(self, seq: int) -> None:
         """The replicas now hold cut `seq` (once the cut's images were confirmed intact)."""
-        with Journal(self.journal_path) as journal:
+        with self._open() as journal:
             journal.mark_applied(seq)
 
 

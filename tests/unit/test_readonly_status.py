@@ -5,6 +5,7 @@ even when there is none yet."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from dmrepl import builder, executor, loop, replicate
-from dmrepl.config import Config, parse_config
+from dmrepl.config import Config, SiteSpec, parse_config
+from dmrepl.journal import Journal, JournalMissing
 from dmrepl.lock import group_lock, lock_holder
 from dmrepl.replication.status import SiteStatus, replication_status, site_status
-from dmrepl.sites import delta_file_name
+from dmrepl.sites import BlockdevSite, SiteDown, delta_file_name
 from dmrepl.state import StateStore
 from dmrepl.statedir import StateDir
 from tests.clirun import run_cli_here
@@ -245,3 +247,44 @@ def test_cli_status_reads_an_existing_state_and_changes_nothing(tmp_path: Path) 
     assert code == 0, out + err
     assert [s["state"] for s in json.loads(out)["sites"]] == ["behind", "behind", "down"]
     assert snapshot(tmp_path) == before
+
+
+def blockdev_site(tmp_path: Path, journal: str | None) -> BlockdevSite:
+    spec = SiteSpec("g", "dr", "blockdev", "asynchronous", {}, journal, None)
+    return BlockdevSite(spec, (), tmp_path / "state")  # no stacks: no replica to probe
+
+
+def test_a_configured_journal_that_is_missing_is_never_created(tmp_path: Path) -> None:
+    """A missing journal device must not become a regular file in /dev: the site is down."""
+    device = tmp_path / "dev" / "vdj"
+    device.parent.mkdir()
+    site = blockdev_site(tmp_path, str(device))
+    before = snapshot(tmp_path)
+    attempts = {
+        "check": site.check,
+        "held_seq": site.held_seq,
+        "pending_seq": site.pending_seq,
+        "replay": site.replay,
+        "receive": lambda: site.receive(io.BytesIO(b"a delta that is never read")),
+        "mark_seeded": lambda: site.mark_seeded(1),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(SiteDown) as caught:
+            attempt()
+        assert caught.value.message == f"site dr: the journal {device} does not exist", name
+        assert caught.value.hint is not None and "`journal` setting" in caught.value.hint
+    assert snapshot(tmp_path) == before and not device.exists()
+    with pytest.raises(JournalMissing):
+        Journal(device, create=False)
+    assert not device.exists()
+
+
+def test_the_default_journal_is_made_by_a_write_only(tmp_path: Path) -> None:
+    site = blockdev_site(tmp_path, None)
+    before = snapshot(tmp_path)
+    assert (site.held_seq(), site.pending_seq(), site.replay()) == (None, None, None)
+    assert snapshot(tmp_path) == before  # no journal, no journal directory
+    site.check()  # a sync makes the journal directory first (it is about to write)
+    site.mark_seeded(4)
+    assert site.journal_path == StateDir(tmp_path / "state").journal("g", "dr")
+    assert site.journal_path.is_file() and site.held_seq() == 4
