@@ -91,7 +91,7 @@ def recorded_cut(spec: SiteSpec, state_dir: Path) -> int | None:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         if spec.journal is None:
-            return None  # the default journal is made with the state directory
+            return None  # the default journal: not made until the first delivery or seed
         raise RecordUnreadable(f"journal {path} does not exist") from None
     except OSError as exc:
         raise RecordUnreadable(f"journal {path}: {exc.strerror}") from None
