@@ -153,7 +153,7 @@ def require_running(stacks: tuple[StackSpec, ...], owned: Mapping[str, dm.Observ
         )
 
 
-def next_cut_seq(store: StateStore, group: str, sites: Iterable[Receiver]) -> int:
+def next_cut_seq(store: StateStore | None, group: str, sites: Iterable[Receiver]) -> int:
     """The next cut number of a group: past the store's cuts, every cursor it holds, and every
     cut a site's own record names (also a site down now, when its record is readable here).
 
@@ -161,12 +161,13 @@ def next_cut_seq(store: StateStore, group: str, sites: Iterable[Receiver]) -> in
     device detached, a `dir` site's directory not mounted) may have been lost while that site
     holds any cut: numbering then starts past the current Unix time, which no cut number taken
     at under one cut a second can have reached, so no number ever names two cuts.
+    `store` is None when there is none yet (a dry run reads, never creates, one).
     """
-    first = store.next_cut_seq(group)
+    first = 1 if store is None else store.next_cut_seq(group)
     known = [first]
     unreadable = False
     for site in sites:
-        record = store.site(group, site.name)
+        record = None if store is None else store.site(group, site.name)
         if record is not None and record.seq is not None:
             known.append(record.seq + 1)
         try:

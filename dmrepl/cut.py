@@ -27,6 +27,7 @@ from dmrepl.ops import Op
 from dmrepl.ranges import Extent, blocks_to_sectors
 from dmrepl.signals import Say, SignalLatch, deferred_signals
 from dmrepl.stack import Layer, LayerSpec, StackSpec, layer_name, pit_spec
+from dmrepl.statedir import StateDir
 from dmrepl.status import parse_snapshot_status, parse_status_line
 
 
@@ -192,7 +193,7 @@ def _last_era(runner: Runner, stack: StackSpec) -> int:
 
 def cow_file(state_dir: Path, stack: StackSpec) -> Path:
     """The sparse file backing a device's `-pit` COW while a cut is held (no `cow` device)."""
-    return state_dir / "cow" / f"{stack.device.group}.{stack.device.name}.cow"
+    return StateDir(state_dir).cow_file(stack.device.group, stack.device.name)
 
 
 def leaked_cow_loops(

@@ -77,11 +77,15 @@ def by_base(files: Iterable[DeltaFile]) -> Mapping[int, DeltaFile]:
 
 
 def walk(files: Iterable[DeltaFile], start: int, until: int | None = None) -> list[DeltaFile]:
-    """The deltas that follow each other from cut `start`, as far as they go (or to `until`)."""
+    """The deltas that follow each other from cut `start`, as far as they go (or to `until`).
+
+    Only forward: a file named as going back to an earlier cut ends the walk (no loop)."""
     links = by_base(files)
     steps: list[DeltaFile] = []
     at = start
-    while at != until and at in links and (until is None or links[at].seq <= until):
+    while at != until and at in links and at < links[at].seq:
+        if until is not None and links[at].seq > until:
+            break
         steps.append(links[at])
         at = links[at].seq
     return steps

@@ -18,6 +18,7 @@ one (`replay`): records carry absolute data, so applying twice is harmless.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -51,6 +52,16 @@ class JournalError(DmreplError):
     """The journal cannot be used (too small, unreadable, or both header slots invalid)."""
 
 
+class JournalMissing(JournalError):
+    """A journal opened without `create` does not exist."""
+
+
+MISSING_HINT = (
+    "attach the journal device the site's `journal` setting names (or fix the setting); "
+    "dmrepl creates no journal but the default one in state_dir"
+)
+
+
 @dataclass(frozen=True)
 class JournalHeader:
     generation: int
@@ -78,6 +89,9 @@ def decode_header(slot: bytes) -> JournalHeader | None:
         return None
 
 
+EMPTY_HEADER = JournalHeader(0, JournalState.IDLE, 0, 0)  # a journal nothing was written to yet
+
+
 def read_header_slots(fd: int) -> list[JournalHeader]:
     """The valid headers of the journal open as `fd` (zero, one or both slots)."""
     slots = [decode_header(os.pread(fd, SLOT_BYTES, i * SLOT_BYTES)) for i in (0, 1)]
@@ -85,13 +99,17 @@ def read_header_slots(fd: int) -> list[JournalHeader]:
 
 
 class Journal:
-    """An open journal file or device."""
+    """An open journal file or device; `create=False` never creates one (JournalMissing)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, create: bool = True):
         self.path = path
         try:
-            self.fd = safefile.open_own_or_block_device(path)
+            self.fd = safefile.open_own_or_block_device(path, create=create)
         except OSError as exc:
+            if exc.errno == errno.ENOENT and not create:
+                raise JournalMissing(
+                    f"the journal {path} does not exist", hint=MISSING_HINT
+                ) from None
             raise JournalError(
                 f"cannot open the journal {path}: {exc.strerror}",
                 hint="check the site's `journal` setting",
@@ -120,7 +138,7 @@ class Journal:
                 hint="if this really is the site's journal device, zero its first 8 KiB "
                 "and re-seed the site: `dmrepl seed GROUP --site SITE`",
             )
-        return JournalHeader(0, JournalState.IDLE, 0, 0)
+        return EMPTY_HEADER
 
     def _write_header(self, state: JournalState, seq: int, length: int) -> None:
         header = JournalHeader(self.header.generation + 1, state, seq, length)

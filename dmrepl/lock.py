@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dmrepl import safefile
 from dmrepl.errors import DmreplError, ExitCode
+from dmrepl.statedir import StateDir
 
 
 class Busy(DmreplError):
@@ -93,8 +94,9 @@ def describe_holder(fd: int) -> str:
 @contextmanager
 def group_lock(state_dir: Path, group: str, purpose: str) -> Iterator[None]:
     """Hold `<state>/locks/<group>.lock` for the body; raise Busy at once if it is held."""
-    directory = safefile.private_dir(state_dir / "locks", what="state_dir", strict_from=state_dir)
-    path = directory / f"{group}.lock"
+    paths = StateDir(state_dir)
+    safefile.private_dir(paths.locks, what="state_dir", strict_from=state_dir)
+    path = paths.lock(group)
     try:
         fd = safefile.open_own(path)
     except OSError as exc:
@@ -121,8 +123,12 @@ def group_lock(state_dir: Path, group: str, purpose: str) -> Iterator[None]:
 
 
 def lock_holder(state_dir: Path, group: str) -> str | None:
-    """Who holds the group's lock now, or None if nobody does (never blocks)."""
-    path = state_dir / "locks" / f"{group}.lock"
+    """Who holds the group's lock now, or None if nobody does (never blocks).
+
+    Opens an existing lock file read-only and creates nothing: no lock file (or no state
+    directory) means nobody holds it.
+    """
+    path = StateDir(state_dir).lock(group)
     try:
         fd = safefile.open_own(path, os.O_RDONLY, create=False)
     except FileNotFoundError:

@@ -154,15 +154,15 @@ def open_own(path: Path, flags: int = os.O_RDWR, *, create: bool = True) -> int:
     return fd
 
 
-def open_own_or_block_device(path: Path) -> int:
+def open_own_or_block_device(path: Path, *, create: bool = True) -> int:
     """Open read-write a block device (links followed, as in /dev/disk/by-id) or else,
-    through `open_own`, one of dmrepl's own files (created 0600 if missing)."""
+    through `open_own`, one of dmrepl's own files (created 0600 if missing and `create`)."""
     try:
         is_device = stat.S_ISBLK(os.stat(path).st_mode)
     except FileNotFoundError:
         is_device = False
     if not is_device:
-        return open_own(path)
+        return open_own(path, create=create)
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     if not stat.S_ISBLK(os.fstat(fd).st_mode):  # replaced since the stat
         os.close(fd)

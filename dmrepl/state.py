@@ -8,6 +8,7 @@ group, and each site's cursor (the last cut it applied durably) and health.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from dmrepl import safefile
 from dmrepl.errors import DmreplError, ExitCode
+from dmrepl.statedir import StateDir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cuts (
@@ -90,6 +92,9 @@ class SiteRecord:
 
 # sqlite3's result codes for a file that is damaged or not a database at all.
 _CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+# A reader finding a hot rollback journal (a writer died mid-transaction) it may not roll back.
+_READONLY_ROLLBACK = 776  # SQLITE_READONLY_ROLLBACK
+_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
 
 
 class StateStoreError(DmreplError):
@@ -102,8 +107,29 @@ def _warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr)
 
 
+_WRITER_HINT = (
+    "check that the state directory is writable and not on a full or read-only "
+    "filesystem, and that no other program holds the file"
+)
+
+
+def _unusable(
+    path: Path, exc: Exception, more: str = "", hint: str = _WRITER_HINT
+) -> StateStoreError:
+    return StateStoreError(f"cannot use the state store {path}: {exc}{more}", hint=hint)
+
+
+def _quick_check(db: sqlite3.Connection) -> None:
+    """Raise sqlite3.DatabaseError (with a corrupt code) unless SQLite's quick_check passes."""
+    (verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
+    if verdict != "ok":
+        error = sqlite3.DatabaseError(f"integrity check: {verdict}")
+        error.sqlite_errorcode = _CORRUPT_CODES[0]
+        raise error
+
+
 class StateStore:
-    """Opens (creating if needed) `<state_dir>/state.db`.
+    """Opens (creating if needed) `<state_dir>/state.db`; `open_readonly` only reads it.
 
     The store is a cache of what the kernel and the sites know. A corrupt one is
     moved aside as `state.db.corrupt-<UTC time>` (kept as evidence), `warn` says
@@ -113,16 +139,16 @@ class StateStore:
 
     def __init__(self, state_dir: Path, warn: Callable[[str], None] = _warn):
         safefile.private_dir(state_dir, what="state_dir")
-        self.path = state_dir / "state.db"
+        self.path = StateDir(state_dir).db
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as exc:
             if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPT_CODES:
-                raise self._unusable(exc) from None
+                raise _unusable(self.path, exc) from None
             try:
                 aside = self._move_aside()
             except OSError as failed:
-                raise self._unusable(exc, f"; moving it aside failed: {failed}") from None
+                raise _unusable(self.path, exc, f"; moving it aside failed: {failed}") from None
             warn(
                 f"{self.path} is corrupt ({exc}); moved it to {aside.name} and started a new "
                 "state store. Each site's place is taken from the site itself; a site holding "
@@ -131,20 +157,71 @@ class StateStore:
             try:
                 self.db = self._open()
             except sqlite3.Error as again:
-                raise self._unusable(again) from None
+                raise _unusable(self.path, again) from None
+
+    @classmethod
+    def open_readonly(
+        cls, state_dir: Path, warn: Callable[[str], None] = _warn
+    ) -> StateStore | None:
+        """Open `<state_dir>/state.db` to read only (SQLite `mode=ro`): nothing is created,
+        changed or moved aside, so a read command leaves a fresh host as it found it.
+
+        None when there is no history to read: no state directory or store, a store without
+        its tables, or (with a warning) a corrupt store or one whose interrupted write left a
+        rollback journal only a writer may replay; the next writing run moves the first aside
+        and finishes the second. Raises UnsafePath for an unsafe state directory (as a writer
+        would) and StateStoreError when the store cannot be read for another reason.
+        """
+        path = StateDir(state_dir).db
+        if not os.path.lexists(state_dir):
+            return None
+        safefile.check_directory(state_dir, what="state_dir")
+        hint = "check the permissions of the file and that no other program holds it"
+        try:  # a symlink, a FIFO or another user's file is refused as a writer refuses it
+            os.close(safefile.open_own(path, os.O_RDONLY, create=False))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _unusable(path, exc, hint=hint) from None
+        try:
+            db = sqlite3.connect(Path(os.path.abspath(path)).as_uri() + "?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise _unusable(path, exc, hint=hint) from None
+        try:
+            _quick_check(db)
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            code = getattr(exc, "sqlite_errorcode", 0)
+            if code & 0xFF in _CORRUPT_CODES:
+                warn(
+                    f"{path} is corrupt ({exc}): read as holding no history, and left as it is "
+                    "(the next sync moves it aside and starts a new state store)"
+                )
+                return None
+            if code == _READONLY_ROLLBACK:
+                warn(
+                    f"{path} holds a write an interrupted run did not finish "
+                    f"({path.name}-journal): read as holding no history, and left as it is "
+                    "(the next sync finishes it)"
+                )
+                return None
+            raise _unusable(path, exc, hint=hint) from None
+        if not tables >= _TABLES:  # created empty (a full disk) and never filled
+            db.close()
+            return None
+        store = cls.__new__(cls)
+        store.path, store.db = path, db
+        return store
 
     def _open(self) -> sqlite3.Connection:
         try:  # created 0600 and never through a link; then sqlite opens it
             os.close(safefile.open_own(self.path))
         except OSError as exc:
-            raise self._unusable(exc) from None
+            raise _unusable(self.path, exc) from None
         db = sqlite3.connect(self.path)
         try:
-            (verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
-            if verdict != "ok":
-                error = sqlite3.DatabaseError(f"integrity check: {verdict}")
-                error.sqlite_errorcode = _CORRUPT_CODES[0]
-                raise error
+            _quick_check(db)
             db.executescript(SCHEMA)
         except BaseException:
             db.close()
@@ -165,13 +242,6 @@ class StateStore:
         if journal.exists():
             os.rename(journal, aside.with_name(aside.name + "-journal"))
         return aside
-
-    def _unusable(self, exc: Exception, more: str = "") -> StateStoreError:
-        return StateStoreError(
-            f"cannot use the state store {self.path}: {exc}{more}",
-            hint="check that the state directory is writable and not on a full or read-only "
-            "filesystem, and that no other program holds the file",
-        )
 
     def close(self) -> None:
         self.db.close()

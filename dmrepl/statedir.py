@@ -1,4 +1,16 @@
-"""One map of the state directory (placeholder; replaced by the full map)."""
+"""The one map of dmrepl's state directory (`state_dir`): every path it keeps there.
+
+    <state>/state.db                              the state store (dmrepl.state)
+    <state>/locks/<group>.lock                    one run per group (dmrepl.lock)
+    <state>/spool/<group>/<group>.<seq>.<base>.delta  the replication log (dmrepl.spool)
+    <state>/spool/<group>/resync/<site>~<delta>   a site's own deltas until delivered: a
+                                                  resync (the overflow ladder) or a full image
+    <state>/journal/<group>.<site>.journal        a blockdev site's default journal
+    <state>/cow/<group>.<device>.cow              a `-pit` image's COW file while a cut is held
+
+Names only: nothing here creates, opens or checks anything; whoever writes a path makes its
+directory (safefile.private_dir), and readers never do.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +20,43 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class StateDir:
+    """The paths under one state directory."""
+
     root: Path
 
+    @property
+    def db(self) -> Path:
+        """The SQLite state store."""
+        return self.root / "state.db"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    def lock(self, group: str) -> Path:
+        """The group's lock file (`flock`), naming its holder."""
+        return self.locks / f"{group}.lock"
+
     def spool(self, group: str) -> Path:
+        """The group's spool: the chain of captured deltas."""
         return self.root / "spool" / group
 
     def resync(self, group: str) -> Path:
+        """Each site's own deltas (resyncs, full images to seed it), kept until delivered."""
         return self.spool(group) / "resync"
 
-    def seeds(self, group: str) -> Path:
-        return self.spool(group) / "seed"
+    @property
+    def journals(self) -> Path:
+        return self.root / "journal"
 
     def journal(self, group: str, site: str) -> Path:
-        return self.root / "journal" / f"{group}.{site}.journal"
+        """A blockdev site's journal when its config names none."""
+        return self.journals / f"{group}.{site}.journal"
+
+    @property
+    def cow(self) -> Path:
+        return self.root / "cow"
+
+    def cow_file(self, group: str, device: str) -> Path:
+        """The sparse file behind a device's `-pit` COW while a cut is held (no `cow` device)."""
+        return self.cow / f"{group}.{device}.cow"

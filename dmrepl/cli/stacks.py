@@ -43,9 +43,8 @@ from dmrepl.demo import load_modules, run_demo
 from dmrepl.errors import InvalidInput, NoDeviceMapper
 from dmrepl.executor import Runner
 from dmrepl.probe import DeviceMissing, DeviceProblem, probe_block_device
-from dmrepl.replication.status import site_status
+from dmrepl.replication.status import replication_status, site_status
 from dmrepl.sizing import metadata_size
-from dmrepl.state import StateStore
 from dmrepl.units import format_bytes, format_sectors, parse_size_sectors, sectors_to_bytes
 
 
@@ -144,22 +143,18 @@ def show_status(
         return
     for state in states:
         render_device_state(state)
-    store = StateStore(loaded.state_dir)
-    try:
-        for spec in loaded.select(group):
-            recent = store.cuts(spec.name, limit=5)
-            if recent:
-                out.print(f"last cuts of {spec.name}:", markup=False)
-            for cut in recent:
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cut.time))
-                eras = ", ".join(f"{d} era {e}" for d, e in sorted(cut.eras.items()))
-                out.print(
-                    f"  cut {cut.seq}  {when}  stall {cut.stall_s * 1000:.0f} ms  {eras}",
-                    markup=False,
-                )
-    finally:
-        store.close()
-    for site in site_status(loaded, group):
+    replication = replication_status(loaded, group, recent=5)  # reads only: creates nothing
+    for name, recent in replication.recent_cuts.items():
+        if recent:
+            out.print(f"last cuts of {name}:", markup=False)
+        for cut in recent:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cut.time))
+            eras = ", ".join(f"{d} era {e}" for d, e in sorted(cut.eras.items()))
+            out.print(
+                f"  cut {cut.seq}  {when}  stall {cut.stall_s * 1000:.0f} ms  {eras}",
+                markup=False,
+            )
+    for site in replication.sites:
         render_site_status(site)
     _fail_if_missing(missing, config)
 

@@ -1,5 +1,9 @@
-"""What `dmrepl status` shows of each site: its cursor and lag, from the state store and the
-spool (no kernel access)."""
+"""Each site's place and lag, and each group's last cuts, as `dmrepl status` shows them.
+
+Read-only, with no kernel access: the state store is opened with SQLite `mode=ro`, the spool
+is listed without making its directory, and the lock is probed without creating it. On a
+fresh host this creates nothing, not even the state directory.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,8 @@ import time
 from dataclasses import dataclass
 
 from dmrepl.config import Config
-from dmrepl.deltafiles import chain
+from dmrepl.deltafiles import DeltaFile, chain, list_files
 from dmrepl.lock import lock_holder
-from dmrepl.spool import Spool
 from dmrepl.state import CutRecord, SiteRecord, StateStore
 from dmrepl.statedir import StateDir
 
@@ -32,32 +35,43 @@ class SiteStatus:
     detail: str
 
 
-def site_status(config: Config, group: str | None = None) -> list[SiteStatus]:
-    """Every site's cursor and lag, from the state store and spool (no kernel access)."""
-    result: list[SiteStatus] = []
-    store = StateStore(config.state_dir)
+@dataclass(frozen=True)
+class ReplicationStatus:
+    """The selected groups' latest cuts (newest first, per group) and their sites."""
+
+    recent_cuts: dict[str, list[CutRecord]]
+    sites: list[SiteStatus]
+
+
+def replication_status(
+    config: Config, group: str | None = None, *, recent: int = 5
+) -> ReplicationStatus:
+    """The last `recent` cuts of each group and every site's cursor and lag, read from the
+    state store (read-only: none, or a corrupt one, is no history) and the spool."""
+    store = StateStore.open_readonly(config.state_dir)
+    cuts: dict[str, list[CutRecord]] = {}
+    sites: list[SiteStatus] = []
     try:
         for spec in config.select(group):
-            latest = store.cuts(spec.name, limit=1)
+            latest = [] if store is None else store.cuts(spec.name, limit=max(recent, 1))
+            cuts[spec.name] = latest[:recent]
             newest = latest[0] if latest else None
-            spool = Spool(StateDir(config.state_dir), spec.name, spec.spool_bytes).chain_deltas()
+            spooled = list_files(StateDir(config.state_dir).spool(spec.name), spec.name)
             busy = lock_holder(config.state_dir, spec.name)
             for site in spec.sites:
-                known = store.site(spec.name, site.name)
+                known = None if store is None else store.site(spec.name, site.name)
                 cursor = None if known is None else known.seq
-                held = None if cursor is None else store.cut(spec.name, cursor)
-                state = _site_state(known, cursor, newest, busy)
-                lag_bytes: int | None = None
+                held = None if store is None or cursor is None else store.cut(spec.name, cursor)
+                lag_bytes = None
                 if cursor is not None and newest is not None:
-                    steps = [] if cursor == newest.seq else chain(spool, cursor, newest.seq)
-                    lag_bytes = None if steps is None else sum(e.size for e in steps)
-                result.append(
+                    lag_bytes = _chain_bytes(spooled, cursor, newest.seq)
+                sites.append(
                     SiteStatus(
                         group=spec.name,
                         site=site.name,
                         transport=site.transport,
                         policy=site.policy,
-                        state=state,
+                        state=_site_state(known, cursor, newest, busy),
                         cursor=cursor,
                         latest_cut=None if newest is None else newest.seq,
                         lag_cuts=None if cursor is None or newest is None else newest.seq - cursor,
@@ -68,8 +82,21 @@ def site_status(config: Config, group: str | None = None) -> list[SiteStatus]:
                     )
                 )
     finally:
-        store.close()
-    return result
+        if store is not None:
+            store.close()
+    return ReplicationStatus(cuts, sites)
+
+
+def site_status(config: Config, group: str | None = None) -> list[SiteStatus]:
+    """Every site's cursor and lag, from the state store and spool (no kernel access)."""
+    return replication_status(config, group, recent=0).sites
+
+
+def _chain_bytes(spooled: list[DeltaFile], cursor: int, target: int) -> int | None:
+    """Bytes of the spooled deltas that take a replica from cut `cursor` to cut `target`
+    (0 when it is there); None when the spool no longer reaches it (a resync is needed)."""
+    steps = chain(spooled, cursor, target)
+    return None if steps is None else sum(f.size for f in steps)
 
 
 def _site_state(

@@ -20,9 +20,11 @@ from typing import Any, BinaryIO, ClassVar, TypeVar
 from dmrepl import blockio, delta, phases, safefile
 from dmrepl.config import FieldReader, SiteSpec
 from dmrepl.journal import (
+    MISSING_HINT,
     Journal,
     JournalError,
     JournalHeader,
+    JournalMissing,
     JournalState,
     read_header_slots,
 )
@@ -123,11 +125,8 @@ class JournaledSite:
                     f"{', '.join(replica.mountpoints)}",
                     hint="unmount it; a replica is written only by dmrepl",
                 )
-        if self._spec.journal is not None and not os.path.exists(self.journal_path):
-            raise SiteDown(
-                f"site {self.name}: journal {self.journal_path} does not exist",
-                hint="attach the journal device (dmrepl never creates a configured journal)",
-            )
+        if self._spec.journal is not None:
+            self._read_header()  # missing, unreadable or not a journal: down or broken now
 
     def held(self) -> int | None:
         """The cut the replicas hold per the journal (None: never seeded or mid-apply)."""
@@ -214,7 +213,8 @@ class JournaledSite:
             if self._spec.journal is None:
                 return None
             raise JournalUnreadable(
-                f"site {self.name}: journal {self.journal_path} does not exist"
+                f"site {self.name}: the journal {self.journal_path} does not exist",
+                hint=MISSING_HINT,
             ) from None
         except OSError as exc:
             raise JournalUnreadable(
@@ -251,14 +251,14 @@ class JournaledSite:
                 )
             except safefile.UnsafePath as exc:
                 raise ReplicaMismatch(f"site {self.name}: {exc.message}", hint=exc.hint) from None
-        elif not os.path.exists(self.journal_path):
-            raise SiteDown(f"site {self.name}: journal {self.journal_path} does not exist")
-        return self._guard(lambda: Journal(self.journal_path))
+        return self._guard(lambda: Journal(self.journal_path, create=self._spec.journal is None))
 
     def _guard(self, step: Callable[[], T]) -> T:
         """Run a journal step; its errors become this site's failures."""
         try:
             return step()
+        except JournalMissing as exc:
+            raise SiteDown(f"site {self.name}: {exc.message}", hint=exc.hint) from None
         except JournalError as exc:
             raise SiteBroken(f"site {self.name}: {exc.message}", hint=exc.hint) from None
         except OSError as exc:

@@ -17,6 +17,7 @@ from dmrepl.config import load_config
 from dmrepl.cut import CowOverflow, check_pits, cow_devices, held_cut, recover
 from dmrepl.demo import write_random
 from dmrepl.stack import Layer, pit_spec
+from dmrepl.statedir import StateDir
 from tests.kernel.stacks import Bed, read_bytes
 
 MiB = 2**20
@@ -211,7 +212,7 @@ def test_cow_too_small_for_the_writes_is_detected(group: Bed) -> None:
     owned = dm.observe(group.runner).owned
     assert not [n for n in owned if n.endswith("-pit")]
     assert not [n for n, d in owned.items() if d.suspended]
-    assert not list((group.workdir / "state" / "cow").iterdir())  # COW files removed
+    assert not list(StateDir(group.workdir / "state").cow.iterdir())  # COW files removed
 
 
 WRITER = """

@@ -12,6 +12,7 @@ import pytest
 
 from dmrepl import era, phases
 from dmrepl.stack import Layer, layer_name
+from dmrepl.statedir import StateDir
 from tests.kernel.stacks import Bed, dm_names
 from tests.kernel.test_replicate import digest, site_digests, write_raw
 
@@ -133,7 +134,7 @@ def test_a_lost_or_corrupt_state_store_is_rebuilt_and_no_site_loses_its_place(
     write_raw("/dev/mapper/pa", [2, 9])
     bed.cli("sync", bed.group)  # both sites hold cut 2
     write_raw("/dev/mapper/pa", [4, 30])
-    db = bed.state_dir / "state.db"
+    db = StateDir(bed.state_dir).db
     if damage == "deleted":
         db.unlink()
     else:

@@ -238,7 +238,7 @@ def test_a_corrupt_spool_delta_is_never_applied(bed: Bed, make_dm: object) -> No
     subprocess.run(["dmsetup", "remove", Path(far).name], check=True)  # far is gone
     write_raw("/dev/mapper/xa", [4, 5])
     sync(bed, check=False)  # the delta stays in the spool for far
-    (spooled,) = sorted((bed.state_dir / "spool" / bed.group).glob("*.delta"))
+    (spooled,) = sorted(StateDir(bed.state_dir).spool(bed.group).glob("*.delta"))
     data = bytearray(spooled.read_bytes())
     data[len(data) // 2] ^= 0xFF
     spooled.write_bytes(bytes(data))
@@ -261,7 +261,7 @@ def test_a_corrupt_journal_is_never_applied_and_seed_repairs(pair: Bed) -> None:
         capture_output=True, text=True,
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr
-    journal = pair.state_dir / "journal" / f"{pair.group}.dr.journal"
+    journal = StateDir(pair.state_dir).journal(pair.group, "dr")
     with journal.open("r+b") as f:
         f.seek(8192 + 300)
         byte = f.read(1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl.deltafiles import DeltaFile
+from dmrepl.deltafiles import DeltaFile, chain, walk
 from dmrepl.replication.plan import (
     Capture,
     CyclePlan,
@@ -255,3 +255,10 @@ def test_deliveries(
 )
 def test_prunable(cursors: list[int | None], expected: list[int]) -> None:
     assert [f.seq for f in prunable(CHAIN_3_TO_5, cursors)] == expected
+
+
+def test_a_chain_only_walks_forward() -> None:
+    """A file named as going from cut 5 back to cut 3 must not loop a walk forever."""
+    looping = spooled((5, 3), (3, 5))
+    assert chain(looping, 3, 7) is None
+    assert [f.seq for f in walk(looping, 3)] == [5]

@@ -175,11 +175,13 @@ STATE_STORE = [
     Case(
         "S04b",
         ("status", "db"),
-        ERR.INVALID_INPUT,
-        "Read-only file system",
+        ERR.DEVICE_MISSING,
+        "site db/dr (blockdev, asynchronous): not seeded",
         at("$W/mnt-ro/kept"),
         dm=FAKE,
-        why="was exit 4 with libdevmapper's text (6 on this kernel without the fake dmsetup)",
+        why="was exit 4 with libdevmapper's text (6 on this kernel without the fake dmsetup), "
+        "then exit 10 (Read-only file system): status only reads, so it shows what a state "
+        "dir on a read-only filesystem holds, then exits 11 for the devices that do not probe",
     ),
     Case(
         "S05",
@@ -345,13 +347,12 @@ FAKE_DMSETUP = [
         "F12",
         ("status",),
         ERR.DEVICE_MISSING,
-        "state.db is corrupt (file is not a database); moved it to state.db.corrupt-",
+        "state.db is corrupt (file is not a database): read as holding no history, and left",
         at("$W/st-corrupt"),
         dm=FAKE,
-        writes=("st-corrupt/state.db",),
-        creates=("st-corrupt/state.db.corrupt-*",),
-        why="was a sqlite3.DatabaseError traceback: the corrupt store is kept aside and a new "
-        "one started; status then exits 11 for the devices that do not probe",
+        why="was a sqlite3.DatabaseError traceback, then a store moved aside by status: status "
+        "only reads, so it warns and shows no history (the next sync moves the store aside), "
+        "then exits 11 for the devices that do not probe",
     ),
     Case(
         "F13",
