@@ -23,6 +23,7 @@ from dmrepl import changes as changes_api
 from dmrepl.demo import DemoResult
 from dmrepl.plan import Plan
 from dmrepl.replication.cycle import SyncResult
+from dmrepl.replication.dryrun import Preview
 from dmrepl.replication.status import SiteStatus
 from dmrepl.status import Health
 from dmrepl.units import format_bytes, format_sectors, sectors_to_bytes
@@ -222,3 +223,52 @@ def render_sync(result: SyncResult) -> None:
         held = "none" if site.cursor is None else f"cut {site.cursor}"
         detail = f"; {site.detail}" if site.detail else ""
         out.print(f"  site {site.site}: {site.state}, holds {held}; {what}{detail}", markup=False)
+
+
+def render_preview(preview: Preview) -> None:
+    """`sync --dry-run`: the observed sites, the plan, and the cut's commands."""
+    plan = preview.plan
+
+    def line(text: str = "") -> None:
+        out.print(text, markup=False)
+
+    line(f"dry run of group {preview.group}: nothing was changed")
+    line(
+        f"next cut: {preview.next_cut}; spool {format_bytes(preview.spool_bytes)} of "
+        f"{format_bytes(preview.cap_bytes)}"
+    )
+    for text in preview.repairs:
+        line(f"repair first: {text}")
+    line("sites:")
+    for site in preview.sites:
+        held = "none" if site.cursor is None else f"cut {site.cursor}"
+        if site.failure is not None:
+            what = f"{site.failure}, skipped"
+        elif site.name in plan.seeds:
+            what = f"seed ({plan.seeds[site.name]})"
+        elif site.name in plan.resyncs:
+            what = f"resync from cut {plan.resyncs[site.name]} (a delta of its own)"
+        elif site.name in plan.followers:
+            what = f"follows the chain to cut {preview.next_cut}"
+        else:
+            what = "nothing to do"
+        detail = f"; {site.detail}" if site.detail else ""
+        line(f"  {site.name} ({site.transport}): holds {held}; {what}{detail}")
+    if plan.head is not None:
+        line(
+            f"chain delta: cut {plan.head} -> {preview.next_cut}, for "
+            f"{', '.join(plan.followers)} (the oldest spooled deltas are evicted if it does "
+            "not fit the cap; sites that lose their chain then resync)"
+        )
+    else:
+        line("chain delta: none (no site follows the chain)")
+    if preview.before_cut:
+        line("before the cut (copy-on-write space for the -pit images):")
+        for op in preview.before_cut:
+            line(f"  {op.render()}")
+    line("the cut (writers wait for these):")
+    for op in preview.cut:
+        line(f"  {op.render()}")
+    line("after the capture (releasing the cut):")
+    for op in preview.after_cut:
+        line(f"  {op.render()}")

@@ -20,12 +20,13 @@ from dmrepl.cli.app import (
     require_device_mapper,
     require_root,
 )
-from dmrepl.cli.render import CliProgress, err, out, render_sync, say
+from dmrepl.cli.render import CliProgress, err, out, render_preview, render_sync, say
 from dmrepl.config import DEFAULT_PATH, load_config
 from dmrepl.errors import DmreplError, ExitCode, Interrupted, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.rebuild import apply_dir
 from dmrepl.replication import cycle
+from dmrepl.replication.dryrun import preview
 from dmrepl.replication.loop import parse_interval, run_cycles
 from dmrepl.units import format_bytes
 
@@ -65,9 +66,33 @@ def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zer
     return int(failed or worst)
 
 
-def sync(group: GroupArg = None, config: ConfigOption = DEFAULT_PATH) -> None:
+DryRunOption = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run", help="Print what the cycle would do and the cut's commands; change nothing."
+    ),
+]
+
+
+def _dry_run(config: Path, group: str | None, seed_sites: tuple[str, ...]) -> int:
+    """Preview the cycle of each selected group that has sites (reads only)."""
+    loaded = load_config(config)
+    groups = [g.name for g in loaded.select(group) if g.sites or group is not None]
+    if not groups:
+        raise InvalidInput(f"no group in {config} has sites", hint="add a [group.G.site.S] table")
+    require_device_mapper()
+    for name in groups:
+        render_preview(preview(Runner(), loaded, name, seed_sites=seed_sites))
+    return int(ExitCode.OK)
+
+
+def sync(
+    group: GroupArg = None, config: ConfigOption = DEFAULT_PATH, dry_run: DryRunOption = False
+) -> None:
     """One replication cycle: recover, cut, capture, ship to every reachable site (for cron)."""
     require_root()
+    if dry_run:
+        raise typer.Exit(_dry_run(config, group, ()))
     raise typer.Exit(_sync_once(config, group, (), False))
 
 
@@ -79,9 +104,12 @@ def seed(
         bool,
         typer.Option("--target-zeroed", help="The replicas are known to be all zeros."),
     ] = False,
+    dry_run: DryRunOption = False,
 ) -> None:
     """Full copy of GROUP to SITE from a fresh cut, writing only chunks that differ."""
     require_root()
+    if dry_run:
+        raise typer.Exit(_dry_run(config, group, (site,)))
     raise typer.Exit(_sync_once(config, group, (site,), target_zeroed))
 
 
@@ -96,7 +124,7 @@ def run(
     require_root()
     seconds = parse_interval(interval)
 
-    def cycle() -> int:
+    def one_cycle() -> int:
         """`sync` once; a full filesystem or failing state store becomes a DmreplError."""
         try:
             return _sync_once(config, group, (), False)
@@ -111,7 +139,7 @@ def run(
         render_error(error)
         return int(error.exit_code)
 
-    code = run_cycles(cycle, seconds, on_error=None if Options.debug else report)
+    code = run_cycles(one_cycle, seconds, on_error=None if Options.debug else report)
     err.print("stopped", markup=False)
     raise typer.Exit(code)
 
