@@ -126,6 +126,8 @@ def _table(name: str, fields: dict[str, object]) -> list[str]:
     for key, value in fields.items():
         if isinstance(value, list):
             rendered = "[" + ", ".join(f'"{v}"' for v in value) + "]"
+        elif isinstance(value, bool):
+            rendered = str(value).lower()
         else:
             rendered = f'"{value}"'
         lines.append(f"{key} = {rendered}")
