@@ -19,6 +19,7 @@ import pytest
 from dmrepl import dm, loop
 from dmrepl.executor import CommandFailed, Runner
 from dmrepl.ops import probe
+from tests.kernel.netlab import NetLab
 from tests.kernel.stacks import Bed
 
 REQUIRED_TARGETS = ("linear", "era", "snapshot", "mirror", "zero")
@@ -110,3 +111,11 @@ def bed(
     test_bed = Bed(workdir, runner, make_loop)
     cleanup.callback(test_bed.teardown)
     return test_bed
+
+
+@pytest.fixture
+def netlab(kernel_ready: None) -> Iterator[NetLab]:
+    """This namespace as the primary, a DR namespace over a veth pair (tests/kernel/netlab.py);
+    its sshd, nbd-server and NBD devices are undone at teardown, also when the test fails."""
+    with NetLab() as lab:
+        yield lab
