@@ -90,7 +90,11 @@ def changes(
         # no record, so the next list starts from the last completed cut (a superset).
         context = SiteContext.of(stacks, StateDir(config.state_dir))
         sites = [open_site(site, context) for site in spec.sites]
-        seq = next_cut_seq(store, group, sites)
+        try:
+            seq = next_cut_seq(store, group, sites)
+        finally:
+            for site in sites:
+                site.close()
         record = store.record_cut(group, held.eras, held.stall_s, seq=seq)
     finally:
         store.close()

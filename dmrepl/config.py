@@ -32,6 +32,7 @@ Nothing here touches a device: checks against the system live in `dmrepl.safety`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -173,10 +174,25 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class ReceiveGrant:
+    """`[receive.GROUP]`: what this host's receiver (`dmrepl serve`) lets a primary write for
+    one group: exactly these replicas, through this journal."""
+
+    group: str
+    replicas: dict[str, str]  # group device name -> replica device path on this host
+    journal: str | None  # None: a file in this host's state directory
+
+    @property
+    def key(self) -> str:
+        return f"receive.{self.group}"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_dir: Path
     groups: dict[str, GroupSpec]
+    receive: dict[str, ReceiveGrant] = dataclasses.field(default_factory=dict)
 
     def select(self, group: str | None) -> list[GroupSpec]:
         """The named group, or all groups when `group` is None."""
@@ -223,13 +239,14 @@ def parse_config(text: str, path: Path) -> Config:
     reader = FieldReader()
     top = raw.get("dmrepl", {})
     reader.unknown(top, {"state_dir"}, "dmrepl")
-    unknown_top = set(raw) - {"dmrepl", "group"}
+    unknown_top = set(raw) - {"dmrepl", "group", "receive"}
     for key in sorted(unknown_top):
-        reader.problem(key, "unknown section (expected [dmrepl] or [group.NAME])")
+        reader.problem(key, "unknown section (expected [dmrepl], [group.NAME] or [receive.NAME])")
     state_dir = Path(reader.path(top, "state_dir", "dmrepl", required=False) or DEFAULT_STATE_DIR)
     groups: dict[str, GroupSpec] = {}
+    grants = reader.grants(raw.get("receive", {}))
     raw_groups = raw.get("group", {})
-    if not isinstance(raw_groups, dict) or not raw_groups:
+    if not isinstance(raw_groups, dict) or (not raw_groups and "receive" not in raw):
         reader.problem("group", "no groups configured (add a [group.NAME.device.NAME] table)")
         raw_groups = {}
     for group_name, group_raw in raw_groups.items():
@@ -237,9 +254,14 @@ def parse_config(text: str, path: Path) -> Config:
         if group:
             groups[group_name] = group
     reader.cross_checks(groups, state_dir)
+    seen: dict[str, str] = {}
+    for grant in grants.values():
+        reader.claim([(f"{grant.key}.replica", d, p) for d, p in grant.replicas.items()], seen)
+        if grant.journal is not None:
+            reader.claim([(grant.key, "journal", grant.journal)], seen)
     if reader.problems:
         raise ConfigError(path, reader.problems)
-    return Config(path=path, state_dir=state_dir, groups=groups)
+    return Config(path=path, state_dir=state_dir, groups=groups, receive=grants)
 
 
 def _size_limit(field: str) -> tuple[int, str]:
@@ -413,6 +435,54 @@ class FieldReader:
         if spec is None or len(self.problems) > before:
             return None
         return spec
+
+    def duration(self, table: dict[str, Any], field: str, where: str) -> float | None:
+        """Seconds, from a number or a string like "90s", "3m", "1h"."""
+        value = table.get(field)
+        if value is None:
+            return None
+        text = str(value) if isinstance(value, (int, float)) else value
+        units = {"s": 1, "m": 60, "h": 3600}
+        if isinstance(text, str) and text and text[-1] in units:
+            number, unit = text[:-1], units[text[-1]]
+        else:
+            number, unit = str(text), 1
+        try:
+            seconds = float(number) * unit
+        except ValueError:
+            seconds = -1.0
+        if isinstance(value, bool) or not 1 <= seconds <= 86400:
+            self.problem(f"{where}.{field}", f"{value!r} is not a duration of 1s to 24h")
+            return None
+        return seconds
+
+    def grants(self, raw: Any) -> dict[str, ReceiveGrant]:
+        """`[receive.GROUP]` tables: a replica path per device, and optionally a journal."""
+        if not isinstance(raw, dict):
+            self.problem("receive", "must be a table of [receive.GROUP] tables")
+            return {}
+        grants = {}
+        for group, table in raw.items():
+            key = f"receive.{group}"
+            if not self.name(group, key):
+                continue
+            if not isinstance(table, dict):
+                self.problem(key, "must be a table")
+                continue
+            self.unknown(table, {"replica", "journal"}, key)
+            journal = self.path(table, "journal", key, required=False)
+            replicas_raw = table.get("replica")
+            if not isinstance(replicas_raw, dict) or not replicas_raw:
+                self.problem(f"{key}.replica", "missing: a table naming each device's replica")
+                continue
+            replicas = {}
+            for device in replicas_raw:
+                if self.name(device, f"{key}.replica.{device}"):
+                    path = self.path(replicas_raw, device, f"{key}.replica", required=True)
+                    if path is not None:
+                        replicas[device] = path
+            grants[group] = ReceiveGrant(group, replicas, journal)
+        return grants
 
     def device(
         self, group: str, name: str, raw: Any, default_block: int | None

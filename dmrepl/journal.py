@@ -24,7 +24,7 @@ import os
 import stat
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -166,6 +166,34 @@ class Journal:
             length = self._copy_chunks(source)
         else:
             length = self._copy_file(source.fileno(), start)
+        os.fsync(self.fd)
+        return length
+
+    def stage_chunks(
+        self,
+        chunks: Iterable[bytes],
+        *,
+        start: int = 0,
+        checkpoint: Callable[[int], object] = lambda _length: None,
+        every: int = 8 * COPY_CHUNK,
+    ) -> int:
+        """Write a delta stream arriving in chunks into the data area from byte `start` (what
+        an interrupted transfer staged durably before); returns the staged length.
+
+        Every `every` bytes the data is fsynced and `checkpoint(length)` told how much is now
+        durable, so a transfer cut off later can resume from there.
+        """
+        if self.header.state is JournalState.COMMITTED:
+            raise JournalError(f"{self.path}: a committed delta is not applied yet")
+        length, synced = start, start
+        for chunk in chunks:
+            self._check_fits(length + len(chunk))
+            os.pwrite(self.fd, chunk, DATA_OFFSET + length)
+            length += len(chunk)
+            if length - synced >= every:
+                os.fsync(self.fd)
+                checkpoint(length)
+                synced = length
         os.fsync(self.fd)
         return length
 

@@ -6,6 +6,7 @@
     <state>/spool/<group>/resync/<site>~<delta>   a site's own deltas until delivered: a
                                                   resync (the overflow ladder) or a full image
     <state>/journal/<group>.<site>.journal        a blockdev site's default journal
+    <state>/journal/<group>.<site>.staging        a receiver's resume point of a cut-off transfer
     <state>/cow/<group>.<device>.cow              a `-pit` image's COW file while a cut is held
 
 Names only: nothing here creates, opens or checks anything; whoever writes a path makes its
@@ -52,6 +53,10 @@ class StateDir:
     def journal(self, group: str, site: str) -> Path:
         """A blockdev site's journal when its config names none."""
         return self.journals / f"{group}.{site}.journal"
+
+    def staging(self, group: str, site: str) -> Path:
+        """How much of a delta a receiver journaled before its transfer was cut off."""
+        return self.journals / f"{group}.{site}.staging"
 
     @property
     def cow(self) -> Path:

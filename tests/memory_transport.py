@@ -97,5 +97,8 @@ class MemorySite:
     def compare_seeder(self) -> CompareSeeder | None:
         return None
 
+    def close(self) -> None:
+        pass  # nothing held open
+
 
 TRANSPORT = Transport("memory", MemorySiteSpec, MemorySite)

@@ -23,6 +23,7 @@ for _name, _command in (
     ("seed", replication.seed),
     ("run", replication.run),
     ("apply", replication.apply_deltas),
+    ("serve", replication.serve_command),
     ("size", stacks.size),
 ):
     app.command(_name)(_command)

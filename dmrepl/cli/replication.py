@@ -5,6 +5,7 @@ Registered on the app by `dmrepl.cli`, in the order `dmrepl --help` lists them.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,7 @@ from dmrepl.rebuild import apply_dir
 from dmrepl.replication import cycle
 from dmrepl.replication.dryrun import preview
 from dmrepl.replication.loop import parse_interval, run_cycles
+from dmrepl.serve import serve
 from dmrepl.units import format_bytes
 
 
@@ -142,6 +144,39 @@ def run(
     code = run_cycles(one_cycle, seconds, on_error=None if Options.debug else report)
     err.print("stopped", markup=False)
     raise typer.Exit(code)
+
+
+RECEIVER_CONFIG = Path("/etc/dmrepl/receiver.toml")
+
+
+def serve_command(
+    stdio: Annotated[
+        bool, typer.Option("--stdio", help="Speak dmrepl's wire protocol on stdin and stdout.")
+    ] = False,
+    group: Annotated[
+        list[str] | None,
+        typer.Option("--group", help="A group the primary may write here (repeat for more)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help=f"The receiver's grants (default {RECEIVER_CONFIG}, else {DEFAULT_PATH}).",
+        ),
+    ] = None,
+) -> None:
+    """Receive a primary's deltas (the forced command of its key in authorized_keys)."""
+    require_root()
+    if not stdio:
+        raise InvalidInput(
+            "serve listens only on stdin and stdout so far: give --stdio",
+            hint="run it as the forced command of the primary's key: command=\"dmrepl serve "
+            '--stdio --group GROUP",restrict',
+        )
+    path = config or (RECEIVER_CONFIG if RECEIVER_CONFIG.exists() else DEFAULT_PATH)
+    raise typer.Exit(
+        serve(sys.stdin.buffer, sys.stdout.buffer, load_config(path), tuple(group or ()))
+    )
 
 
 def apply_deltas(

@@ -107,7 +107,10 @@ def sync(
         store = StateStore(config.state_dir)
         try:
             cycle = Cycle(runner, config, spec, store, say, progress)
-            return cycle.run(set(seed_sites), target_zeroed)
+            try:
+                return cycle.run(set(seed_sites), target_zeroed)
+            finally:
+                cycle.close()
         finally:
             store.close()
 
@@ -187,6 +190,11 @@ class Cycle:
             spool_bytes=sum(f.size for f in remaining),
             sites=list(self.reports.values()),
         )
+
+    def close(self) -> None:
+        """Close every site's connection (a remote receiver then exits)."""
+        for site in self.sites.values():
+            site.close()
 
     # -- 1. observe (and let each site finish what an interrupted run committed)
 

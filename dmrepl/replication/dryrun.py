@@ -67,10 +67,10 @@ def preview(
     stacks = found.stacks
     require_running(stacks, found.observed)
     state_dir = StateDir(config.state_dir)
+    context = SiteContext.of(stacks, state_dir)
+    sites = {s.name: open_site(s, context) for s in spec.sites}
     store = StateStore.open_readonly(config.state_dir)
     try:
-        context = SiteContext.of(stacks, state_dir)
-        sites = {s.name: open_site(s, context) for s in spec.sites}
         previews, views = [], []
         for name, site in sites.items():
             known = None if store is None else store.site(group, name)
@@ -108,6 +108,8 @@ def preview(
     finally:
         if store is not None:
             store.close()
+        for site in sites.values():
+            site.close()
     cows = {
         s.device.name: s.device.cow or f"<loop device of {cow_file(config.state_dir, s)}>"
         for s in stacks

@@ -98,6 +98,9 @@ class ArchiveSite:
     def compare_seeder(self) -> CompareSeeder | None:
         return None
 
+    def close(self) -> None:
+        pass  # nothing held open
+
     def receive(self, stream: BinaryIO) -> Delivery:
         """Verify the delta while copying it into the directory; keep it only if whole."""
         label = f"delta for site {self.name}"

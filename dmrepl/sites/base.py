@@ -154,3 +154,7 @@ class Receiver(Protocol):
     def compare_seeder(self) -> CompareSeeder | None:
         """This site's compare-mode seeding, or None: it is seeded by receiving a full image."""
         ...
+
+    def close(self) -> None:
+        """Let go of what the site holds open (a connection); it reopens on the next call."""
+        ...

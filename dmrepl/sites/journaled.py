@@ -9,17 +9,19 @@ a site (`check`, `held`, `recorded`) opens nothing for writing and creates nothi
 
 from __future__ import annotations
 
+import json
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, TypeVar
 
-from dmrepl import blockio, delta, phases, safefile
+from dmrepl import blockio, delta, deltafiles, phases, safefile
 from dmrepl.config import FieldReader, SiteSpec
 from dmrepl.journal import (
+    EMPTY_HEADER,
     MISSING_HINT,
     Journal,
     JournalError,
@@ -172,6 +174,58 @@ class JournaledSite:
 
     def compare_seeder(self) -> CompareSeeder | None:
         return self
+
+    def close(self) -> None:
+        pass  # nothing held open
+
+    # -- receiving in chunks, resumable (the receiver of a remote site)
+
+    def staged_so_far(self, seq: int, base: int | None) -> int:
+        """Bytes of the delta from `base` to `seq` an interrupted transfer left journaled
+        durably (0: start from the beginning)."""
+        try:
+            record = json.loads(self._staging_path.read_text())
+            header = self._read_header()
+        except (OSError, ValueError):
+            return 0
+        current = (header or EMPTY_HEADER).generation
+        started = (record.get("seq"), record.get("base"), record.get("generation"))
+        if started != (seq, base, current):
+            return 0
+        length = record.get("length")
+        return length if isinstance(length, int) and length > 0 else 0
+
+    def receive_chunks(
+        self, chunks: Iterable[bytes], *, seq: int, base: int | None, start: int = 0
+    ) -> Delivery:
+        """Journal a delta arriving in chunks, from byte `start` (see `staged_so_far`), then
+        verify, commit and apply it as `receive` does."""
+        with self._open_journal() as journal:
+            generation = journal.header.generation
+            safefile.private_dir(
+                self._staging_path.parent, what="state_dir", strict_from=self.state_dir.root
+            )
+
+            def checkpoint(length: int) -> None:
+                record = {"seq": seq, "base": base, "generation": generation, "length": length}
+                deltafiles.write_durably(
+                    self._staging_path.parent,
+                    self._staging_path.name,
+                    lambda out: out.write(json.dumps(record).encode()),
+                )
+
+            phases.reached("journal-write")
+            length = self._guard(
+                lambda: journal.stage_chunks(chunks, start=start, checkpoint=checkpoint)
+            )
+            _, summary = self._guard(lambda: journal.commit(length, accept=self._check_header))
+            self._staging_path.unlink(missing_ok=True)
+            phases.reached("journal-committed")
+            return self._apply(journal, summary)
+
+    @property
+    def _staging_path(self) -> Path:
+        return self.state_dir.staging(self._spec.group, self._spec.name)
 
     def seed(
         self, images: Mapping[str, str], *, target_zeroed: bool, progress: Progress

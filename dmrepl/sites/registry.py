@@ -14,6 +14,7 @@ from dmrepl.config import SiteSpec
 from dmrepl.sites.archive import ArchiveSite, DirSiteSpec
 from dmrepl.sites.base import Receiver, SiteContext
 from dmrepl.sites.journaled import BlockdevSiteSpec, JournaledSite
+from dmrepl.sites.remote import RemoteSite, SshSiteSpec
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Transport:
 TRANSPORTS: dict[str, Transport] = {
     "blockdev": Transport("blockdev", BlockdevSiteSpec, JournaledSite),
     "dir": Transport("dir", DirSiteSpec, ArchiveSite),
+    "ssh": Transport("ssh", SshSiteSpec, RemoteSite),
 }
 
 

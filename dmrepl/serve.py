@@ -1,0 +1,181 @@
+"""`dmrepl serve --stdio`: the receiver at a remote site, speaking dmrepl.wire on stdin/stdout.
+
+Meant as the forced command of the primary's key in `authorized_keys`
+(`command="dmrepl serve --stdio --group db",restrict`). It writes only what this host's
+own configuration grants (`[receive.GROUP]`: a replica per device, a journal), and only the
+groups its command line names; everything else is refused with a message the primary shows.
+Deltas go through this host's journal exactly as at a local `blockdev` site, so the replicas
+here always hold one cut, whatever dies when; a transfer cut off mid-delta resumes from what
+was journaled durably.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+
+from dmrepl import delta, wire
+from dmrepl.config import Config, ReceiveGrant
+from dmrepl.errors import DmreplError
+from dmrepl.sites import Delivery, RecordUnreadable, SiteContext, SiteFailure, SiteState
+from dmrepl.sites.journaled import BlockdevSiteSpec, JournaledSite
+from dmrepl.statedir import StateDir
+
+KEEPALIVE_S = 2.0
+
+
+class Refused(DmreplError):
+    """The primary asked for something this receiver does not grant."""
+
+
+def serve(reader: BinaryIO, writer: BinaryIO, config: Config, groups: tuple[str, ...]) -> int:
+    """Answer one primary until it says goodbye or the pipe closes; the exit code."""
+    channel = wire.Channel(reader, writer, peer="the primary")
+    hello = channel.receive(eof_ok=True)
+    if hello is None:
+        return 0
+    try:
+        site = _accept(hello, config, groups)
+    except (Refused, SiteFailure) as exc:
+        channel.send(_failure(exc))
+        return int(exc.exit_code)
+    channel.send({"ok": True, "protocol": wire.PROTOCOL, "receiver": socket.gethostname()})
+    while (request := channel.receive(eof_ok=True)) is not None:
+        if request.get("op") == "bye":
+            channel.send({"ok": True})
+            break
+        with _keepalive(channel):
+            reply = _answer(site, request, channel)
+        channel.send(reply)
+    return 0
+
+
+def _accept(hello: dict[str, Any], config: Config, groups: tuple[str, ...]) -> JournaledSite:
+    """Check the hello against this host's grants; the journaled site it may write."""
+    if hello.get("op") != "hello" or hello.get("protocol") != wire.PROTOCOL:
+        raise Refused(
+            f"the primary speaks protocol {hello.get('protocol')!r}; this receiver speaks "
+            f"{wire.PROTOCOL}",
+            hint="run the same dmrepl version on both hosts",
+        )
+    group, site_name = hello.get("group"), hello.get("site")
+    if not isinstance(group, str) or not isinstance(site_name, str):
+        raise Refused("the hello names no group or site")
+    if group not in groups:
+        allowed = ", ".join(groups) or "none"
+        raise Refused(
+            f"this key may write group(s) {allowed}, not {group}",
+            hint="the forced command in the receiver's authorized_keys names the groups",
+        )
+    grant = config.receive.get(group)
+    if grant is None:
+        raise Refused(
+            f"this receiver's configuration ({config.path}) grants nothing for group {group}",
+            hint=f"add a [receive.{group}] table naming each device's replica",
+        )
+    devices = _devices(hello.get("devices"))
+    _check_replicas(grant, devices, hello.get("replicas"))
+    spec = BlockdevSiteSpec(
+        group, site_name, "blockdev", "asynchronous", grant.replicas, grant.journal
+    )
+    return JournaledSite(spec, SiteContext(devices, StateDir(config.state_dir)))
+
+
+def _devices(raw: object) -> dict[str, int]:
+    if not isinstance(raw, list) or not all(
+        isinstance(d, list) and len(d) == 2 and isinstance(d[0], str) and isinstance(d[1], int)
+        for d in raw
+    ):
+        raise Refused("the hello's device list is not [[name, sectors], ...]")
+    return {name: sectors for name, sectors in raw}
+
+
+def _check_replicas(grant: ReceiveGrant, devices: dict[str, int], asked: object) -> None:
+    if set(devices) != set(grant.replicas):
+        raise Refused(
+            f"group {grant.group} has devices {', '.join(devices)} at the primary; this receiver "
+            f"grants replicas of {', '.join(grant.replicas)}",
+            hint=f"make [receive.{grant.group}.replica] name exactly the group's devices",
+        )
+    if asked is not None and asked != grant.replicas:
+        raise Refused(
+            f"the primary asks to write {asked}; this receiver grants {grant.replicas}",
+            hint="make the site's replica paths at the primary those of [receive."
+            f"{grant.group}.replica] here",
+        )
+
+
+def _answer(site: JournaledSite, request: dict[str, Any], channel: wire.Channel) -> dict[str, Any]:
+    """Carry out one request; failures are replies, never exceptions (but the pipe's)."""
+    op = request.get("op")
+    try:
+        if op == "check":
+            site.check()
+            return {"ok": True}
+        if op == "held":
+            return {"ok": True, "held": site.held()}
+        if op == "recorded":
+            try:
+                return {"ok": True, "recorded": site.recorded()}
+            except RecordUnreadable as exc:
+                return {"ok": False, "unreadable": True, "message": str(exc)}
+        if op == "recover":
+            return {"ok": True, "delivery": _delivery(site.recover())}
+        if op == "receive":
+            return _receive(site, request, channel)
+        if op == "mark_seeded":
+            site.mark_seeded(int(request["seq"]))
+            return {"ok": True}
+        return {"ok": False, "state": str(SiteState.MISCONFIGURED), "transient": False,
+                "message": f"unknown request {op!r}"}  # fmt: skip
+    except SiteFailure as exc:
+        return _failure(exc)
+    except delta.CorruptDelta as exc:
+        return {"ok": False, "corrupt": True, "message": exc.message}
+
+
+def _receive(site: JournaledSite, request: dict[str, Any], channel: wire.Channel) -> dict[str, Any]:
+    seq, base = request.get("seq"), request.get("base")
+    if not isinstance(seq, int) or not (base is None or isinstance(base, int)):
+        raise wire.WireError("a receive request without its cut numbers")
+    start = site.staged_so_far(seq, base)
+    channel.send({"ok": True, "resume_from": start})
+    delivery = site.receive_chunks(channel.data(), seq=seq, base=base, start=start)
+    return {"ok": True, "delivery": _delivery(delivery)}
+
+
+def _delivery(delivery: Delivery | None) -> dict[str, Any] | None:
+    if delivery is None:
+        return None
+    return {"seq": delivery.seq, "base": delivery.base_seq, "data_bytes": delivery.data_bytes}
+
+
+def _failure(exc: DmreplError) -> dict[str, Any]:
+    state = exc.state if isinstance(exc, SiteFailure) else SiteState.MISCONFIGURED
+    transient = exc.transient if isinstance(exc, SiteFailure) else False
+    return {"ok": False, "state": str(state), "transient": transient, "message": exc.message,
+            "hint": exc.hint}  # fmt: skip
+
+
+@contextmanager
+def _keepalive(channel: wire.Channel) -> Iterator[None]:
+    """Tell the primary every few seconds that a long request (an apply) is still going."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(KEEPALIVE_S):
+            try:
+                channel.keepalive()
+            except wire.WireError:
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

@@ -1,0 +1,222 @@
+"""The ssh transport end to end on one host: a stand-in `ssh` runs `dmrepl serve --stdio` as a
+forced command would (it ignores the host and command it is given), and the receiver writes
+replica files through its own journal."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dmrepl import delta, wire
+from dmrepl.sites import ReplicaMismatch, SiteContext, SiteDown
+from dmrepl.sites.remote import RemoteSite, SshSiteSpec
+from dmrepl.statedir import StateDir
+
+ROOT = Path(__file__).resolve().parents[2]
+SECTORS = 64 * 2048  # 64 MiB
+
+
+def make_delta(seq: int, base: int | None, writes: list[tuple[int, bytes]]) -> bytes:
+    header = delta.DeltaHeader(
+        group="g",
+        seq=seq,
+        base_seq=base,
+        devices=(delta.DeltaDevice("d", SECTORS, None if base is None else base + 1, seq),),
+        created=0.0,
+    )
+    out = io.BytesIO()
+    writer = delta.DeltaWriter(out, header)
+    for offset, data in writes:
+        writer.add(0, offset, data)
+    writer.finish()
+    return out.getvalue()
+
+
+class Host:
+    """The "DR host": a receiver config, a replica file, and a stand-in ssh reaching it."""
+
+    def __init__(self, root: Path, granted_group: str = "g", *, body: str | None = None):
+        self.root = root
+        root.mkdir(mode=0o700)
+        self.replica = root / "replica.img"
+        self.replica.write_bytes(b"")
+        os.truncate(self.replica, SECTORS * 512)
+        self.config = root / "receiver.toml"
+        self.config.write_text(
+            f'[dmrepl]\nstate_dir = "{root / "state"}"\n[receive.g.replica]\nd = "{self.replica}"\n'
+        )
+        self.ssh = root / "ssh"
+        forced = (
+            f"PYTHONPATH={ROOT} exec {sys.executable} -m dmrepl serve --stdio "
+            f"--group {granted_group} --config {self.config}"
+        )
+        self.ssh.write_text(f"#!/bin/sh\n{body or forced}\n")
+        self.ssh.chmod(0o755)
+
+    def site(self, tmp_path: Path, **changes: object) -> RemoteSite:
+        fields: dict[str, object] = dict(
+            group="g", name="dr", transport="ssh", policy="asynchronous", host="drhost",
+            user=None, port=None, identity=None, ssh_options=(), ssh=str(self.ssh),
+            replicas={"d": str(self.replica)}, codec=wire.Codec.ZSTD, level=3,
+            rate_bytes=None, stall_s=30.0,
+        )  # fmt: skip
+        fields.update(changes)
+        spec = SshSiteSpec(**fields)  # type: ignore[arg-type]
+        return RemoteSite(spec, SiteContext({"d": SECTORS}, StateDir(tmp_path / "primary")))
+
+    def image(self, offset_sectors: int, length: int) -> bytes:
+        with self.replica.open("rb") as f:
+            f.seek(offset_sectors * 512)
+            return f.read(length)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(tmp_path / "dr")
+
+
+def test_deltas_cross_to_the_receiver_and_land_through_its_journal(
+    host: Host, tmp_path: Path
+) -> None:
+    site = host.site(tmp_path)
+    try:
+        assert site.held() is None and site.recorded() is None and site.recover() is None
+        site.receive(io.BytesIO(make_delta(1, None, [(0, b"a" * 4096)])))
+        delivered = site.receive(io.BytesIO(make_delta(2, 1, [(8, b"b" * 512)])))
+        assert (delivered.seq, delivered.base_seq, delivered.data_bytes) == (2, 1, 512)
+        assert site.held() == 2 and site.recorded() == 2
+    finally:
+        site.close()
+    assert host.image(0, 8192) == b"a" * 4096 + b"b" * 512 + bytes(3584)
+    assert (host.root / "state" / "journal" / "g.dr.journal").is_file()
+    assert not (tmp_path / "primary").exists()  # the primary keeps nothing for it
+
+
+def test_a_key_for_another_group_is_refused(tmp_path: Path) -> None:
+    host = Host(tmp_path / "dr", granted_group="other")
+    site = host.site(tmp_path)
+    with pytest.raises(ReplicaMismatch, match=r"may write group\(s\) other, not g"):
+        site.check()
+    assert host.image(0, 4096) == bytes(4096)
+
+
+def test_a_replica_path_not_granted_is_refused(host: Host, tmp_path: Path) -> None:
+    site = host.site(tmp_path, replicas={"d": "/dev/sda"})
+    with pytest.raises(ReplicaMismatch, match=r"asks to write .*/dev/sda.*grants"):
+        site.held()
+
+
+def test_a_protocol_version_mismatch_is_refused(
+    host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wire, "PROTOCOL", 99)
+    with pytest.raises(ReplicaMismatch, match="speaks protocol 99; this receiver speaks 1"):
+        host.site(tmp_path).held()
+
+
+def test_a_damaged_stream_is_refused_and_nothing_is_written(host: Host, tmp_path: Path) -> None:
+    data = bytearray(make_delta(1, None, [(0, b"c" * 8192)]))
+    data[-200] ^= 1
+    site = host.site(tmp_path)
+    try:
+        with pytest.raises(delta.CorruptDelta, match="corrupt delta"):
+            site.receive(io.BytesIO(bytes(data)))
+        assert site.held() is None
+    finally:
+        site.close()
+    assert host.image(0, 8192) == bytes(8192)
+
+
+class BreaksAfter(io.RawIOBase):
+    """A stream that fails after `limit` bytes, as a link dropping mid-transfer would."""
+
+    def __init__(self, data: bytes, limit: int):
+        self.data, self.limit, self.pos = data, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.pos >= self.limit:
+            raise ConnectionResetError("link dropped")
+        size = min(len(buffer), self.limit - self.pos, len(self.data) - self.pos)
+        memoryview(buffer)[:size] = self.data[self.pos : self.pos + size]
+        self.pos += size
+        return size
+
+
+def test_a_transfer_cut_off_resumes_from_what_the_receiver_journaled(
+    host: Host, tmp_path: Path
+) -> None:
+    payload = os.urandom(20 << 20)  # incompressible: 20 MiB on the wire
+    data = make_delta(1, None, [(0, payload)])
+    site = host.site(tmp_path)
+    with pytest.raises(ConnectionResetError):
+        site.receive(BreaksAfter(data, 18 << 20))  # type: ignore[arg-type]
+    delivered = site.receive(io.BytesIO(data))
+    transfer = site.last_transfer
+    site.close()
+    assert delivered.seq == 1 and transfer is not None
+    # the receiver's last checkpoint (every 8 MiB), past the delta's header
+    assert 16 << 20 < transfer.resumed_from < (16 << 20) + 4096
+    assert transfer.stream_bytes == len(data) - transfer.resumed_from
+    assert host.image(0, len(payload)) == payload
+
+
+def test_compression_shrinks_what_crosses_the_wire(host: Host, tmp_path: Path) -> None:
+    data = make_delta(1, None, [(0, b"compressible " * 81_920)])
+    sent = {}
+    for codec in (wire.Codec.RAW, wire.Codec.ZSTD, wire.Codec.LZ4):
+        site = host.site(tmp_path, codec=codec, level=1)
+        site.receive(io.BytesIO(data))
+        site.close()
+        assert site.last_transfer is not None
+        sent[codec] = site.last_transfer.wire_bytes
+    assert sent[wire.Codec.RAW] > len(data)  # one codec byte a frame
+    assert sent[wire.Codec.ZSTD] < len(data) / 20 and sent[wire.Codec.LZ4] < len(data) / 10
+
+
+def test_a_link_that_moves_nothing_is_down_within_the_stall_timeout(tmp_path: Path) -> None:
+    host = Host(tmp_path / "dr", body="exec sleep 60")
+    site = host.site(tmp_path, stall_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(SiteDown, match=r"no progress for 1 s \(stall_timeout\)"):
+        site.check()
+    assert time.monotonic() - started < 5
+
+
+def test_ssh_failing_is_down_with_what_ssh_said(tmp_path: Path) -> None:
+    said = "ssh: connect to host drhost port 22: Connection refused"
+    host = Host(tmp_path / "dr", body=f"echo '{said}' >&2; exit 255")
+    with pytest.raises(SiteDown, match=f"ssh to drhost failed: {said}"):
+        host.site(tmp_path).check()
+
+
+def test_the_ssh_command_line(host: Host, tmp_path: Path) -> None:
+    spec = host.site(
+        tmp_path, user="repl", port=2222, identity="/root/.ssh/dr", ssh_options=("-4",)
+    ).spec
+    assert spec.argv() == [
+        str(host.ssh), "-T", "-o", "BatchMode=yes", "-p", "2222", "-i", "/root/.ssh/dr",
+        "-l", "repl", "-4", "drhost", "dmrepl", "serve", "--stdio", "--group", "g",
+    ]  # fmt: skip
+
+
+def test_token_bucket_holds_the_rate() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    bucket = wire.TokenBucket(1_000_000, clock=lambda: now[0], sleep=sleep)
+    for _ in range(40):
+        bucket.take(100_000)  # 4 MB at 1 MB/s
+    assert 3.7 <= now[0] <= 4.0  # less the initial burst of 0.25 s
+    assert max(slept) <= 1.0
