@@ -311,7 +311,7 @@ CONFIGURATION = [
         "C15",
         ("check-config",),
         ERR.CONFIG,
-        "group.db.site.dr.transport: 'ssh' is not one of blockdev, dir",
+        "group.db.site.dr.policy: 'sync' is not one of asynchronous, synchronous, stall",
         GOOD.replace('transport = "blockdev"', 'transport = "ssh"\npolicy = "sync"'),
     ),
     Case(
@@ -552,7 +552,7 @@ FIXED_AFTER_THE_REPORT = [
         "C15c",
         ("check-config",),
         ERR.CONFIG,
-        "group.db.site.dr.transport: missing (one of blockdev, dir)",
+        "group.db.site.dr.transport: missing (one of blockdev, dir, ssh)",
         GOOD.replace('transport = "blockdev"\n', ""),
     ),
     # apply as nobody onto a root-owned 0644 target was a PermissionError traceback (exit 1);

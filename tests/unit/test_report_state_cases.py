@@ -506,6 +506,9 @@ def _full_mid_cycle(w: Path, stack: contextlib.ExitStack) -> None:
         def run(self, *_args: object) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
 
+        def close(self) -> None:
+            pass
+
     patch = stack.enter_context(pytest.MonkeyPatch.context())
     patch.setattr(cycle, "Cycle", Cycle)
 
