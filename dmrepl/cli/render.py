@@ -215,6 +215,18 @@ def render_sync(result: SyncResult) -> None:
         shipped = sum(d.data_bytes for d in site.delivered)
         cuts = ", ".join(str(d.seq) for d in site.delivered)
         what = f"applied cuts {cuts} ({format_bytes(shipped)})" if cuts else "nothing applied"
+        moved = [d.transfer for d in site.delivered if d.transfer is not None]
+        if moved:
+            sent = sum(t.stream_bytes for t in moved)
+            wire = sum(t.wire_bytes for t in moved)
+            seconds = sum(t.seconds for t in moved)
+            resumed = sum(t.resumed_from for t in moved)
+            what += (
+                f"; sent {format_bytes(sent)} as {format_bytes(wire)} on the wire in "
+                f"{seconds:.1f} s"
+            )
+            if resumed:
+                what += f", resumed past {format_bytes(resumed)} received before"
         if site.seeded is not None:
             what = (
                 f"seeded: {format_bytes(site.seeded.written)} written of "

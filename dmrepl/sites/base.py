@@ -88,6 +88,17 @@ class Delivery:
     seq: int
     base_seq: int | None
     data_bytes: int
+    transfer: Transfer | None = None  # how it crossed a network, for remote sites
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """How a delta crossed the wire: where it resumed, stream and wire bytes sent, time."""
+
+    resumed_from: int  # bytes of the delta the receiver already had from a cut-off transfer
+    stream_bytes: int  # bytes of the delta sent this time
+    wire_bytes: int  # what they took on the wire, compressed
+    seconds: float
 
 
 @dataclass(frozen=True)

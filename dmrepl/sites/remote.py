@@ -11,6 +11,7 @@ the receiver journaled durably. A stall watchdog kills a connection that moves n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import subprocess
 import tempfile
@@ -32,6 +33,7 @@ from dmrepl.sites.base import (
     SiteDown,
     SiteFailure,
     SiteState,
+    Transfer,
 )
 
 DEFAULT_STALL_S = 180.0
@@ -321,7 +323,7 @@ class RemoteSite:
         self.last_transfer = Transfer(
             skip, compressor.raw_bytes, compressor.wire_bytes, time.monotonic() - started
         )
-        return delivered
+        return dataclasses.replace(delivered, transfer=self.last_transfer)
 
     def close(self) -> None:
         if self._session is not None:
@@ -329,16 +331,6 @@ class RemoteSite:
                 self._session.request({"op": "bye"})
             self._session.close()
             self._session = None
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """What the last `receive` moved: bytes resumed past, stream bytes sent, wire bytes."""
-
-    resumed_from: int
-    stream_bytes: int
-    wire_bytes: int
-    seconds: float
 
 
 def _delivery(raw: Any) -> Delivery | None:
