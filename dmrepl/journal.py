@@ -248,6 +248,11 @@ class Journal:
     def mark_applied(self, seq: int) -> None:
         self._write_header(JournalState.APPLIED, seq, 0)
 
+    def mark_unknown(self) -> None:
+        """The replicas hold no cut (they are about to be overwritten by a seed)."""
+        if self.header.state is not JournalState.IDLE:
+            self._write_header(JournalState.IDLE, 0, 0)
+
 
 def _regular_file_position(source: BinaryIO) -> int | None:
     """Where a stream backed by a regular file stands (None: not such a stream)."""

@@ -230,7 +230,11 @@ class JournaledSite:
     def seed(
         self, images: Mapping[str, str], *, target_zeroed: bool, progress: Progress
     ) -> blockio.CopyStats:
-        """Copy the cut's images (device -> `-pit` path) onto the replicas, compare mode."""
+        """Copy the cut's images (device -> `-pit` path) onto the replicas, compare mode.
+
+        The journal first stops naming the cut the replicas held: a seed cut short leaves
+        them holding none (and seeded again), never a cut they no longer hold."""
+        self.forget_held()
         total = blockio.CopyStats()
         try:
             with ExitStack() as fds:
@@ -249,6 +253,13 @@ class JournaledSite:
         except OSError as exc:
             raise SiteDown(f"site {self.name}: seeding failed: {exc.strerror or exc}") from None
         return total
+
+    def forget_held(self) -> None:
+        """Make the journal name no cut (before the replicas are overwritten wholesale)."""
+        header = self._read_header()
+        if header is not None and header.state is not JournalState.IDLE:
+            with self._open_journal() as journal:
+                self._guard(journal.mark_unknown)
 
     def mark_seeded(self, seq: int) -> None:
         """The replicas now hold cut `seq` (once the cut's images were confirmed intact)."""

@@ -292,3 +292,24 @@ def test_a_spool_file_too_big_for_the_journal_device_is_refused(
         with pytest.raises(JournalError, match="does not fit the journal device"):
             journal.stage(source)
         assert os.fstat(journal.fd).st_size <= 2 * SLOT_BYTES  # nothing was copied
+
+
+def test_a_reseed_cut_short_leaves_the_site_holding_no_cut(
+    site: JournaledSite, tmp_path: Path
+) -> None:
+    """Review finding: a seed overwrites replicas that the journal says hold a cut; killed
+    midway, the next run must not believe they still hold it."""
+    site.receive(io.BytesIO(make_delta(1, None, [(0, b"x" * 512)])))
+    assert site.held() == 1
+    image = tmp_path / "image.img"
+    image.write_bytes(b"n" * DEVICE_BYTES)
+
+    def killed(_done: int) -> None:
+        raise KeyboardInterrupt  # the process dies after the first chunk
+
+    with pytest.raises(KeyboardInterrupt):
+        site.seed({"d": str(image)}, target_zeroed=False, progress=killed)
+    assert site.held() is None and site.recorded() is None
+    site.seed({"d": str(image)}, target_zeroed=False, progress=lambda _done: None)
+    site.mark_seeded(5)
+    assert site.held() == 5 and replica_bytes(site) == b"n" * DEVICE_BYTES
