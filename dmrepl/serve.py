@@ -126,6 +126,12 @@ def _answer(site: JournaledSite, request: dict[str, Any], channel: wire.Channel)
             return {"ok": True, "delivery": _delivery(site.recover())}
         if op == "receive":
             return _receive(site, request, channel)
+        if op == "hashes":
+            return _hashes(site, request, channel)
+        if op == "seed_write":
+            channel.send({"ok": True})
+            written = site.write_seed(wire.StreamReader(channel.data()))  # type: ignore[arg-type]
+            return {"ok": True, "written": written}
         if op == "mark_seeded":
             site.mark_seeded(int(request["seq"]))
             return {"ok": True}
@@ -145,6 +151,23 @@ def _receive(site: JournaledSite, request: dict[str, Any], channel: wire.Channel
     channel.send({"ok": True, "resume_from": start})
     delivery = site.receive_chunks(channel.data(), seq=seq, base=base, start=start)
     return {"ok": True, "delivery": _delivery(delivery)}
+
+
+def _hashes(site: JournaledSite, request: dict[str, Any], channel: wire.Channel) -> dict[str, Any]:
+    chunk = request.get("chunk")
+    if not isinstance(chunk, int) or not 4096 <= chunk <= wire.STREAM_CHUNK or chunk % 4096:
+        raise wire.WireError(f"a hashes request with chunk {chunk!r}")
+    channel.send({"ok": True})
+    pending = bytearray()
+    for digest in site.chunk_digests(chunk):
+        pending += digest
+        if len(pending) >= wire.STREAM_CHUNK:
+            channel.send_data(wire.Codec.RAW, bytes(pending))
+            pending.clear()
+    if pending:
+        channel.send_data(wire.Codec.RAW, bytes(pending))
+    channel.end_data()
+    return {"ok": True}
 
 
 def _delivery(delivery: Delivery | None) -> dict[str, Any] | None:

@@ -225,3 +225,53 @@ class TokenBucket:
             wait -= step
         self.tokens = 0.0
         self.last = self.clock()
+
+
+class StreamReader:
+    """A file-like reader over the byte chunks of a data stream (what `Channel.data` yields)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self.chunks = chunks
+        self.pending = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self.pending) < size:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                break
+            self.pending += chunk
+        if size < 0:
+            size = len(self.pending)
+        data, self.pending = self.pending[:size], self.pending[size:]
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
+
+
+class FrameSink:
+    """A file-like writer that sends what is written as compressed data frames, under a cap."""
+
+    def __init__(self, channel: Channel, compressor: Compressor, bucket: TokenBucket | None):
+        self.channel, self.compressor, self.bucket = channel, compressor, bucket
+        self.pending = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.pending += data
+        while len(self.pending) >= STREAM_CHUNK:
+            self._send(bytes(self.pending[:STREAM_CHUNK]))
+            del self.pending[:STREAM_CHUNK]
+        return len(data)
+
+    def flush(self) -> None:
+        if self.pending:
+            self._send(bytes(self.pending))
+            self.pending.clear()
+
+    def _send(self, chunk: bytes) -> None:
+        codec, payload = self.compressor.encode(chunk)
+        if self.bucket is not None:
+            self.bucket.take(len(payload))
+        self.channel.send_data(codec, payload)

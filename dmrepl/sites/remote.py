@@ -13,19 +13,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, ClassVar
 
-from dmrepl import delta, wire
+import xxhash
+
+from dmrepl import blockio, delta, wire
 from dmrepl.config import FieldReader, SiteSpec
 from dmrepl.sites.base import (
     CompareSeeder,
     Delivery,
+    Progress,
     RecordUnreadable,
     ReplicaMismatch,
     SiteBroken,
@@ -289,7 +293,84 @@ class RemoteSite:
         return _delivery(self._request({"op": "recover"}).get("delivery"))
 
     def compare_seeder(self) -> CompareSeeder | None:
-        return None
+        return self
+
+    def seed(
+        self, images: Mapping[str, str], *, target_zeroed: bool, progress: Progress
+    ) -> blockio.CopyStats:
+        """Seed over the network: the receiver sends a digest of each chunk of its replicas
+        and only chunks whose digest differs from the cut's image cross the link (on a
+        zeroed target nothing is hashed and all-zero chunks are skipped)."""
+        session = self._connected()
+        chunk = blockio.CHUNK_BYTES
+        theirs = b""
+        try:
+            if not target_zeroed:
+                self._request({"op": "hashes", "chunk": chunk})
+                theirs = b"".join(session.channel.data())
+                session.checked(_reply(session.channel))
+            self._request({"op": "seed_write"})
+            compressor = wire.Compressor(self._spec.codec, self._spec.level)
+            sink = wire.FrameSink(session.channel, compressor, self._bucket(session))
+            stats = self._send_differing(sink, images, theirs, chunk, target_zeroed, progress)
+            sink.flush()
+            session.channel.end_data()
+            session.checked(_reply(session.channel))
+        except wire.WireError as exc:
+            self._session = None
+            raise session.lost(exc) from None
+        except BaseException:
+            self._session = None
+            session.close()
+            raise
+        return stats
+
+    def _send_differing(
+        self,
+        sink: wire.FrameSink,
+        images: Mapping[str, str],
+        theirs: bytes,
+        chunk: int,
+        target_zeroed: bool,
+        progress: Progress,
+    ) -> blockio.CopyStats:
+        """Read each image chunk by chunk; send (as a seed delta) those that differ."""
+        header = delta.DeltaHeader(
+            group=self._spec.group, seq=0, base_seq=None, created=time.time(),
+            devices=tuple(delta.DeltaDevice(d, n, None, 0) for d, n in self.devices.items()),
+        )  # fmt: skip
+        writer = delta.DeltaWriter(sink, header)  # type: ignore[arg-type]
+        stats = blockio.CopyStats()
+        index = 0
+        for number, (device, sectors) in enumerate(self.devices.items()):
+            fd = os.open(images[device], os.O_RDONLY)
+            try:
+                for offset in range(0, sectors * 512, chunk):
+                    data = os.pread(fd, chunk, offset)
+                    if target_zeroed:
+                        same = not any(data)
+                        stats.zero_skipped += len(data) if same else 0
+                    else:
+                        mine = xxhash.xxh3_64_digest(data)
+                        same = mine == theirs[index * 8 : index * 8 + 8]
+                        stats.equal += len(data) if same else 0
+                    index += 1
+                    if not same:
+                        writer.add(number, offset // 512, data)
+                        stats.written += len(data)
+                    stats.compared += len(data)
+                    progress(len(data))
+            finally:
+                os.close(fd)
+        writer.finish()
+        return stats
+
+    def mark_seeded(self, seq: int) -> None:
+        self._request({"op": "mark_seeded", "seq": seq})
+
+    def _bucket(self, session: _Session) -> wire.TokenBucket | None:
+        rate = self._spec.rate_bytes
+        return None if rate is None else wire.TokenBucket(rate, waiting=session.watchdog.progress)
 
     def receive(self, stream: BinaryIO) -> Delivery:
         """Stream one delta; resume where an earlier, cut-off transfer of it stopped."""
@@ -300,8 +381,7 @@ class RemoteSite:
         reply = self._request({"op": "receive", "seq": header.seq, "base": header.base_seq})
         skip = int(reply.get("resume_from", 0))
         compressor = wire.Compressor(self._spec.codec, self._spec.level)
-        rate = self._spec.rate_bytes
-        bucket = None if rate is None else wire.TokenBucket(rate, waiting=session.watchdog.progress)
+        bucket = self._bucket(session)
         try:
             for chunk in _chunks(recorder.consumed, stream, skip):
                 codec, payload = compressor.encode(chunk)
@@ -331,6 +411,12 @@ class RemoteSite:
                 self._session.request({"op": "bye"})
             self._session.close()
             self._session = None
+
+
+def _reply(channel: wire.Channel) -> dict[str, Any]:
+    reply = channel.receive()
+    assert reply is not None
+    return reply
 
 
 def _delivery(raw: Any) -> Delivery | None:

@@ -220,3 +220,49 @@ def test_token_bucket_holds_the_rate() -> None:
         bucket.take(100_000)  # 4 MB at 1 MB/s
     assert 3.7 <= now[0] <= 4.0  # less the initial burst of 0.25 s
     assert max(slept) <= 1.0
+
+
+def test_seeding_sends_only_the_chunks_whose_digests_differ(host: Host, tmp_path: Path) -> None:
+    image = tmp_path / "pit.img"
+    content = bytearray(os.urandom(SECTORS * 512))
+    image.write_bytes(content)
+    with host.replica.open("r+b") as replica:  # the replica already holds most of it
+        replica.write(content)
+        for chunk in (3, 40):
+            replica.seek(chunk << 20)
+            replica.write(b"\0" * 4096)
+    site = host.site(tmp_path, codec=wire.Codec.RAW)
+    try:
+        site.receive(io.BytesIO(make_delta(1, None, [(0, b"x" * 512)])))  # it held cut 1
+        content[:512] = b"x" * 512
+        image.write_bytes(content)
+        seeder = site.compare_seeder()
+        assert seeder is not None
+        done: list[int] = []
+        stats = seeder.seed({"d": str(image)}, target_zeroed=False, progress=done.append)
+        assert site.held() is None  # between the seed and its mark, the site holds no cut
+        seeder.mark_seeded(7)
+        assert site.held() == 7
+    finally:
+        site.close()
+    assert (stats.written, stats.compared, sum(done)) == (2 << 20, SECTORS * 512, SECTORS * 512)
+    assert stats.equal == SECTORS * 512 - (2 << 20)
+    assert host.replica.read_bytes() == bytes(content)
+
+
+def test_seeding_a_zeroed_target_hashes_nothing_and_skips_zero_chunks(
+    host: Host, tmp_path: Path
+) -> None:
+    image = tmp_path / "pit.img"
+    image.write_bytes(b"")
+    os.truncate(image, SECTORS * 512)
+    with image.open("r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"data" * 1024)
+    site = host.site(tmp_path)
+    seeder = site.compare_seeder()
+    assert seeder is not None
+    stats = seeder.seed({"d": str(image)}, target_zeroed=True, progress=lambda _n: None)
+    site.close()
+    assert (stats.written, stats.zero_skipped) == (1 << 20, SECTORS * 512 - (1 << 20))
+    assert host.image(5 * 2048, 4096) == b"data" * 1024
