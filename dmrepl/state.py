@@ -78,6 +78,18 @@ class CutRecord:
 
 
 @dataclass(frozen=True)
+class TransferRecord:
+    """The last delta sent to a remote site: when, which cut, and how it crossed the wire."""
+
+    time: float
+    seq: int
+    resumed_from: int
+    stream_bytes: int
+    wire_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class SiteRecord:
     """What the primary knows of a site: its cursor and how the last attempt went."""
 
@@ -95,6 +107,20 @@ _CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
 # A reader finding a hot rollback journal (a writer died mid-transaction) it may not roll back.
 _READONLY_ROLLBACK = 776  # SQLITE_READONLY_ROLLBACK
 _TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
+# Added later: a store without it is still whole (the last transfer is simply unknown).
+TRANSFERS = """
+CREATE TABLE IF NOT EXISTS transfers (
+    grp TEXT NOT NULL,
+    site TEXT NOT NULL,
+    time REAL NOT NULL,
+    seq INTEGER NOT NULL,
+    resumed_from INTEGER NOT NULL,
+    stream_bytes INTEGER NOT NULL,
+    wire_bytes INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    PRIMARY KEY (grp, site)
+);
+"""
 
 
 class StateStoreError(DmreplError):
@@ -222,7 +248,7 @@ class StateStore:
         db = sqlite3.connect(self.path)
         try:
             _quick_check(db)
-            db.executescript(SCHEMA)
+            db.executescript(SCHEMA + TRANSFERS)
         except BaseException:
             db.close()
             raise
@@ -325,6 +351,27 @@ class StateStore:
                 "detail = '', checked = excluded.checked",
                 (group, site, seq, now, state, now),
             )
+
+    def record_transfer(self, group: str, site: str, transfer: TransferRecord) -> None:
+        """How the last delta reached a remote site (its throughput and compression)."""
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO transfers (grp, site, time, seq, resumed_from, "
+                "stream_bytes, wire_bytes, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (group, site, transfer.time, transfer.seq, transfer.resumed_from,
+                 transfer.stream_bytes, transfer.wire_bytes, transfer.seconds),
+            )  # fmt: skip
+
+    def last_transfer(self, group: str, site: str) -> TransferRecord | None:
+        try:
+            row = self.db.execute(
+                "SELECT time, seq, resumed_from, stream_bytes, wire_bytes, seconds "
+                "FROM transfers WHERE grp = ? AND site = ?",
+                (group, site),
+            ).fetchone()
+        except sqlite3.OperationalError:  # a store from before the table (read-only)
+            return None
+        return None if row is None else TransferRecord(*row)
 
     def set_site_state(self, group: str, site: str, state: str, detail: str = "") -> None:
         """How the last attempt to reach the site went (its cursor is unchanged)."""

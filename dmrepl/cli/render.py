@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -86,6 +87,13 @@ def render_site_status(site: SiteStatus) -> None:
         lag.append("resync needed")
     if site.lag_s is not None:
         lag.append(f"{site.lag_s:.0f} s")
+    moved = site.last_transfer
+    if moved is not None and moved.seconds > 0:
+        ratio = moved.stream_bytes / moved.wire_bytes if moved.wire_bytes else 1.0
+        speed = format_bytes(int(moved.stream_bytes / moved.seconds))
+        lag.append(f"last transfer (cut {moved.seq}) {speed}/s, compression {ratio:.1f}x")
+    if site.last_ack is not None and site.transport == "ssh":
+        lag.append(f"last ack {max(0.0, time.time() - site.last_ack):.0f} s ago")
     out.print(
         f"site {site.group}/{site.site} ({site.transport}, {site.policy}): {site.state}; "
         f"holds {cursor}; lag {', '.join(lag) or '-'}"

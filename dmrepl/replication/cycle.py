@@ -20,6 +20,7 @@ One `sync` of a group, under the group's lock:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from dmrepl.sites import (
 )
 from dmrepl.sites.base import FAILED_STATES
 from dmrepl.spool import Spool
-from dmrepl.state import CutRecord, StateStore
+from dmrepl.state import CutRecord, StateStore, TransferRecord
 from dmrepl.statedir import StateDir
 
 
@@ -386,6 +387,16 @@ class Cycle:
         self.reports[site.name].delivered.append(delivery)
         phases.reached("cursor")
         self._set_cursor(site.name, delivery.seq)
+        moved = delivery.transfer
+        if moved is not None:
+            self.store.record_transfer(
+                self.spec.name,
+                site.name,
+                TransferRecord(
+                    time.time(), delivery.seq, moved.resumed_from, moved.stream_bytes,
+                    moved.wire_bytes, moved.seconds,
+                ),
+            )  # fmt: skip
         return True
 
     # -- bookkeeping

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from dmrepl.config import Config
 from dmrepl.deltafiles import DeltaFile, chain, list_files
 from dmrepl.lock import lock_holder
-from dmrepl.state import CutRecord, SiteRecord, StateStore
+from dmrepl.state import CutRecord, SiteRecord, StateStore, TransferRecord
 from dmrepl.statedir import StateDir
 
 
@@ -33,6 +33,8 @@ class SiteStatus:
     lag_bytes: int | None  # spooled deltas still to ship (None: a resync is needed)
     lag_s: float | None  # age of the cut the replicas hold
     detail: str
+    last_ack: float | None = None  # when the site last confirmed a durable apply (Unix time)
+    last_transfer: TransferRecord | None = None  # remote sites: how the last delta crossed
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,10 @@ def replication_status(
                         lag_bytes=lag_bytes,
                         lag_s=None if held is None else max(0.0, time.time() - held.time),
                         detail="" if known is None else known.detail,
+                        last_ack=None if known is None else known.applied,
+                        last_transfer=store.last_transfer(spec.name, site.name)
+                        if store is not None
+                        else None,
                     )
                 )
     finally:

@@ -4,7 +4,9 @@ replica files through its own journal."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import sys
 import time
@@ -13,8 +15,11 @@ from pathlib import Path
 import pytest
 
 from dmrepl import delta, wire
+from dmrepl.config import ConfigError, load_config, parse_config
+from dmrepl.replication.status import replication_status
 from dmrepl.sites import ReplicaMismatch, SiteContext, SiteDown
 from dmrepl.sites.remote import RemoteSite, SshSiteSpec
+from dmrepl.state import StateStore, TransferRecord
 from dmrepl.statedir import StateDir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -266,3 +271,50 @@ def test_seeding_a_zeroed_target_hashes_nothing_and_skips_zero_chunks(
     site.close()
     assert (stats.written, stats.zero_skipped) == (1 << 20, SECTORS * 512 - (1 << 20))
     assert host.image(5 * 2048, 4096) == b"data" * 1024
+
+
+def test_status_shows_the_last_transfer_and_ack_of_an_ssh_site(tmp_path: Path) -> None:
+    config = tmp_path / "dmrepl.toml"
+    config.write_text(
+        f'[dmrepl]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[group.g.device.d]\norigin = "/dev/vdb"\nmetadata = "/dev/vdc"\n'
+        '[group.g.site.dr]\ntransport = "ssh"\nhost = "dr.example"\ncompress = "zstd:9"\n'
+        'rate = "50MiB"\nstall_timeout = "2m"\n[group.g.site.dr.replica]\nd = "/dev/vdd"\n'
+    )
+    loaded = load_config(config)
+    (spec,) = loaded.groups["g"].sites
+    assert isinstance(spec, SshSiteSpec)
+    assert (spec.codec, spec.level, spec.rate_bytes, spec.stall_s) == (
+        wire.Codec.ZSTD, 9, 50 << 20, 120.0,
+    )  # fmt: skip
+    store = StateStore(tmp_path / "state")
+    store.record_cut("g", {"d": 4}, 0.0)
+    store.set_cursor("g", "dr", 1)
+    store.record_transfer("g", "dr", TransferRecord(time.time(), 1, 0, 8 << 20, 2 << 20, 2.0))
+    store.close()
+    (shown,) = replication_status(loaded).sites
+    assert shown.last_transfer is not None and shown.last_transfer.wire_bytes == 2 << 20
+    assert shown.last_ack is not None and shown.state == "in sync"
+    shown_json = json.loads(json.dumps(dataclasses.asdict(shown)))  # as `status --json` does
+    assert shown_json["last_transfer"]["stream_bytes"] == 8 << 20
+
+
+@pytest.mark.parametrize(
+    ("field", "problem"),
+    [
+        ('compress = "gzip"', 'compress: \'gzip\' is not "zstd", "zstd:LEVEL", "lz4" or "none"'),
+        ('compress = "zstd:22"', "compress: zstd level 22 is not 1 to 19"),
+        ("port = 0", "port: 0 is not a TCP port"),
+        ('stall_timeout = "0s"', "stall_timeout: '0s' is not a duration of 1s to 24h"),
+        ('ssh_options = "-4"', 'ssh_options: must be a list of strings, like ["-4"]'),
+    ],
+)
+def test_ssh_site_settings_are_checked(tmp_path: Path, field: str, problem: str) -> None:
+    text = (
+        '[group.g.device.d]\norigin = "/dev/vdb"\nmetadata = "/dev/vdc"\n'
+        f'[group.g.site.dr]\ntransport = "ssh"\nhost = "h"\n{field}\n'
+        '[group.g.site.dr.replica]\nd = "/dev/vdd"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, tmp_path / "x.toml")
+    assert caught.value.problems == [f"group.g.site.dr.{problem}"]
