@@ -81,10 +81,10 @@ def preview(
                 site.check()
                 cursor = site.held()
                 pending = site.recorded()
-            except (SiteFailure, RecordUnreadable) as exc:
-                failure = exc.state if isinstance(exc, SiteFailure) else SiteState.DOWN
-                detail = exc.message if isinstance(exc, SiteFailure) else str(exc)
-                reachable = False
+            except SiteFailure as exc:
+                failure, detail, reachable = exc.state, exc.message, False
+            except RecordUnreadable as exc:
+                failure, detail, reachable = SiteState.DOWN, str(exc), False
             else:
                 reachable = True
                 if pending is not None and pending != cursor:
