@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import socket
 import subprocess
 import tempfile
 import threading
@@ -183,6 +184,7 @@ class _Session:
         self.receiver = ""
         reply = self.request({
             "op": "hello", "protocol": wire.PROTOCOL, "group": spec.group, "site": spec.name,
+            "primary": socket.gethostname(),
             "devices": [[name, sectors] for name, sectors in devices.items()],
             "replicas": spec.replicas,
         })  # fmt: skip
