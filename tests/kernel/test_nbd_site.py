@@ -1,0 +1,70 @@
+"""NBD sites: replicas that are NBD exports served by `nbd-server` in the lab's DR namespace
+(tests/kernel/netlab.py), written over the veth link.
+
+A plain `blockdev` site whose replica is a `/dev/nbdN` the test attached: it replicates like
+any blockdev site, and when the server dies the next sync reports the site down (exit 17) at
+once; after the device is reconnected the next sync catches up.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dmrepl import loop
+from tests.kernel.netlab import NetLab
+from tests.kernel.stacks import Bed
+from tests.kernel.test_replicate import digest, pit_digests, sync, write_raw
+
+__all__ = ["pit_digests"]  # a fixture used here
+
+MiB = 2**20
+NBD_TIMEOUT_S = 5  # nbd-client -t: a request unanswered this long fails with EIO
+
+
+def export_file(lab: NetLab, name: str, mib: int) -> Path:
+    """A sparse file in the lab's scratch directory, to be served as an export."""
+    path = lab.workdir / f"{name}.img"
+    loop.create_sparse_file(path, mib * MiB)
+    return path
+
+
+def test_a_blockdev_site_on_an_nbd_device_replicates_and_survives_a_server_restart(
+    bed: Bed, netlab: NetLab, pit_digests: list[dict[str, str]]
+) -> None:
+    bed.add_device("na", origin_mib=16)
+    exported = export_file(netlab, "na-replica", 16)
+    server = netlab.start_nbd_server({"dr-na": exported})
+    device = netlab.nbd_connect("dr-na", timeout_s=NBD_TIMEOUT_S)
+    bed.add_site("dr", replicas={"na": device.path})
+    bed.cli("up")
+    write_raw("/dev/mapper/na", [0, 5, 100])
+    for cycle in range(2):
+        result = sync(bed)
+        assert "site dr: in sync" in result.stdout, result.stdout
+        # The bytes reached the DR host's file, not only the primary's page cache.
+        assert digest(str(exported)) == pit_digests[-1]["na"], cycle
+        assert digest(device.path) == pit_digests[-1]["na"], cycle
+        write_raw("/dev/mapper/na", [cycle + 1, 40 + cycle])
+
+    server.restart(crash=True)  # SIGKILL: the device's connection is gone; I/O fails with EIO
+    started = time.monotonic()
+    result = sync(bed, check=False)
+    took = time.monotonic() - started
+    assert result.returncode == 17, result.stdout + result.stderr
+    assert "site dr: down" in result.stdout, result.stdout
+    assert "writing the replicas failed: Input/output error" in result.stdout, result.stdout
+    assert took < 60, f"sync with a dead NBD server took {took:.1f} s"
+    behind = pit_digests[-1]["na"]
+    assert digest(str(exported)) != behind  # that cut never got there
+
+    device.reconnect()
+    write_raw("/dev/mapper/na", [7])
+    result = sync(bed)
+    # The cut whose apply failed was committed in the journal: finished first, then the chain.
+    assert "site dr: finished applying cut 3 from its journal" in result.stdout, result.stdout
+    assert "site dr: in sync" in result.stdout, result.stdout
+    assert digest(str(exported)) == pit_digests[-1]["na"]
+    assert digest(device.path) == pit_digests[-1]["na"]
+    status = bed.cli("status").stdout
+    assert f"site {bed.group}/dr (blockdev, asynchronous): in sync; holds cut 4" in status
