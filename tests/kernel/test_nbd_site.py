@@ -95,6 +95,9 @@ def test_an_nbd_site_attaches_its_exports_for_each_sync_and_survives_the_server_
         assert nbd_attached() == before, when  # detached again once the sync is done
         assert not record.exists(), when
 
+    shown = bed.cli("sync", bed.group, "--dry-run").stdout
+    assert "dr (nbd): holds none; seed (compare)" in shown, shown
+    assert nbd_attached() == before and not record.exists()  # the probe attaches nothing
     write_raw("/dev/mapper/xa", [0, 5, 100])
     for cycle in range(2):
         result = sync(bed)
