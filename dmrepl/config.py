@@ -19,12 +19,14 @@
     mirror_region_size = "512KiB"          # optional
 
     [group.db.site.dr]                     # a replica of every device of the group
-    transport = "blockdev"                 # blockdev | dir
+    transport = "blockdev"                 # blockdev | dir | ssh | nbd
     policy = "asynchronous"                # the only policy implemented so far
     journal = "/dev/vdh"                   # blockdev: optional; default a file in the state dir
     path = "/srv/dr"                       # dir: where delta files go (instead of replicas)
     [group.db.site.dr.replica]
     data = "/dev/nbd0"                     # blockdev: one replica per group device
+    [group.db.site.dr.export]
+    data = "nbd://dr:10809/db-data"        # nbd: one export per group device (docs/replication.md)
 
 All problems are collected and reported at once, each naming its key and the file.
 Nothing here touches a device: checks against the system live in `dmrepl.safety`.

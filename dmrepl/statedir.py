@@ -7,6 +7,7 @@
                                                   resync (the overflow ladder) or a full image
     <state>/journal/<group>.<site>.journal        a blockdev site's default journal
     <state>/journal/<group>.<site>.staging        a receiver's resume point of a cut-off transfer
+    <state>/journal/<group>.<site>.nbd            the /dev/nbdN an nbd site has attached now
     <state>/cow/<group>.<device>.cow              a `-pit` image's COW file while a cut is held
 
 Names only: nothing here creates, opens or checks anything; whoever writes a path makes its
@@ -57,6 +58,11 @@ class StateDir:
     def staging(self, group: str, site: str) -> Path:
         """How much of a delta a receiver journaled before its transfer was cut off."""
         return self.journals / f"{group}.{site}.staging"
+
+    def nbd_attached(self, group: str, site: str) -> Path:
+        """The NBD devices an `nbd` site has attached, so that the next run detaches what a
+        killed one left attached."""
+        return self.journals / f"{group}.{site}.nbd"
 
     @property
     def cow(self) -> Path:

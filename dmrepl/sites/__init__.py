@@ -1,6 +1,6 @@
 """Sites: where replicas live. The cycle sees each one as a `Receiver` (sites.base), opened
-through the transport registry (sites.registry); `journaled` (blockdev) and `archive` (dir)
-are the transports so far."""
+through the transport registry (sites.registry): `journaled` (blockdev), `archive` (dir),
+`remote` (ssh) and `nbd`."""
 
 from dmrepl.sites.base import (
     CompareSeeder,

@@ -14,6 +14,7 @@ from dmrepl.config import SiteSpec
 from dmrepl.sites.archive import ArchiveSite, DirSiteSpec
 from dmrepl.sites.base import Receiver, SiteContext
 from dmrepl.sites.journaled import BlockdevSiteSpec, JournaledSite
+from dmrepl.sites.nbd import NbdSite, NbdSiteSpec
 from dmrepl.sites.remote import RemoteSite, SshSiteSpec
 
 
@@ -27,6 +28,7 @@ class Transport:
 TRANSPORTS: dict[str, Transport] = {
     "blockdev": Transport("blockdev", BlockdevSiteSpec, JournaledSite),
     "dir": Transport("dir", DirSiteSpec, ArchiveSite),
+    "nbd": Transport("nbd", NbdSiteSpec, NbdSite),
     "ssh": Transport("ssh", SshSiteSpec, RemoteSite),
 }
 
