@@ -121,7 +121,9 @@ def _compression(reader: FieldReader, raw: dict[str, Any], key: str) -> tuple[wi
     if name not in CODECS or (level_text and not level_text.isdigit()):
         reader.problem(f"{key}.compress", f'{text!r} is not "zstd", "zstd:LEVEL", "lz4" or "none"')
         return wire.Codec.RAW, 0
-    level = int(level_text) if level_text else 3
+    # Plain "lz4" is LZ4's fast mode (level 0): its levels from 3 up are LZ4-HC, which
+    # compressed 1 MiB frames here at ~30 MiB/s where level 0 did ~200 MiB/s.
+    level = int(level_text) if level_text else 0 if name == "lz4" else 3
     if name == "zstd" and not 1 <= level <= 19:
         reader.problem(f"{key}.compress", f"zstd level {level} is not 1 to 19")
     return CODECS[name], level

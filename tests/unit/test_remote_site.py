@@ -318,3 +318,21 @@ def test_ssh_site_settings_are_checked(tmp_path: Path, field: str, problem: str)
     with pytest.raises(ConfigError) as caught:
         parse_config(text, tmp_path / "x.toml")
     assert caught.value.problems == [f"group.g.site.dr.{problem}"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "codec", "level"),
+    [("zstd", wire.Codec.ZSTD, 3), ("zstd:1", wire.Codec.ZSTD, 1), ("lz4", wire.Codec.LZ4, 0)],
+)
+def test_compress_names_a_codec_and_level(
+    tmp_path: Path, setting: str, codec: wire.Codec, level: int
+) -> None:
+    text = (
+        '[group.g.device.d]\norigin = "/dev/vdb"\nmetadata = "/dev/vdc"\n'
+        f'[group.g.site.dr]\ntransport = "ssh"\nhost = "h"\ncompress = "{setting}"\n'
+        '[group.g.site.dr.replica]\nd = "/dev/vdd"\n'
+    )
+    (spec,) = parse_config(text, tmp_path / "x.toml").select("g")
+    site = spec.site("dr")
+    assert isinstance(site, SshSiteSpec)
+    assert (site.codec, site.level) == (codec, level)
