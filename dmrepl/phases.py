@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 PHASES = ("capture", "captured", "journal-write", "journal-committed", "apply", "applied", "cursor")
+# Reached only by `dmrepl serve` (the receiver of a remote site), which also reaches the
+# journal phases above when it journals and applies a delta.
+SERVE_PHASES = ("hello",)
 
 _hook: Callable[[str], None] | None = None
 

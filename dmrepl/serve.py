@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from dmrepl import delta, wire
+from dmrepl import delta, phases, wire
 from dmrepl.config import Config, ReceiveGrant
 from dmrepl.errors import DmreplError
 from dmrepl.sites import Delivery, RecordUnreadable, SiteContext, SiteFailure, SiteState
@@ -37,6 +37,7 @@ def serve(reader: BinaryIO, writer: BinaryIO, config: Config, groups: tuple[str,
     hello = channel.receive(eof_ok=True)
     if hello is None:
         return 0
+    phases.reached("hello")
     try:
         site = _accept(hello, config, groups)
     except (Refused, SiteFailure) as exc:

@@ -3,7 +3,8 @@
     python -m tests.kernel.crashrun PHASE dmrepl-args...
 
 Used by the fault-injection tests: the process dies exactly as a crash would
-(no cleanup handlers run), at a known point of the protocol.
+(no cleanup handlers run), at a known point of the protocol. As the forced command of a
+key (`crashrun hello serve --stdio ...`) it is a receiver that dies at a phase.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def _kill_at(target: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in phases.PHASES:
-        sys.exit(f"usage: crashrun PHASE ARGS... (PHASE one of {', '.join(phases.PHASES)})")
+    known = (*phases.PHASES, *phases.SERVE_PHASES)
+    if len(sys.argv) < 2 or sys.argv[1] not in known:
+        sys.exit(f"usage: crashrun PHASE ARGS... (PHASE one of {', '.join(known)})")
     _kill_at(sys.argv[1])
     sys.argv = ["dmrepl", *sys.argv[2:]]
     main()
