@@ -8,8 +8,10 @@ names (another program took it with `flock`), the message names that process.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -120,6 +122,46 @@ def group_lock(state_dir: Path, group: str, purpose: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def takeover_lock(
+    path: Path, state_dir: Path, purpose: str, *, grace_s: float = 10.0
+) -> Iterator[list[int]]:
+    """Hold `path` exclusively for the body, killing (SIGKILL) any process holding it; yields
+    the pids killed. For a receiver: an older session on the same site is one its primary
+    already gave up on (the primary's group lock allows one sync at a time), and left running
+    it could still write a delta it received late into the journal the new session uses."""
+    safefile.private_dir(path.parent, what="state_dir", strict_from=state_dir)
+    try:
+        fd = safefile.open_own(path)
+    except OSError as exc:
+        raise _unusable(path, exc) from None
+    killed: list[int] = []
+    deadline = time.monotonic() + grace_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                for pid in flock_holders(fd):
+                    if pid != os.getpid() and pid not in killed:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                if time.monotonic() > deadline:
+                    raise Busy(
+                        f"{path} stays locked: {describe_holder(fd)}",
+                        hint="another receiver session on this site does not exit",
+                    ) from None
+                time.sleep(0.05)
+        record = f"pid {os.getpid()} ({purpose})".encode()
+        os.pwrite(fd, record, 0)
+        os.ftruncate(fd, len(record))
+        yield killed
+    finally:
+        os.close(fd)
 
 
 def lock_holder(state_dir: Path, group: str) -> str | None:

@@ -11,6 +11,7 @@ was journaled durably.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -20,11 +21,13 @@ from typing import Any, BinaryIO
 from dmrepl import delta, phases, wire
 from dmrepl.config import Config, ReceiveGrant
 from dmrepl.errors import DmreplError
+from dmrepl.lock import takeover_lock
 from dmrepl.sites import Delivery, RecordUnreadable, SiteContext, SiteFailure, SiteState
 from dmrepl.sites.journaled import BlockdevSiteSpec, JournaledSite
 from dmrepl.statedir import StateDir
 
 KEEPALIVE_S = 2.0
+log = logging.getLogger(__name__)
 
 
 class Refused(DmreplError):
@@ -43,14 +46,18 @@ def serve(reader: BinaryIO, writer: BinaryIO, config: Config, groups: tuple[str,
     except (Refused, SiteFailure) as exc:
         channel.send(_failure(exc))
         return int(exc.exit_code)
-    channel.send({"ok": True, "protocol": wire.PROTOCOL, "receiver": socket.gethostname()})
-    while (request := channel.receive(eof_ok=True)) is not None:
-        if request.get("op") == "bye":
-            channel.send({"ok": True})
-            break
-        with _keepalive(channel):
-            reply = _answer(site, request, channel)
-        channel.send(reply)
+    lock = StateDir(config.state_dir).receive_lock(site.spec.group, site.name)
+    with takeover_lock(lock, config.state_dir, "serve") as killed:
+        for pid in killed:
+            log.warning("stopped an older session on site %s (pid %d)", site.name, pid)
+        channel.send({"ok": True, "protocol": wire.PROTOCOL, "receiver": socket.gethostname()})
+        while (request := channel.receive(eof_ok=True)) is not None:
+            if request.get("op") == "bye":
+                channel.send({"ok": True})
+                break
+            with _keepalive(channel):
+                reply = _answer(site, request, channel)
+            channel.send(reply)
     return 0
 
 

@@ -2,6 +2,7 @@
 
     <state>/state.db                              the state store (dmrepl.state)
     <state>/locks/<group>.lock                    one run per group (dmrepl.lock)
+    <state>/locks/receive.<group>.<site>.lock     one receiver session per site (dmrepl.serve)
     <state>/spool/<group>/<group>.<seq>.<base>.delta  the replication log (dmrepl.spool)
     <state>/spool/<group>/resync/<site>~<delta>   a site's own deltas until delivered: a
                                                   resync (the overflow ladder) or a full image
@@ -38,6 +39,10 @@ class StateDir:
     def lock(self, group: str) -> Path:
         """The group's lock file (`flock`), naming its holder."""
         return self.locks / f"{group}.lock"
+
+    def receive_lock(self, group: str, site: str) -> Path:
+        """A receiver's lock on one site: one session writes its journal at a time."""
+        return self.locks / f"receive.{group}.{site}.lock"
 
     def spool(self, group: str) -> Path:
         """The group's spool: the chain of captured deltas."""

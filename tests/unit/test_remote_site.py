@@ -336,3 +336,22 @@ def test_compress_names_a_codec_and_level(
     site = spec.site("dr")
     assert isinstance(site, SshSiteSpec)
     assert (site.codec, site.level) == (codec, level)
+
+
+def test_a_new_receiver_session_stops_an_older_one_on_the_same_site(
+    host: Host, tmp_path: Path
+) -> None:
+    """Review finding: a receiver whose primary gave up (a cut link) could still journal a
+    late delta while a newer session applies another: the newer session stops it."""
+    older, newer = host.site(tmp_path), host.site(tmp_path)
+    try:
+        assert older.held() is None
+        stale = older._session
+        assert stale is not None
+        assert newer.held() is None
+        assert stale.process.wait(timeout=5) == -9  # the older receiver was stopped
+        newer.receive(io.BytesIO(make_delta(1, None, [(0, b"n" * 512)])))
+        assert newer.held() == 1
+    finally:
+        older.close()
+        newer.close()

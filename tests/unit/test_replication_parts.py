@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from dmrepl.deltafiles import chain
 from dmrepl.deltafiles import file_name as delta_file_name
 from dmrepl.errors import ExitCode, InvalidInput
 from dmrepl.journal import SLOT_BYTES, Journal, JournalError, JournalState, decode_header
-from dmrepl.lock import Busy, group_lock, lock_holder
+from dmrepl.lock import Busy, group_lock, lock_holder, takeover_lock
 from dmrepl.rebuild import apply_dir
 from dmrepl.sites.journaled import JournaledSite
 from dmrepl.spool import Spool
@@ -313,3 +315,20 @@ def test_a_reseed_cut_short_leaves_the_site_holding_no_cut(
     site.seed({"d": str(image)}, target_zeroed=False, progress=lambda _done: None)
     site.mark_seeded(5)
     assert site.held() == 5 and replica_bytes(site) == b"n" * DEVICE_BYTES
+
+
+def test_takeover_lock_stops_the_process_holding_it(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "locks" / "receive.g.dr.lock"
+    path.parent.mkdir(parents=True, mode=0o700)
+    path.touch(mode=0o600)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(path)!r}, os.O_RDWR)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    with takeover_lock(path, tmp_path / "state", "test") as killed:
+        assert killed == [holder.pid]
+        assert holder.wait(timeout=5) == -9
