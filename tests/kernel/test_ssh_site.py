@@ -328,3 +328,24 @@ def test_refusals_are_clear_and_write_nothing(
     assert "site dr: in sync" in sync(bed).stdout
     assert dr.digests() == gate_digests(bed)
     assert digest(elsewhere) == untouched["elsewhere"]
+
+
+def test_seeding_over_ssh_sends_only_the_chunks_that_differ(
+    bed: Bed,
+    netlab: NetLab,
+    make_loop: Callable[[str, int], str],
+    pit_digests: list[dict[str, str]],
+) -> None:
+    dr = remote(bed, netlab, make_loop, {"sd": 32})
+    gate, replica = "/dev/mapper/sd", dr.replicas["sd"]
+    subprocess.run(["dd", "if=/dev/urandom", f"of={gate}", "bs=1M", "count=32",
+                    "oflag=direct", "status=none"], check=True)  # fmt: skip
+    subprocess.run(["dd", f"if={gate}", f"of={replica}", "bs=1M", "iflag=direct",
+                    "oflag=direct", "status=none"], check=True)  # fmt: skip
+    write_raw(gate, [0, 40, 200])  # three 64 KiB blocks in three different 1 MiB chunks
+    result = sync(bed)
+    assert "site dr: in sync" in result.stdout, result.stdout
+    written, compared = format_bytes(3 * MiB), format_bytes(32 * MiB)
+    assert f"seeded: {written} written of {compared}" in result.stdout, result.stdout
+    assert dr.digests() == {"sd": pit_digests[-1]["sd"]}
+    report(f"seed of 32 MiB holding all but 3 chunks: {written} sent")
