@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
@@ -25,9 +26,12 @@ from dmrepl.lock import takeover_lock
 from dmrepl.sites import Delivery, RecordUnreadable, SiteContext, SiteFailure, SiteState
 from dmrepl.sites.journaled import BlockdevSiteSpec, JournaledSite
 from dmrepl.statedir import StateDir
+from dmrepl.units import format_bytes
 
 KEEPALIVE_S = 2.0
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("dmrepl.progress")  # to syslog only (see cli.replication)
+progress_log.propagate = False  # stderr goes back to the primary: its last lines explain a failure
 
 
 class Refused(DmreplError):
@@ -46,6 +50,9 @@ def serve(reader: BinaryIO, writer: BinaryIO, config: Config, groups: tuple[str,
     except (Refused, SiteFailure) as exc:
         channel.send(_failure(exc))
         return int(exc.exit_code)
+    progress_log.info(
+        "primary %s: site %s of group %s", hello.get("primary", "?"), site.name, site.spec.group
+    )
     lock = StateDir(config.state_dir).receive_lock(site.spec.group, site.name)
     with takeover_lock(lock, config.state_dir, "serve") as killed:
         for pid in killed:
@@ -138,7 +145,10 @@ def _answer(site: JournaledSite, request: dict[str, Any], channel: wire.Channel)
             return _hashes(site, request, channel)
         if op == "seed_write":
             channel.send({"ok": True})
-            written = site.write_seed(wire.StreamReader(channel.data()))  # type: ignore[arg-type]
+            meter = Meter(f"site {site.name}: seed, receiving the chunks that differ")
+            stream = wire.StreamReader(meter.metered(channel.data()))
+            written = site.write_seed(stream)  # type: ignore[arg-type]
+            meter.finish()
             return {"ok": True, "written": written}
         if op == "mark_seeded":
             site.mark_seeded(int(request["seq"]))
@@ -157,7 +167,11 @@ def _receive(site: JournaledSite, request: dict[str, Any], channel: wire.Channel
         raise wire.WireError("a receive request without its cut numbers")
     start = site.staged_so_far(seq, base)
     channel.send({"ok": True, "resume_from": start})
-    delivery = site.receive_chunks(channel.data(), seq=seq, base=base, start=start)
+    meter = Meter(
+        f"site {site.name}: receiving cut {seq}" + (f" from byte {start}" if start else "")
+    )
+    delivery = site.receive_chunks(meter.metered(channel.data()), seq=seq, base=base, start=start)
+    meter.finish()
     return {"ok": True, "delivery": _delivery(delivery)}
 
 
@@ -166,8 +180,11 @@ def _hashes(site: JournaledSite, request: dict[str, Any], channel: wire.Channel)
     if not isinstance(chunk, int) or not 4096 <= chunk <= wire.STREAM_CHUNK or chunk % 4096:
         raise wire.WireError(f"a hashes request with chunk {chunk!r}")
     channel.send({"ok": True})
+    total = sum(site.devices.values()) * 512
+    meter = Meter(f"site {site.name}: seed, hashing the replicas", total)
     pending = bytearray()
     for digest in site.chunk_digests(chunk):
+        meter.add(chunk)
         pending += digest
         if len(pending) >= wire.STREAM_CHUNK:
             channel.send_data(wire.Codec.RAW, bytes(pending))
@@ -175,7 +192,42 @@ def _hashes(site: JournaledSite, request: dict[str, Any], channel: wire.Channel)
     if pending:
         channel.send_data(wire.Codec.RAW, bytes(pending))
     channel.end_data()
+    meter.finish()
     return {"ok": True}
+
+
+class Meter:
+    """Logs how a long transfer goes (bytes, rate, and the ETA when the total is known) at
+    most every `every` seconds: the receiver's side of the progress the primary shows."""
+
+    def __init__(self, what: str, total: int | None = None, every: float = 10.0):
+        self.what, self.total, self.every = what, total, every
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def add(self, size: int) -> None:
+        self.done += size
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            progress_log.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        rate = self.done / max(now - self.started, 1e-6)
+        text = f"{self.what}: {format_bytes(self.done)} at {format_bytes(int(rate))}/s"
+        if self.total:
+            left = max(self.total - self.done, 0) / max(rate, 1.0)
+            text += f", {100 * self.done / self.total:.0f} % of {format_bytes(self.total)}"
+            text += f", about {left:.0f} s left"
+        return text
+
+    def metered(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.add(len(chunk))
+            yield chunk
+
+    def finish(self) -> None:
+        progress_log.info("%s (done)", self.line(time.monotonic()))
 
 
 def _delivery(delivery: Delivery | None) -> dict[str, Any] | None:

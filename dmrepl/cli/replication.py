@@ -5,6 +5,8 @@ Registered on the app by `dmrepl.cli`, in the order `dmrepl --help` lists them.
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -174,9 +176,27 @@ def serve_command(
             '--stdio --group GROUP",restrict',
         )
     path = config or (RECEIVER_CONFIG if RECEIVER_CONFIG.exists() else DEFAULT_PATH)
+    log_to_syslog("dmrepl-serve")
     raise typer.Exit(
         serve(sys.stdin.buffer, sys.stdout.buffer, load_config(path), tuple(group or ()))
     )
+
+
+def log_to_syslog(ident: str) -> None:
+    """Send a receiver's progress lines to syslog, where the DR host's journal keeps them
+    (its stderr reaches only the primary's ssh)."""
+    if not Path(SYSLOG_SOCKET).exists():
+        return
+    handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+    handler.ident = f"{ident}: "
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("dmrepl.progress")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+SYSLOG_SOCKET = "/dev/log"
 
 
 def apply_deltas(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl import delta, wire
+from dmrepl import delta, serve, wire
 from dmrepl.config import ConfigError, load_config, parse_config
 from dmrepl.replication.status import replication_status
 from dmrepl.sites import ReplicaMismatch, SiteContext, SiteDown
@@ -355,3 +356,20 @@ def test_a_new_receiver_session_stops_an_older_one_on_the_same_site(
     finally:
         older.close()
         newer.close()
+
+
+def test_the_receiver_logs_its_progress_with_rate_and_eta(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(serve.time, "monotonic", lambda: now[0])
+    meter = serve.Meter("site dr: seed, hashing the replicas", total=100 << 20, every=5.0)
+    with caplog.at_level(logging.INFO, logger="dmrepl.progress"):
+        now[0] += 1
+        meter.add(10 << 20)  # within `every`: nothing logged
+        now[0] += 9
+        meter.add(30 << 20)
+    assert [r.getMessage() for r in caplog.records] == [
+        "site dr: seed, hashing the replicas: 40 MiB at 4 MiB/s, 40 % of 100 MiB, "
+        "about 15 s left"
+    ]
