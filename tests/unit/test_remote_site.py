@@ -370,6 +370,5 @@ def test_the_receiver_logs_its_progress_with_rate_and_eta(
         now[0] += 9
         meter.add(30 << 20)
     assert [r.getMessage() for r in caplog.records] == [
-        "site dr: seed, hashing the replicas: 40 MiB at 4 MiB/s, 40 % of 100 MiB, "
-        "about 15 s left"
+        "site dr: seed, hashing the replicas: 40 MiB at 4 MiB/s, 40 % of 100 MiB, about 15 s left"
     ]
