@@ -25,5 +25,7 @@ for _name, _command in (
     ("apply", replication.apply_deltas),
     ("serve", replication.serve_command),
     ("size", stacks.size),
+    ("import-table", stacks.import_table),
+    ("export-table", stacks.export_table),
 ):
     app.command(_name)(_command)

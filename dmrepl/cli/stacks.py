@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from dmrepl import builder, loop, vm
+from dmrepl import builder, loop, replicator_table, vm
 from dmrepl import changes as changes_api
 from dmrepl.cli.app import (
     ConfigOption,
@@ -38,7 +38,7 @@ from dmrepl.cli.render import (
     render_site_status,
     say,
 )
-from dmrepl.config import DEFAULT_PATH, load_config
+from dmrepl.config import DEFAULT_PATH, NAME_RE, load_config
 from dmrepl.demo import load_modules, run_demo
 from dmrepl.errors import InvalidInput, NoDeviceMapper
 from dmrepl.executor import Runner
@@ -264,3 +264,54 @@ def size(
         markup=False,
     )
     out.print(f"steady state   {format_bytes(result.steady_bytes)} used", markup=False)
+
+
+def import_table(
+    file: Annotated[Path, typer.Argument(help="File of dm-replicator tables ('-': stdin).")],
+    group: Annotated[
+        str | None, typer.Option("--group", "-g", help="Group name (default: the file's stem).")
+    ] = None,
+) -> None:
+    """Print dmrepl TOML for dm-replicator `replicator`/`replicator-dev` tables."""
+    try:
+        text = sys.stdin.read() if str(file) == "-" else file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {file}: {exc}") from None
+    name = group or (file.stem if str(file) != "-" else "replicator")
+    rep = replicator_table.parse_tables(text)
+    if not NAME_RE.match(name):
+        raise InvalidInput(
+            f"group name {name!r} must be 1-64 of A-Z a-z 0-9 _ + -", hint="pass --group"
+        )
+    print(replicator_table.render_toml(rep, name, str(file)), end="")
+    for link, policy in replicator_table.unimplemented_links(rep):
+        err.print(
+            f"note: site link {link} is {policy}, which dmrepl does not implement yet: "
+            "`dmrepl check-config` refuses the file until it does",
+            markup=False,
+        )
+
+
+def export_table(
+    group: Annotated[str, typer.Argument(help="Group name.")],
+    config: ConfigOption = DEFAULT_PATH,
+) -> None:
+    """Print a configured group as dm-replicator tables (the 2009 patches' form)."""
+    loaded = load_config(config)
+    spec = loaded.select(group)[0]
+    lengths = {device.name: _readable_sectors(device.origin) for device in spec.devices}
+    print(replicator_table.export_tables(spec, str(loaded.state_dir), lengths), end="")
+
+
+def _readable_sectors(path: str) -> int | None:
+    """The size of a device or file in sectors, or None when it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.lseek(fd, 0, os.SEEK_END) // 512
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
