@@ -4,13 +4,15 @@ nothing else from a transport, and to test the cycle without replica devices."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, ClassVar
 
 from dmrepl import delta
 from dmrepl.config import FieldReader, SiteSpec
 from dmrepl.sites import CompareSeeder, Delivery, SiteContext, SiteDown
-from dmrepl.sites.registry import Transport
+from dmrepl.sites.registry import Transport, register
 
 
 @dataclass(frozen=True)
@@ -102,3 +104,15 @@ class MemorySite:
 
 
 TRANSPORT = Transport("memory", MemorySiteSpec, MemorySite)
+
+
+@contextmanager
+def registered() -> Iterator[None]:
+    """The memory transport registered (and every memory site empty) for the body."""
+    unregister = register(TRANSPORT)
+    MemorySite.held_by_site.clear()
+    try:
+        yield
+    finally:
+        unregister()
+        MemorySite.held_by_site.clear()

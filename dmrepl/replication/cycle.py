@@ -94,16 +94,7 @@ def sync(
     progress: ProgressFactory = no_progress,
 ) -> SyncResult:
     """One replication cycle of `group` (and a (re-)seed of `seed_sites`)."""
-    (spec,) = config.select(group)
-    if not spec.sites:
-        raise InvalidInput(
-            f"group {group} has no sites to replicate to",
-            hint=f"add a [group.{group}.site.NAME] table to {config.path}",
-        )
-    for name in seed_sites:
-        spec.site(name)
-    doing = "seed" if seed_sites else "sync"
-    builder.require_devices(spec, doing, config.path)  # before the lock: nothing is touched
+    spec = checked_request(config, group, seed_sites)  # before the lock: nothing is touched
     with group_lock(config.state_dir, group, "sync"):
         store = StateStore(config.state_dir)
         try:
@@ -114,6 +105,20 @@ def sync(
                 cycle.close()
         finally:
             store.close()
+
+
+def checked_request(config: Config, group: str, seed_sites: tuple[str, ...]) -> GroupSpec:
+    """The group of a `sync` or `seed`, once its sites and devices are known to be usable."""
+    (spec,) = config.select(group)
+    if not spec.sites:
+        raise InvalidInput(
+            f"group {group} has no sites to replicate to",
+            hint=f"add a [group.{group}.site.NAME] table to {config.path}",
+        )
+    for name in seed_sites:
+        spec.site(name)
+    builder.require_devices(spec, "seed" if seed_sites else "sync", config.path)
+    return spec
 
 
 class Cycle:

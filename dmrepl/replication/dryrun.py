@@ -15,9 +15,9 @@ from dmrepl import builder
 from dmrepl.changes import next_cut_seq, require_running
 from dmrepl.config import Config
 from dmrepl.cut import cow_file, cut_steps
-from dmrepl.errors import InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.ops import Op
+from dmrepl.replication.cycle import checked_request
 from dmrepl.replication.plan import CyclePlan, Observed, SiteView, plan_cycle
 from dmrepl.sites import RecordUnreadable, SiteContext, SiteFailure, SiteState, open_site
 from dmrepl.spool import Spool
@@ -53,15 +53,7 @@ def preview(
     runner: Runner, config: Config, group: str, *, seed_sites: tuple[str, ...] = ()
 ) -> Preview:
     """What `sync` (or `seed --site`) of `group` would do now."""
-    (spec,) = config.select(group)
-    if not spec.sites:
-        raise InvalidInput(
-            f"group {group} has no sites to replicate to",
-            hint=f"add a [group.{group}.site.NAME] table to {config.path}",
-        )
-    for name in seed_sites:
-        spec.site(name)
-    builder.require_devices(spec, "sync", config.path)
+    spec = checked_request(config, group, seed_sites)
     found = builder.survey(runner, [spec], check=False)
     builder.require_surveyed(spec, found, "sync", config.path)
     stacks = found.stacks

@@ -12,22 +12,18 @@ from pathlib import Path
 import pytest
 
 from dmrepl import dm
-from dmrepl.sites.registry import register
 from tests.kernel.stacks import Bed
 from tests.kernel.test_dataloss import tree
 from tests.kernel.test_replicate import digest, pit_digests, sync, write_raw
-from tests.memory_transport import TRANSPORT, MemorySite
+from tests.memory_transport import MemorySite, registered
 
 __all__ = ["pit_digests"]  # a fixture used here
 
 
 @pytest.fixture
 def memory() -> Iterator[None]:
-    unregister = register(TRANSPORT)
-    MemorySite.held_by_site.clear()
-    yield
-    unregister()
-    MemorySite.held_by_site.clear()
+    with registered():
+        yield
 
 
 def test_a_memory_site_is_seeded_then_follows_the_chain(

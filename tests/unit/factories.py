@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+from dmrepl import delta
 from dmrepl.config import DeviceSpec, SiteSpec
 from dmrepl.sites import Receiver, SiteContext, open_site
 from dmrepl.sites.archive import DirSiteSpec
@@ -37,3 +39,28 @@ def dir_site(path: Path, name: str = "vault", group: str = "db") -> DirSiteSpec:
 def receiver(spec: SiteSpec, state_dir: Path, devices: dict[str, int] | None = None) -> Receiver:
     """The site's Receiver, for a group of `devices` (name -> sectors; default none)."""
     return open_site(spec, SiteContext(devices or {}, StateDir(state_dir)))
+
+
+def one_device_delta(
+    group: str,
+    device: str,
+    sectors: int,
+    seq: int,
+    base: int | None,
+    writes: list[tuple[int, bytes]],
+) -> bytes:
+    """A delta of a one-device group from cut `base` (None: a full image) to `seq`, holding
+    `writes` (sector offset, data)."""
+    header = delta.DeltaHeader(
+        group=group,
+        seq=seq,
+        base_seq=base,
+        devices=(delta.DeltaDevice(device, sectors, None if base is None else base + 1, seq),),
+        created=0.0,
+    )
+    out = io.BytesIO()
+    writer = delta.DeltaWriter(out, header)
+    for offset, data in writes:
+        writer.add(0, offset, data)
+    writer.finish()
+    return out.getvalue()

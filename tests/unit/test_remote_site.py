@@ -22,25 +22,14 @@ from dmrepl.sites import ReplicaMismatch, SiteContext, SiteDown
 from dmrepl.sites.remote import RemoteSite, SshSiteSpec
 from dmrepl.state import StateStore, TransferRecord
 from dmrepl.statedir import StateDir
+from tests.unit.factories import one_device_delta
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTORS = 64 * 2048  # 64 MiB
 
 
 def make_delta(seq: int, base: int | None, writes: list[tuple[int, bytes]]) -> bytes:
-    header = delta.DeltaHeader(
-        group="g",
-        seq=seq,
-        base_seq=base,
-        devices=(delta.DeltaDevice("d", SECTORS, None if base is None else base + 1, seq),),
-        created=0.0,
-    )
-    out = io.BytesIO()
-    writer = delta.DeltaWriter(out, header)
-    for offset, data in writes:
-        writer.add(0, offset, data)
-    writer.finish()
-    return out.getvalue()
+    return one_device_delta("g", "d", SECTORS, seq, base, writes)
 
 
 class Host:

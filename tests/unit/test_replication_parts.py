@@ -21,27 +21,13 @@ from dmrepl.rebuild import apply_dir
 from dmrepl.sites.journaled import JournaledSite
 from dmrepl.spool import Spool
 from dmrepl.statedir import StateDir
-from tests.unit.factories import blockdev_site, receiver
+from tests.unit.factories import blockdev_site, one_device_delta, receiver
 
 DEVICE_BYTES = 4 * 2**20
 
 
 def make_delta(seq: int, base: int | None, writes: list[tuple[int, bytes]]) -> bytes:
-    header = delta.DeltaHeader(
-        group="g",
-        seq=seq,
-        base_seq=base,
-        devices=(
-            delta.DeltaDevice("d", DEVICE_BYTES // 512, None if base is None else base + 1, seq),
-        ),
-        created=0.0,
-    )
-    out = io.BytesIO()
-    writer = delta.DeltaWriter(out, header)
-    for offset, data in writes:
-        writer.add(0, offset, data)
-    writer.finish()
-    return out.getvalue()
+    return one_device_delta("g", "d", DEVICE_BYTES // 512, seq, base, writes)
 
 
 @pytest.fixture

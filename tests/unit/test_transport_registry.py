@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl import delta
 from dmrepl.config import ConfigError, parse_config
 from dmrepl.sites import SiteContext, SiteDown, open_site
-from dmrepl.sites.registry import TRANSPORTS, register
+from dmrepl.sites.registry import TRANSPORTS
 from dmrepl.statedir import StateDir
-from tests.memory_transport import TRANSPORT, MemorySite
+from tests.memory_transport import MemorySite, registered
+from tests.unit.factories import one_device_delta
 
 GROUP = """
 [group.db.device.data]
@@ -24,27 +24,12 @@ metadata = "/dev/vdc"
 
 @pytest.fixture
 def memory() -> Iterator[None]:
-    unregister = register(TRANSPORT)
-    MemorySite.held_by_site.clear()
-    yield
-    unregister()
-    MemorySite.held_by_site.clear()
+    with registered():
+        yield
 
 
 def make_delta(seq: int, base: int | None, writes: list[tuple[int, bytes]]) -> bytes:
-    header = delta.DeltaHeader(
-        group="db",
-        seq=seq,
-        base_seq=base,
-        devices=(delta.DeltaDevice("data", 64, None if base is None else base + 1, seq),),
-        created=0.0,
-    )
-    out = io.BytesIO()
-    writer = delta.DeltaWriter(out, header)
-    for offset, data in writes:
-        writer.add(0, offset, data)
-    writer.finish()
-    return out.getvalue()
+    return one_device_delta("db", "data", 64, seq, base, writes)
 
 
 def test_a_registered_transport_is_configured_and_opened_like_the_built_in_ones(
