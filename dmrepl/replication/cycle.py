@@ -244,9 +244,10 @@ class Cycle:
         if held is not None and not known_cut:
             # The store lost it (state.db deleted, or corrupt and rebuilt): without the
             # cut's eras nothing can be listed since it, so the site is compared whole.
+            how = "by compare" if compare else "with a full image"
             report.detail = (
                 f"holds cut {held}, which the state store does not know "
-                "(state.db lost or rebuilt): re-seeding by compare"
+                f"(state.db lost or rebuilt): re-seeding {how}"
             )
             self.store.set_site_state(self.spec.name, name, SiteState.NEEDS_SEED, report.detail)
             self.say(f"site {name}: {report.detail}")
