@@ -3,15 +3,18 @@ unfinished runs (dmrepl.applylog) in a scratch directory, for this process and i
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault(
-    "DMREPL_APPLY_RECORDS", tempfile.mkdtemp(prefix="dmrepl-apply-records-", dir="/tmp")
-)
+if "DMREPL_APPLY_RECORDS" not in os.environ:  # apply's in-progress records, per test run
+    _records = tempfile.mkdtemp(prefix="dmrepl-apply-records-", dir="/tmp")
+    os.environ["DMREPL_APPLY_RECORDS"] = _records
+    atexit.register(shutil.rmtree, _records, ignore_errors=True)
 
 KERNEL_DIR = Path(__file__).parent / "kernel"
 
