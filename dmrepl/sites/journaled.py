@@ -259,7 +259,11 @@ class JournaledSite:
             length = self._guard(
                 lambda: journal.stage_chunks(chunks, start=start, checkpoint=checkpoint)
             )
-            _, summary = self._guard(lambda: journal.commit(length, accept=self._check_header))
+            try:
+                _, summary = self._guard(lambda: journal.commit(length, accept=self._check_header))
+            except delta.CorruptDelta:
+                self._staging_path.unlink(missing_ok=True)  # never resume into bad bytes
+                raise
             self._staging_path.unlink(missing_ok=True)
             phases.reached("journal-committed")
             return self._apply(journal, summary)

@@ -318,3 +318,15 @@ def test_takeover_lock_stops_the_process_holding_it(tmp_path: Path) -> None:
     with takeover_lock(path, tmp_path / "state", "test") as killed:
         assert killed == [holder.pid]
         assert holder.wait(timeout=5) == -9
+
+
+def test_a_delta_that_fails_its_checks_leaves_no_resume_point(site: JournaledSite) -> None:
+    data = bytearray(make_delta(1, None, [(0, b"c" * 4096)]))
+    data[-100] ^= 1
+    staging = site.state_dir.staging("db", "dr")
+    staging.parent.mkdir(parents=True, mode=0o700)
+    staging.write_text('{"seq": 1, "base": null, "generation": 0, "length": 64}')
+    assert site.staged_so_far(1, None) == 64
+    with pytest.raises(delta.CorruptDelta):
+        site.receive_chunks([bytes(data)], seq=1, base=None)
+    assert not staging.exists() and site.staged_so_far(1, None) == 0
