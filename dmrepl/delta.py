@@ -677,3 +677,23 @@ def open_verified(path: Path) -> DeltaHeader:
     with path.open("rb") as stream:
         header, _ = verify(stream, str(path))
     return header
+
+
+class Tee:
+    """A reader of `source` that copies everything read through it into `sink` (an archive
+    keeps the delta it verifies; an ssh site keeps the header it read to name the delta)."""
+
+    def __init__(self, source: BinaryIO, sink: BinaryIO):
+        self.source = source
+        self.sink = sink
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        if data:
+            self.sink.write(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)

@@ -24,7 +24,7 @@ from dmrepl.cli.app import (
     require_root,
 )
 from dmrepl.cli.render import CliProgress, err, out, render_preview, render_sync, say
-from dmrepl.config import DEFAULT_PATH, load_config
+from dmrepl.config import DEFAULT_PATH, Config, load_config
 from dmrepl.errors import DmreplError, ExitCode, Interrupted, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.rebuild import apply_dir
@@ -35,12 +35,18 @@ from dmrepl.serve import serve
 from dmrepl.units import format_bytes
 
 
-def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zeroed: bool) -> int:
-    """One cycle of each selected group that has sites; the exit code for the worst outcome."""
+def _groups_with_sites(config: Path, group: str | None) -> tuple[Config, list[str]]:
+    """The configuration and the groups a `sync` acts on: the one named, or all with sites."""
     loaded = load_config(config)
     groups = [g.name for g in loaded.select(group) if g.sites or group is not None]
     if not groups:
         raise InvalidInput(f"no group in {config} has sites", hint="add a [group.G.site.S] table")
+    return loaded, groups
+
+
+def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zeroed: bool) -> int:
+    """One cycle of each selected group that has sites; the exit code for the worst outcome."""
+    loaded, groups = _groups_with_sites(config, group)
     for spec in loaded.select(group):
         for site in seed_sites:
             spec.site(site)  # an unknown site is exit 10 before the kernel is looked at
@@ -80,10 +86,7 @@ DryRunOption = Annotated[
 
 def _dry_run(config: Path, group: str | None, seed_sites: tuple[str, ...]) -> int:
     """Preview the cycle of each selected group that has sites (reads only)."""
-    loaded = load_config(config)
-    groups = [g.name for g in loaded.select(group) if g.sites or group is not None]
-    if not groups:
-        raise InvalidInput(f"no group in {config} has sites", hint="add a [group.G.site.S] table")
+    loaded, groups = _groups_with_sites(config, group)
     require_device_mapper()
     for name in groups:
         render_preview(preview(Runner(), loaded, name, seed_sites=seed_sites))

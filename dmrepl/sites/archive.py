@@ -109,7 +109,7 @@ class ArchiveSite:
         try:
             partial.unlink(missing_ok=True)  # left by a run of the same pid that died
             with safefile.open_new(partial) as out:
-                header, summary = delta.verify(_Tee(stream, out), label)  # type: ignore[arg-type]
+                header, summary = delta.verify(delta.Tee(stream, out), label)  # type: ignore[arg-type]
                 out.flush()
                 os.fsync(out.fileno())
             final = self.directory / deltafiles.file_name(
@@ -124,22 +124,3 @@ class ArchiveSite:
             partial.unlink(missing_ok=True)
         phases.reached("applied")
         return Delivery(header.seq, header.base_seq, summary.data_bytes)
-
-
-class _Tee:
-    """A reader that copies everything read through it into `sink`."""
-
-    def __init__(self, source: BinaryIO, sink: BinaryIO):
-        self.source = source
-        self.sink = sink
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        if data:
-            self.sink.write(data)
-        return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        data = self.read(len(buffer))
-        memoryview(buffer)[: len(data)] = data
-        return len(data)

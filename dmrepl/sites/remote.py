@@ -378,8 +378,8 @@ class RemoteSite:
 
     def receive(self, stream: BinaryIO) -> Delivery:
         """Stream one delta; resume where an earlier, cut-off transfer of it stopped."""
-        recorder = _Recorder(stream)
-        header = delta.read_header(recorder, f"delta for site {self.name}")  # type: ignore[arg-type]
+        kept = io.BytesIO()  # the header, read here to name the delta, is sent too
+        header = delta.read_header(delta.Tee(stream, kept), f"delta for site {self.name}")  # type: ignore[arg-type]
         session = self._connected()
         started = time.monotonic()
         reply = self._request({"op": "receive", "seq": header.seq, "base": header.base_seq})
@@ -387,7 +387,7 @@ class RemoteSite:
         compressor = wire.Compressor(self._spec.codec, self._spec.level)
         bucket = self._bucket(session)
         try:
-            for chunk in _chunks(recorder.consumed, stream, skip):
+            for chunk in _chunks(kept.getvalue(), stream, skip):
                 codec, payload = compressor.encode(chunk)
                 if bucket is not None:
                     bucket.take(len(payload))
@@ -427,28 +427,6 @@ def _delivery(raw: Any) -> Delivery | None:
     if not isinstance(raw, dict):
         return None
     return Delivery(int(raw["seq"]), raw.get("base"), int(raw.get("data_bytes", 0)))
-
-
-class _Recorder:
-    """A reader that keeps what was read through it (the header, read to name the delta)."""
-
-    def __init__(self, source: BinaryIO):
-        self.source = source
-        self.kept = io.BytesIO()
-
-    @property
-    def consumed(self) -> bytes:
-        return self.kept.getvalue()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        self.kept.write(data)
-        return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        data = self.read(len(buffer))
-        memoryview(buffer)[: len(data)] = data
-        return len(data)
 
 
 def _chunks(prefix: bytes, stream: BinaryIO, skip: int) -> Iterator[bytes]:
