@@ -20,7 +20,9 @@
 
     [group.db.site.dr]                     # a replica of every device of the group
     transport = "blockdev"                 # blockdev | dir | ssh | nbd
-    policy = "asynchronous"                # the only policy implemented so far
+    policy = "asynchronous"                # asynchronous | synchronous (blockdev) | stall
+    fall_behind = { ios = 1000, size = "64MiB", timeout = "30s" }   # optional limits
+    stall_limit = "60s"                    # longest writers are held for this site
     journal = "/dev/vdh"                   # blockdev: optional; default a file in the state dir
     path = "/srv/dr"                       # dir: where delta files go (instead of replicas)
     [group.db.site.dr.replica]
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
+from dmrepl.policy import DEFAULT_STALL_LIMIT_S, FallBehind, Policy
 from dmrepl.sizing import validate_block_size
 from dmrepl.units import parse_size_sectors
 
@@ -51,8 +54,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/dmrepl")
 DEFAULT_BLOCK = "2MiB"
 DEFAULT_REGION = "512KiB"
 DEFAULT_SPOOL = "4GiB"
-POLICIES = ("asynchronous", "synchronous", "stall")
-IMPLEMENTED_POLICIES = ("asynchronous",)
+POLICIES = tuple(p.value for p in Policy)
 # Names become dm device names and parts of dm UUIDs ("DMREPL-<layer>-<group>.<device>"),
 # so no dots and nothing udev would have to escape.
 NAME_RE = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_+-]{0,63}$")
@@ -66,7 +68,8 @@ MAX_DEVICE_SECTORS = 2**63 // 512  # sector_t: the largest device the kernel add
 MAX_METADATA_SECTORS = 255 * 16320 * 8
 
 _GROUP_KEYS = {"block_size", "device", "site", "spool_size"}
-_SITE_KEYS = frozenset({"transport", "policy"})  # every transport's own come on top
+# Every transport's own keys come on top of these.
+_SITE_KEYS = frozenset({"transport", "policy", "fall_behind", "stall_limit"})
 _DEVICE_KEYS = {
     "origin", "metadata", "metadata_offset", "metadata_size", "block_size", "cow", "cow_size",
     "mirror_legs", "mirror_log", "mirror_log_device", "mirror_region_size",
@@ -113,6 +116,9 @@ class DeviceSpec:
     cow: str | None
     cow_sectors: int | None
     mirror: MirrorSpec | None
+    # Replicas of this device at synchronous sites: legs its mirror layer takes on once
+    # a site has caught up (dmrepl.stack.mirror_target).
+    sync_replicas: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -132,7 +138,11 @@ class SiteSpec:
     group: str
     name: str
     transport: str
-    policy: str
+    policy: str  # a dmrepl.policy.Policy value
+    # Common to every transport, set after the transport's own `parse` (keyword-only, so
+    # the transports' positional fields come right after `policy`).
+    fall_behind: FallBehind = dataclasses.field(default=FallBehind(), kw_only=True)
+    stall_limit_s: float = dataclasses.field(default=DEFAULT_STALL_LIMIT_S, kw_only=True)
 
     @property
     def key(self) -> str:
@@ -266,6 +276,12 @@ def parse_config(text: str, path: Path) -> Config:
     return Config(path=path, state_dir=state_dir, groups=groups, receive=grants)
 
 
+def _with_sync_legs(device: DeviceSpec, sites: list[SiteSpec]) -> DeviceSpec:
+    """The device with the replicas synchronous sites keep of it (their mirror legs)."""
+    legs = tuple(getattr(site, "replicas", {}).get(device.name) for site in sites)
+    return dataclasses.replace(device, sync_replicas=tuple(leg for leg in legs if leg))
+
+
 def _size_limit(field: str) -> tuple[int, str]:
     """The largest value a size field may take, in sectors, and how to say it."""
     if field == "metadata_size":
@@ -390,6 +406,9 @@ class FieldReader:
         # not wrong, and saying so would be a second, misleading problem.
         names = list(devices_raw)
         sites = [self.site(name, s, r, names) for s, r in sites_raw.items()]
+        synchronous = [s for s in sites if s is not None and s.policy == Policy.SYNCHRONOUS]
+        if synchronous:
+            devices = [_with_sync_legs(d, synchronous) for d in devices]
         return GroupSpec(
             name=name,
             devices=tuple(devices),
@@ -425,18 +444,56 @@ class FieldReader:
             self.problem(f"{key}.transport", f"missing (one of {known})")
         elif chosen is None:
             self.problem(f"{key}.transport", f"{transport!r} is not one of {known}")
-        policy = raw.get("policy", "asynchronous")
+        policy = raw.get("policy", Policy.ASYNCHRONOUS.value)
         if policy not in POLICIES:
             self.problem(f"{key}.policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
-        elif policy not in IMPLEMENTED_POLICIES:
-            self.problem(f"{key}.policy", f"{policy!r} is not implemented yet (use asynchronous)")
+        elif policy == Policy.SYNCHRONOUS and chosen is not None and chosen.name != "blockdev":
+            self.problem(
+                f"{key}.policy",
+                f"synchronous needs replicas that are block devices on this host (transport = "
+                f'"blockdev", e.g. an NBD or iSCSI disk); a {chosen.name} site can be '
+                "asynchronous or stall",
+            )
+        fall_behind = self.fall_behind(raw, key)
+        stall_limit = self.duration(raw, "stall_limit", key)
+        if stall_limit is not None and policy != Policy.STALL and not fall_behind.limited:
+            self.problem(
+                f"{key}.stall_limit", 'only used with policy = "stall" or a fall_behind limit'
+            )
         if chosen is None:
             return None
         common = SiteSpec(group, name, chosen.name, str(policy))
         spec = chosen.spec.parse(self, common, raw, devices)
         if spec is None or len(self.problems) > before:
             return None
-        return spec
+        return dataclasses.replace(
+            spec,
+            fall_behind=fall_behind,
+            stall_limit_s=DEFAULT_STALL_LIMIT_S if stall_limit is None else stall_limit,
+        )
+
+    def fall_behind(self, raw: dict[str, Any], key: str) -> FallBehind:
+        """`fall_behind = { ios = N, size = "64MiB", timeout = "30s" }` (any of the three)."""
+        table = raw.get("fall_behind")
+        where = f"{key}.fall_behind"
+        if table is None:
+            return FallBehind()
+        if not isinstance(table, dict) or not table:
+            self.problem(
+                where, 'must be a table like { ios = 1000, size = "64MiB", timeout = "30s" }'
+            )
+            return FallBehind()
+        self.unknown(table, {"ios", "size", "timeout"}, where)
+        ios = table.get("ios")
+        if ios is not None and (isinstance(ios, bool) or not isinstance(ios, int) or ios < 0):
+            self.problem(f"{where}.ios", f"{ios!r} is not a count of writes (0 or more)")
+            ios = None
+        sectors = self.size(table, "size", where)
+        return FallBehind(
+            ios=ios,
+            bytes=None if sectors is None else sectors * 512,
+            seconds=self.duration(table, "timeout", where),
+        )
 
     def duration(self, table: dict[str, Any], field: str, where: str) -> float | None:
         """Seconds, from a number or a string like "90s", "3m", "1h"."""

@@ -16,7 +16,7 @@ from dmrepl.ops import Op, command
 from dmrepl.probe import MetadataHeader, MetadataKind
 from dmrepl.sizing import METADATA_BLOCK_BYTES
 from dmrepl.stack import Layer, LayerSpec, StackSpec
-from dmrepl.tables import TableLine, normalise_table, parse_table, table_devices
+from dmrepl.tables import TableLine, Target, normalise_table, parse_table, table_devices
 
 Resolver = Callable[[str], str | None]  # device path -> "MAJOR:MINOR" (None: no such node)
 
@@ -58,7 +58,16 @@ class StackMismatch(DmreplError):
 
 def table_matches(layer: LayerSpec, running_table: str, resolve: Resolver) -> bool:
     """Whether a running table is the layer's wanted table (devices compared by number)."""
-    wanted = (TableLine(0, layer.length, layer.target),)
+    return any(
+        _target_matches(layer, target, running_table, resolve)
+        for target in (layer.target, *layer.accepted)
+    )
+
+
+def _target_matches(
+    layer: LayerSpec, target: Target, running_table: str, resolve: Resolver
+) -> bool:
+    wanted = (TableLine(0, layer.length, target),)
     ids = {path: resolve(path) for path in table_devices(wanted)}
     known = {path: dev for path, dev in ids.items() if dev is not None}
     if len(known) != len(ids):

@@ -18,8 +18,10 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 
-from dmrepl.config import IMPLEMENTED_POLICIES, NAME_RE, POLICIES, GroupSpec
+from dmrepl.config import NAME_RE, POLICIES, GroupSpec
 from dmrepl.errors import InvalidInput
+
+IMPLEMENTED_POLICIES = POLICIES
 
 TARGETS = ("replicator", "replicator-dev")
 LOG_TYPES = ("default", "ringbuffer")

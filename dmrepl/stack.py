@@ -1,7 +1,7 @@
 """The device stack of one protected device (DESIGN.md section 2), as pure values.
 
     origin                                       the data
-      [<name>-mirror  mirror origin + legs]      optional local synchronous legs
+      [<name>-mirror  mirror origin + legs]      local legs, and synchronous sites' replicas
       <name>-orig     snapshot-origin            lets a cut take a point-in-time snapshot
       <name>-era      era <name>-meta <name>-orig <block>
       <name>          linear <name>-era 0        the gate users mount
@@ -14,10 +14,11 @@ config may not contain dots, so the UUID parses back unambiguously.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
+from itertools import combinations
 
-from dmrepl.config import DeviceSpec
+from dmrepl.config import DEFAULT_REGION, DeviceSpec, MirrorSpec
 from dmrepl.dm import UUID_PREFIX, mapper_path
 from dmrepl.tables import (
     Era,
@@ -29,6 +30,7 @@ from dmrepl.tables import (
     Target,
     render_table,
 )
+from dmrepl.units import parse_size_sectors
 
 
 class Layer(Enum):
@@ -52,6 +54,9 @@ class LayerSpec:
     uuid: str
     length: int
     target: Target
+    # Other tables the layer may run with and still be as configured: the mirror layer
+    # with synchronous sites' replicas joined as legs.
+    accepted: tuple[Target, ...] = ()
 
     @property
     def path(self) -> str:
@@ -79,6 +84,32 @@ class StackSpec:
         if spec is None:
             raise KeyError(f"{self.device.name} has no {layer.value} layer")
         return spec
+
+
+def mirror_target(device: DeviceSpec, joined: tuple[str, ...]) -> Target:
+    """The table of a device's mirror layer with the synchronous replicas `joined` as legs.
+
+    Joined replicas were brought to the origin's exact content while writers were held,
+    so the mirror is loaded `nosync` (no copy). With neither local legs nor joined
+    replicas the layer is a linear pass-through (a mirror needs two legs).
+
+    No handle_errors: with it, a write failing on one leg is held until userspace
+    (dmeventd) reconfigures the mirror, and a plain suspend then fails it with EIO
+    (dm-raid1.c do_failures/hold_bio). Without it the write completes on the surviving
+    legs and status marks the failed leg 'D' until the table is reloaded.
+    """
+    local = device.mirror.legs if device.mirror else ()
+    legs = ((device.origin, 0), *((leg, 0) for leg in (*local, *joined)))
+    if len(legs) == 1:
+        return Linear(device.origin, 0)
+    mirror = device.mirror or MirrorSpec((), "core", None, int(parse_size_sectors(DEFAULT_REGION)))
+    return Mirror(
+        log=mirror.log,
+        log_device=mirror.log_device,
+        region_sectors=mirror.region_sectors,
+        legs=legs,
+        sync="nosync" if joined else None,
+    )
 
 
 def pit_spec(stack: StackSpec, cow: str, chunk_sectors: int = 8) -> LayerSpec:
@@ -137,19 +168,14 @@ def plan_stack(device: DeviceSpec, origin_sectors: int, metadata_sectors: int) -
     meta = spec(Layer.META, metadata_sectors, Linear(device.metadata, device.metadata_offset))
     layers = [meta, spec(Layer.ACCESS, metadata_sectors, Linear(meta.path, 0))]
     below_origin = device.origin
-    if device.mirror:
-        mirror = device.mirror
-        target = Mirror(
-            log=mirror.log,
-            log_device=mirror.log_device,
-            region_sectors=mirror.region_sectors,
-            legs=((device.origin, 0), *((leg, 0) for leg in mirror.legs)),
+    if device.mirror or device.sync_replicas:
+        joined_forms = tuple(
+            mirror_target(device, legs)
+            for count in range(1, len(device.sync_replicas) + 1)
+            for legs in combinations(device.sync_replicas, count)
         )
-        # No handle_errors: with it, a write failing on one leg is held until userspace
-        # (dmeventd) reconfigures the mirror, and a plain suspend then fails it with EIO
-        # (dm-raid1.c do_failures/hold_bio). Without it the write completes on the
-        # surviving legs and status still marks the failed leg 'D'.
-        layers.append(spec(Layer.MIRROR, origin_sectors, target))
+        target = mirror_target(device, ())
+        layers.append(replace(spec(Layer.MIRROR, origin_sectors, target), accepted=joined_forms))
         below_origin = layers[-1].path
     layers.append(spec(Layer.ORIGIN, origin_sectors, SnapshotOrigin(below_origin)))
     era = spec(Layer.ERA, origin_sectors, Era(meta.path, layers[-1].path, device.block_sectors))
