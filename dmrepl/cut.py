@@ -24,6 +24,7 @@ from dmrepl import dm, era, loop, probe, safefile
 from dmrepl.errors import DmreplError
 from dmrepl.executor import Runner
 from dmrepl.ops import Op
+from dmrepl.policy import WriteCounters
 from dmrepl.ranges import Extent, blocks_to_sectors
 from dmrepl.signals import Say, SignalLatch, deferred_signals
 from dmrepl.stack import Layer, LayerSpec, StackSpec, layer_name, pit_spec
@@ -47,8 +48,9 @@ class HeldCut:
     """A cut whose metadata snapshots (and `-pit` images) exist until it is released."""
 
     devices: tuple[DeviceCut, ...]
-    stall_s: float  # how long the gates were suspended
+    stall_s: float  # how long the gates were suspended (by the cut itself)
     latch: SignalLatch
+    counters: dict[str, WriteCounters]  # each gate's write counters at the cut
 
     @property
     def eras(self) -> dict[str, int]:
@@ -105,16 +107,22 @@ class CutStep:
     release: Op | None = None  # run when the held cut is released (in reverse order)
 
 
-def cut_steps(stacks: tuple[StackSpec, ...], cow_for: Mapping[str, str] | None) -> list[CutStep]:
+def cut_steps(
+    stacks: tuple[StackSpec, ...],
+    cow_for: Mapping[str, str] | None,
+    *,
+    gates_held: bool = False,
+) -> list[CutStep]:
     """The commands of a cut, in order (pure: `dmrepl sync --dry-run` prints these).
 
     Gates are suspended first (freezing writers, flushing in-flight I/O); every era then
     closes its era and pins its metadata; with `cow_for` (device -> COW device) each origin
     gets a `-pit` image, loaded while its snapshot-origin is suspended as dm-snapshot
-    requires; finally the gates resume.
+    requires; finally the gates resume. With `gates_held` the caller holds the gates
+    suspended already (dmrepl.replication.hold) and the cut leaves them so.
     """
     steps: list[CutStep] = []
-    for stack in stacks:  # 1. freeze writers (flushes in-flight I/O)
+    for stack in () if gates_held else stacks:  # 1. freeze writers (flushes in-flight I/O)
         gate = stack.require(Layer.GATE).name
         steps.append(CutStep(dm.suspend(gate), undo=dm.resume(gate)))
     for stack in stacks:  # 2. close the era and pin its metadata (era stays active)
@@ -130,7 +138,7 @@ def cut_steps(stacks: tuple[StackSpec, ...], cow_for: Mapping[str, str] | None) 
                 CutStep(dm.create(pit.name, pit.table, pit.uuid), release=dm.remove(pit.name))
             )
             steps.append(CutStep(dm.resume(origin)))
-    for stack in reversed(stacks):  # 4. writers go on
+    for stack in () if gates_held else reversed(stacks):  # 4. writers go on
         steps.append(CutStep(dm.resume(stack.require(Layer.GATE).name)))
     return steps
 
@@ -142,19 +150,25 @@ def held_cut(
     *,
     cow_for: Callable[[StackSpec], str] | None = None,
     say: Say = print,
+    gates_held: bool = False,
 ) -> Iterator[HeldCut]:
     """Take a cut of every stack at once (`cut_steps`) and hold it for the body.
 
     With `cow_for` (device -> COW device), each device also gets a `-pit` image.
     Any failure, SIGINT or SIGTERM undoes every step in reverse; whatever happens,
-    gates are resumed before the body runs and everything is released after it.
+    gates are resumed before the body runs (unless `gates_held`: the caller holds
+    them) and everything is released after it. The gates' write counters are read
+    while they are suspended, so they count exactly the writes before the cut.
     """
     cows = None if cow_for is None else {s.device.name: cow_for(s) for s in stacks}
     with deferred_signals() as latch, ExitStack() as release:
         started = time.monotonic()
         pending: list[Op] = []  # what undoes the steps taken so far (resumes of suspends)
+        counters = gate_counters(stacks) if gates_held else {}
         try:
-            for step in cut_steps(stacks, cows):
+            for index, step in enumerate(cut_steps(stacks, cows, gates_held=gates_held)):
+                if not gates_held and index == len(stacks):  # every gate is suspended
+                    counters = gate_counters(stacks)
                 latch.check()
                 runner.run(step.op)
                 if step.op in pending:
@@ -177,8 +191,15 @@ def held_cut(
             )
             for stack in stacks
         )
-        yield HeldCut(devices, stall, latch)
+        yield HeldCut(devices, stall, latch, counters)
         latch.check()
+
+
+def gate_counters(stacks: tuple[StackSpec, ...]) -> dict[str, WriteCounters]:
+    """Each gate's block-layer write counters now (devices whose sysfs cannot be read are
+    left out: their backlog is then unknown, never guessed)."""
+    found = {s.device.name: probe.write_counters(s.require(Layer.GATE).path) for s in stacks}
+    return {name: counters for name, counters in found.items() if counters is not None}
 
 
 def _last_era(runner: Runner, stack: StackSpec) -> int:

@@ -29,6 +29,11 @@ def create(name: str, table: str, uuid: str) -> Op:
     return command("dmsetup", "create", name, "--uuid", uuid, stdin=table)
 
 
+def load(name: str, table: str) -> Op:
+    """Load `table` as the inactive table of `name`; a suspend and resume make it live."""
+    return command("dmsetup", "load", name, stdin=table)
+
+
 def remove(name: str) -> Op:
     # --retry: udev rules or blkid may hold the node open for a moment after use.
     return command("dmsetup", "remove", "--retry", name)

@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 
 from dmrepl.errors import DmreplError, ExitCode
+from dmrepl.policy import WriteCounters
 
 SYS_DEV_BLOCK = Path("/sys/dev/block")
 
@@ -59,6 +60,19 @@ def dev_id_of(path: str) -> str | None:
     if not stat.S_ISBLK(st.st_mode):
         return None
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def write_counters(path: str, sys_dev_block: Path = SYS_DEV_BLOCK) -> WriteCounters | None:
+    """The block layer's count of completed writes and sectors written to `path` since the
+    device was created (fields 5 and 7 of its sysfs `stat`); None if it cannot be read."""
+    dev_id = dev_id_of(path)
+    if dev_id is None:
+        return None
+    try:
+        fields = (sys_dev_block / dev_id / "stat").read_text().split()
+        return WriteCounters(int(fields[4]), int(fields[6]))
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def probe_block_device(path: str, *, role: str) -> BlockDevice:

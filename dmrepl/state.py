@@ -14,10 +14,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from dmrepl import safefile
 from dmrepl.errors import DmreplError, ExitCode
+from dmrepl.policy import WriteCounters
 from dmrepl.statedir import StateDir
 
 SCHEMA = """
@@ -121,6 +123,51 @@ CREATE TABLE IF NOT EXISTS transfers (
     PRIMARY KEY (grp, site)
 );
 """
+# Added with the fall-behind policies: each gate's write counters as a cut saw them, and
+# each site's policy mode with how often it switched.
+POLICY_TABLES = """
+CREATE TABLE IF NOT EXISTS cut_counters (
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    write_ios INTEGER NOT NULL,
+    write_sectors INTEGER NOT NULL,
+    PRIMARY KEY (grp, seq, device)
+);
+CREATE TABLE IF NOT EXISTS site_modes (
+    grp TEXT NOT NULL,
+    site TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    since REAL NOT NULL,
+    reason TEXT NOT NULL,
+    enforced INTEGER NOT NULL DEFAULT 0,
+    released INTEGER NOT NULL DEFAULT 0,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (grp, site)
+);
+"""
+
+
+class SiteMode(StrEnum):
+    """How a site is driven now (dmrepl.policy)."""
+
+    NORMAL = "normal"  # by its policy
+    ENFORCED = "enforced"  # over its fall-behind limit: driven synchronously
+    DROPPED = "dropped"  # writers were held for it longer than stall_limit: not held again
+    # until it has caught up
+
+
+@dataclass(frozen=True)
+class SiteModeRecord:
+    mode: SiteMode
+    since: float
+    reason: str
+    enforced: int  # times switched to synchronous behaviour
+    released: int  # times switched back
+    dropped: int  # times dropped after holding writers for stall_limit
+
+
+NORMAL_MODE = SiteModeRecord(SiteMode.NORMAL, 0.0, "", 0, 0, 0)
 
 
 class StateStoreError(DmreplError):
@@ -248,7 +295,7 @@ class StateStore:
         db = sqlite3.connect(self.path)
         try:
             _quick_check(db)
-            db.executescript(SCHEMA + TRANSFERS)
+            db.executescript(SCHEMA + TRANSFERS + POLICY_TABLES)
         except BaseException:
             db.close()
             raise
@@ -295,9 +342,15 @@ class StateStore:
         return int(last) + 1
 
     def record_cut(
-        self, group: str, eras: dict[str, int], stall_s: float, seq: int | None = None
+        self,
+        group: str,
+        eras: dict[str, int],
+        stall_s: float,
+        seq: int | None = None,
+        counters: dict[str, WriteCounters] | None = None,
     ) -> CutRecord:
-        """Store a new cut (by default with the next sequence number of its group)."""
+        """Store a new cut (by default with the next sequence number of its group), with
+        the gates' write counters as the cut saw them when they were read."""
         with self.db:
             seq = self.next_cut_seq(group) if seq is None else seq
             record = CutRecord(group, seq, time.time(), stall_s, dict(eras))
@@ -309,7 +362,52 @@ class StateStore:
                 "INSERT INTO cut_devices (grp, seq, device, era) VALUES (?, ?, ?, ?)",
                 [(group, record.seq, device, era) for device, era in eras.items()],
             )
+            self.db.executemany(
+                "INSERT INTO cut_counters (grp, seq, device, write_ios, write_sectors) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(group, record.seq, d, c.ios, c.sectors) for d, c in (counters or {}).items()],
+            )
         return record
+
+    def cut_counters(self, group: str, seq: int) -> dict[str, WriteCounters]:
+        """Each gate's write counters at cut `seq` (empty: not recorded)."""
+        try:
+            rows = self.db.execute(
+                "SELECT device, write_ios, write_sectors FROM cut_counters "
+                "WHERE grp = ? AND seq = ?",
+                (group, seq),
+            ).fetchall()
+        except sqlite3.OperationalError:  # a store from before the table (read-only)
+            return {}
+        return {device: WriteCounters(ios, sectors) for device, ios, sectors in rows}
+
+    def site_mode(self, group: str, site: str) -> SiteModeRecord:
+        try:
+            row = self.db.execute(
+                "SELECT mode, since, reason, enforced, released, dropped FROM site_modes "
+                "WHERE grp = ? AND site = ?",
+                (group, site),
+            ).fetchone()
+        except sqlite3.OperationalError:  # a store from before the table (read-only)
+            return NORMAL_MODE
+        if row is None:
+            return NORMAL_MODE
+        return SiteModeRecord(SiteMode(row[0]), *row[1:])
+
+    def switch_mode(self, group: str, site: str, mode: SiteMode, reason: str) -> None:
+        """Record a site's switch to `mode` (and count it)."""
+        counted = {SiteMode.ENFORCED: "enforced", SiteMode.NORMAL: "released"}.get(mode, "dropped")
+        with self.db:
+            self.db.execute(
+                "INSERT INTO site_modes (grp, site, mode, since, reason) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (grp, site) DO UPDATE SET mode = excluded.mode, "
+                "since = excluded.since, reason = excluded.reason",
+                (group, site, mode.value, time.time(), reason),
+            )
+            self.db.execute(
+                f"UPDATE site_modes SET {counted} = {counted} + 1 WHERE grp = ? AND site = ?",
+                (group, site),
+            )
 
     def cuts(self, group: str, limit: int = 20) -> list[CutRecord]:
         """The group's latest cuts, newest first."""

@@ -29,6 +29,7 @@ from dmrepl.errors import DmreplError, ExitCode, Interrupted, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.rebuild import apply_dir
 from dmrepl.replication import cycle
+from dmrepl.replication.backlog import drain_due
 from dmrepl.replication.dryrun import preview
 from dmrepl.replication.loop import parse_interval, run_cycles
 from dmrepl.serve import serve
@@ -146,7 +147,14 @@ def run(
         render_error(error)
         return int(error.exit_code)
 
-    code = run_cycles(one_cycle, seconds, on_error=None if Options.debug else report)
+    loaded = load_config(config)
+    watched = loaded.select(group)
+    code = run_cycles(
+        one_cycle,
+        seconds,
+        on_error=None if Options.debug else report,
+        due=lambda: drain_due(loaded, watched),
+    )
     err.print("stopped", markup=False)
     raise typer.Exit(code)
 

@@ -15,26 +15,43 @@ One `sync` of a group, under the group's lock:
    site's cursor moves only after its durable apply. A site that fails is reported
    and skipped; the others go on.
 5. Delete spooled deltas every site has applied.
+
+Policies (dmrepl.policy): a synchronous site whose mirror legs are healthy is marked at
+the cut without a byte shipped; one whose leg failed is detached first and caught up like
+any site. A site over its fall-behind limit, or a stall site whose backlog the spool
+cannot hold, gets a cycle with writers held (dmrepl.replication.hold) from before the cut
+until it has applied the cut, for at most its `stall_limit`; a caught-up synchronous site
+joins its mirror at the end of such a cycle (`sync` runs it right after the catch-up).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dmrepl import blockio, builder, delta, phases
+from dmrepl import blockio, builder, delta, dm, phases
 from dmrepl.changes import next_cut_seq, require_running
 from dmrepl.config import Config, GroupSpec
-from dmrepl.cut import HeldCut, check_pits, cow_devices, held_cut, recover, recover_cows
+from dmrepl.cut import (
+    HeldCut,
+    check_pits,
+    cow_devices,
+    gate_counters,
+    held_cut,
+    recover,
+    recover_cows,
+)
 from dmrepl.errors import InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.lock import group_lock
-from dmrepl.replication import capture
+from dmrepl.policy import Policy
+from dmrepl.replication import backlog, capture, synchronous
 from dmrepl.replication.capture import ProgressFactory, no_progress
+from dmrepl.replication.hold import WriterHold, writers_held
 from dmrepl.replication.plan import (
     Capture,
     CyclePlan,
@@ -46,6 +63,7 @@ from dmrepl.replication.plan import (
     plan_cycle,
     prunable,
 )
+from dmrepl.replication.synchronous import LegsState
 from dmrepl.signals import Say
 from dmrepl.sites import (
     Delivery,
@@ -57,8 +75,11 @@ from dmrepl.sites import (
 )
 from dmrepl.sites.base import FAILED_STATES
 from dmrepl.spool import Spool
-from dmrepl.state import CutRecord, StateStore, TransferRecord
+from dmrepl.stack import Layer
+from dmrepl.state import CutRecord, SiteMode, StateStore, TransferRecord
 from dmrepl.statedir import StateDir
+
+AWAIT_POLL_S = 1.0  # how often a stall site that is down is asked again while writers wait
 
 
 @dataclass
@@ -70,6 +91,7 @@ class SiteReport:
     delivered: list[Delivery] = field(default_factory=list)
     seeded: blockio.CopyStats | None = None
     detail: str = ""
+    mirrored: bool = False  # synchronous: its replicas are mirror legs at the cut
 
 
 @dataclass
@@ -81,6 +103,8 @@ class SyncResult:
     spooled_bytes: int  # size of the delta added to the spool (0 if none)
     spool_bytes: int  # spool use after the cycle
     sites: list[SiteReport]
+    held_s: float = 0.0  # how long writers were held for draining or joining sites
+    joined: tuple[str, ...] = ()  # synchronous sites that joined their mirrors
 
 
 def sync(
@@ -98,13 +122,42 @@ def sync(
     with group_lock(config.state_dir, group, "sync"):
         store = StateStore(config.state_dir)
         try:
-            cycle = Cycle(runner, config, spec, store, say, progress)
-            try:
-                return cycle.run(set(seed_sites), target_zeroed)
-            finally:
-                cycle.close()
+            result = _one_cycle(
+                runner, config, spec, store, say, progress, seed_sites, target_zeroed
+            )
+            joining = tuple(
+                site.site
+                for site in result.sites
+                if spec.site(site.site).policy == Policy.SYNCHRONOUS
+                and site.state == SiteState.IN_SYNC
+                and site.cursor == result.cut.seq
+                and not site.mirrored
+            )
+            if not joining:
+                return result
+            # Caught up: one more cut, shipped while writers are held, then the mirror.
+            say(f"{', '.join(joining)} caught up: joining the mirror with writers held")
+            return _one_cycle(runner, config, spec, store, say, progress, (), False, joining)
         finally:
             store.close()
+
+
+def _one_cycle(
+    runner: Runner,
+    config: Config,
+    spec: GroupSpec,
+    store: StateStore,
+    say: Say,
+    progress: ProgressFactory,
+    seed_sites: tuple[str, ...],
+    target_zeroed: bool,
+    join: tuple[str, ...] = (),
+) -> SyncResult:
+    cycle = Cycle(runner, config, spec, store, say, progress)
+    try:
+        return cycle.run(set(seed_sites), target_zeroed, join=join)
+    finally:
+        cycle.close()
 
 
 def checked_request(config: Config, group: str, seed_sites: tuple[str, ...]) -> GroupSpec:
@@ -148,42 +201,53 @@ class Cycle:
         }
         self.cursors: dict[str, int | None] = {}  # the cursors this cycle knows, kept current
         self.cleanup = ExitStack()
+        self.specs = {s.name: s for s in spec.sites}
+        self.mirrored: set[str] = set()  # synchronous sites whose legs are joined and healthy
 
-    def run(self, force_seed: set[str], target_zeroed: bool) -> SyncResult:
+    def run(
+        self, force_seed: set[str], target_zeroed: bool, *, join: tuple[str, ...] = ()
+    ) -> SyncResult:
         recovered = recover(self.runner, self.stacks, self.observed, self.say)
         recovered += recover_cows(self.runner, self.stacks, self.config.state_dir, self.say)
         latest = self.store.cuts(self.spec.name, limit=1)
         for orphan in self.spool.remove_orphans(latest[0].seq if latest else 0):
             recovered.append(f"removed {orphan.name} (capture of a cut never recorded)")
+        self._synchronous_legs(force_seed)
         observed = self.observe(recovered, force_seed)
-        plan = plan_cycle(observed)
+        drains = self._drains(observed, latest[0].seq if latest else None)
+        held_for = sorted({*drains, *join})
         seq = next_cut_seq(self.store, self.spec.name, self.sites.values())
         self.spool.prepare()
-        with self.cleanup:  # unpublished captures are deleted on the way out
-            with ExitStack() as resources:
-                cow = resources.enter_context(
-                    cow_devices(self.runner, self.stacks, self.config.state_dir)
+        held_s = 0.0
+        joined: tuple[str, ...] = ()
+        with ExitStack() as holding:
+            hold = None
+            if held_for:
+                bound = min(self.specs[name].stall_limit_s for name in held_for)
+                self.say(
+                    f"holding writers until {', '.join(held_for)} has the cut (at most {bound:g} s)"
                 )
-                held = resources.enter_context(
-                    held_cut(self.runner, self.stacks, cow_for=cow, say=self.say)
+                hold = holding.enter_context(
+                    writers_held(self.runner, self.stacks, bound, self.say)
                 )
-                changed, publishers, marks = self._capture(held, seq, plan, observed)
-                self._seed_by_compare(held, seq, plan, target_zeroed, marks)
-                check_pits(self.runner, held)  # an overflowed image voids everything read
-                phases.reached("captured")
-                for publish in publishers:
-                    publish()
-            record = self.store.record_cut(self.spec.name, held.eras, held.stall_s, seq=seq)
-            # A seed is marked only once its cut is recorded: a site never holds an unknown cut.
-            for name, mark in marks.items():
-                try:
-                    mark(seq)
-                except SiteFailure as exc:
-                    self._site_failed(name, exc)
-                    continue
-                self._set_cursor(name, seq)
+                observed = self._await_stalled(observed, drains, recovered, hold)
+            plan = plan_cycle(observed)
+            record, changed = self._cut(
+                plan, observed, seq, target_zeroed, hold is not None, set(held_for)
+            )
+            self._mark_mirrored(seq)
+            for name in held_for:
+                self._ship(name, seq)
+            if hold is not None:
+                joined = self._join(join, seq, hold)
+                hold.release()
+                held_s = hold.held_s
+                self.say(f"writers held {held_s * 1000:.0f} ms")
+                self._drop_unfinished(held_for, seq, hold)
         for name in self.sites:
-            self._ship(name, seq)
+            if name not in held_for and name not in self.mirrored:
+                self._ship(name, seq)
+        self._release_enforced()
         spool = self.spool.chain_deltas()
         self.spool.delete(prunable(spool, list(self.cursors.values())))
         remaining = self.spool.chain_deltas()
@@ -195,7 +259,50 @@ class Cycle:
             spooled_bytes=sum(f.size for f in remaining if f.seq == seq),
             spool_bytes=sum(f.size for f in remaining),
             sites=list(self.reports.values()),
+            held_s=held_s,
+            joined=joined,
         )
+
+    def _cut(
+        self,
+        plan: CyclePlan,
+        observed: Observed,
+        seq: int,
+        target_zeroed: bool,
+        gates_held: bool,
+        protected: set[str],
+    ) -> tuple[CutRecord, int]:
+        """Cut, capture into the spool, record the cut, mark the seeds; (record, changed).
+
+        `protected`: sites writers are held for, whose unapplied deltas are not evicted."""
+        with self.cleanup:  # unpublished captures are deleted on the way out
+            with ExitStack() as resources:
+                cow = resources.enter_context(
+                    cow_devices(self.runner, self.stacks, self.config.state_dir)
+                )
+                held = resources.enter_context(
+                    held_cut(
+                        self.runner, self.stacks, cow_for=cow, say=self.say, gates_held=gates_held
+                    )
+                )
+                changed, publishers, marks = self._capture(held, seq, plan, observed, protected)
+                self._seed_by_compare(held, seq, plan, target_zeroed, marks)
+                check_pits(self.runner, held)  # an overflowed image voids everything read
+                phases.reached("captured")
+                for publish in publishers:
+                    publish()
+            record = self.store.record_cut(
+                self.spec.name, held.eras, held.stall_s, seq=seq, counters=held.counters
+            )
+            # A seed is marked only once its cut is recorded: a site never holds an unknown cut.
+            for name, mark in marks.items():
+                try:
+                    mark(seq)
+                except SiteFailure as exc:
+                    self._site_failed(name, exc)
+                    continue
+                self._set_cursor(name, seq)
+        return record, changed
 
     def close(self) -> None:
         """Close every site's connection (a remote receiver then exits)."""
@@ -205,7 +312,11 @@ class Cycle:
     # -- 1. observe (and let each site finish what an interrupted run committed)
 
     def observe(self, recovered: list[str], force_seed: set[str]) -> Observed:
-        views = [self._observe_site(name, recovered, name in force_seed) for name in self.sites]
+        views = [
+            self._observe_site(name, recovered, name in force_seed)
+            for name in self.sites
+            if name not in self.mirrored  # marked at the cut: their mirror legs have it
+        ]
         return Observed(tuple(views), tuple(self.spool.chain_deltas()), self.spec.spool_bytes)
 
     def _observe_site(self, name: str, recovered: list[str], force_seed: bool) -> SiteView:
@@ -259,7 +370,7 @@ class Cycle:
     # -- 2. capture while the cut is held
 
     def _capture(
-        self, held: HeldCut, seq: int, plan: CyclePlan, observed: Observed
+        self, held: HeldCut, seq: int, plan: CyclePlan, observed: Observed, protected: set[str]
     ) -> tuple[int, list[Callable[[], None]], dict[str, Callable[[int], None]]]:
         """Stage the chain delta, resync deltas and full-image seeds under temporary names.
         Returns the bytes changed since the head, the publishers, and the seeds' marks."""
@@ -274,7 +385,7 @@ class Cycle:
             changed = capture.total_bytes(ranges)
             head = capture.header(self.spec.name, held, seq, base)
             size = capture.encoded_size(head, ranges)
-            final = finalize(plan, observed, size)
+            final = finalize(plan, observed, size, protected=frozenset(protected))
             if final.over_cap:
                 self.say(
                     f"the delta of cut {seq} ({size} bytes) exceeds the spool cap "
@@ -404,6 +515,190 @@ class Cycle:
                 ),
             )  # fmt: skip
         return True
+
+    # -- policies: synchronous legs, fall-behind limits, stall
+
+    def _synchronous_legs(self, force_seed: set[str]) -> None:
+        """Find the synchronous sites whose legs are joined and healthy (they are marked at
+        the cut); detach every leg of a site one of whose legs failed (it catches up by era
+        from the last cut it was marked at). A site being seeded is detached too."""
+        for spec in self.spec.sites:
+            if spec.policy != Policy.SYNCHRONOUS:
+                continue
+            replicas = getattr(spec, "replicas", {})
+            legs = synchronous.observe_legs(
+                self.runner, self.stacks, self.observed, spec.name, replicas
+            )
+            if legs.state is LegsState.JOINED and spec.name not in force_seed:
+                self.mirrored.add(spec.name)
+                continue
+            if legs.state is LegsState.DETACHED:
+                continue
+            why = "re-seeding it" if legs.state is LegsState.JOINED else legs.describe_failure()
+            self._detach(spec.name, replicas, why)
+
+    def _detach(self, name: str, replicas: Mapping[str, str], why: str) -> None:
+        joined = synchronous.joined_replicas(self.stacks, dm.observe(self.runner).owned)
+        mine = set(replicas.values())
+        synchronous.set_legs(
+            self.runner,
+            self.stacks,
+            {device: tuple(r for r in legs if r not in mine) for device, legs in joined.items()},
+        )
+        text = f"left the mirror ({why}): asynchronous from its last cut until it has caught up"
+        self.say(f"site {name}: {text}")
+        self.store.record(self.spec.name, "", "synchronous", f"site {name} {text}")
+
+    def _mark_mirrored(self, seq: int) -> None:
+        """A joined site whose legs are still healthy after the cut held it at the cut."""
+        for name in sorted(self.mirrored):
+            spec, report = self.specs[name], self.reports[name]
+            replicas = getattr(spec, "replicas", {})
+            if synchronous.leg_failed(self.runner, self.stacks, replicas):
+                self.mirrored.discard(name)
+                self._detach(name, replicas, "a leg failed during the cycle")
+                report.state, report.detail = SiteState.BEHIND, "left the mirror; catches up next"
+                continue
+            seeder = self.sites[name].compare_seeder()
+            assert seeder is not None  # a synchronous site is a blockdev site
+            try:
+                seeder.mark_seeded(seq)
+            except SiteFailure as exc:
+                self._site_failed(name, exc)
+                continue
+            self._set_cursor(name, seq)
+            report.state, report.mirrored = SiteState.IN_SYNC, True
+            report.detail = "synchronous: its replicas are mirror legs"
+
+    def _join(self, join: tuple[str, ...], seq: int, hold: WriterHold) -> tuple[str, ...]:
+        """Make the caught-up sites' replicas mirror legs while writers are still held (so
+        each replica is exactly its origin: no copy is needed)."""
+        ready = [n for n in join if self.cursors.get(n) == seq and n not in self.mirrored]
+        for name in sorted(set(join) - set(ready)):
+            self.say(f"site {name}: not at cut {seq}; it stays asynchronous for now")
+        if not ready:
+            return ()
+        with hold.while_held() as held:
+            if not held:
+                self.say(
+                    f"{', '.join(ready)}: writers were released before the join; retried later"
+                )
+                return ()
+            joined = synchronous.joined_replicas(self.stacks, dm.observe(self.runner).owned)
+            unsynced = [
+                stack.device.name
+                for stack in self.stacks
+                if (status := synchronous.mirror_status(
+                    self.runner, stack.require(Layer.MIRROR).name)) is not None
+                and not status.in_sync
+            ]  # fmt: skip
+            if unsynced:
+                self.say(
+                    f"{', '.join(ready)}: the mirror of {', '.join(unsynced)} is still "
+                    "resynchronising its local legs; joining later"
+                )
+                return ()
+            for name in ready:
+                replicas = getattr(self.specs[name], "replicas", {})
+                for device in joined:
+                    joined[device] += (replicas[device],)
+            synchronous.set_legs(self.runner, self.stacks, joined)
+        for name in ready:
+            text = f"joined the mirror at cut {seq}: synchronous"
+            self.say(f"site {name}: {text}")
+            self.store.record(self.spec.name, "", "synchronous", f"site {name} {text}")
+            self.reports[name].mirrored = True
+            self.reports[name].detail = "synchronous: its replicas are mirror legs"
+        return tuple(ready)
+
+    def _drains(self, observed: Observed, latest: int | None) -> dict[str, str]:
+        """Sites writers are held for this cycle, and why: over a fall-behind limit, or a
+        stall site whose backlog the spool cannot hold. Logs and counts each switch."""
+        now = gate_counters(self.stacks)
+        at_latest = {} if latest is None else self.store.cut_counters(self.spec.name, latest)
+        blocks = {s.device.name: s.device.block_sectors * 512 for s in self.stacks}
+        next_delta = backlog.next_delta_bound(now, at_latest, blocks)
+        drains: dict[str, str] = {}
+        for view in observed.sites:
+            spec = self.specs[view.name]
+            mode = self.store.site_mode(self.spec.name, view.name).mode
+            if mode is SiteMode.DROPPED:
+                if view.reachable and view.cursor is not None and view.cursor == latest:
+                    self._switch(view.name, SiteMode.NORMAL, "caught up after being dropped")
+                continue  # not held for again until it has caught up
+            if view.cursor is None or view.force_seed:
+                continue
+            behind = backlog.site_backlog(self.store, self.spec.name, view.cursor, now)
+            reason = spec.fall_behind.exceeded(behind) if behind is not None else None
+            if reason is None and spec.policy == Policy.STALL and next_delta is not None:
+                pending = backlog.pending_bytes(observed.spool, view.cursor)
+                if pending + next_delta > observed.cap_bytes:
+                    reason = (
+                        f"the spool ({observed.cap_bytes} bytes) may not hold its backlog "
+                        f"({pending} bytes spooled, up to {next_delta} more)"
+                    )
+            if reason is None or (not view.reachable and spec.policy != Policy.STALL):
+                continue  # a down asynchronous site is never waited for
+            if mode is not SiteMode.ENFORCED:
+                self._switch(view.name, SiteMode.ENFORCED, reason)
+            drains[view.name] = reason
+        return drains
+
+    def _await_stalled(
+        self, observed: Observed, drains: Mapping[str, str], recovered: list[str], hold: WriterHold
+    ) -> Observed:
+        """Wait (writers held) for stall sites that are down, until they answer or the
+        bound passes; returns the observation with those that came back."""
+        waiting = {v.name for v in observed.sites if v.name in drains and not v.reachable}
+        views = {v.name: v for v in observed.sites}
+        while waiting and hold.active:
+            time.sleep(AWAIT_POLL_S)
+            for name in sorted(waiting):
+                view = self._observe_site(name, recovered, False)
+                if view.reachable:
+                    self.say(f"site {name}: reachable again")
+                    views[name] = view
+                    waiting.discard(name)
+        return Observed(tuple(views.values()), observed.spool, observed.cap_bytes)
+
+    def _drop_unfinished(self, held_for: list[str], seq: int, hold: WriterHold) -> None:
+        """Sites writers were held for past the bound, still without the cut: dropped."""
+        if not hold.expired:
+            return
+        for name in held_for:
+            if self.cursors.get(name) == seq or name in self.mirrored:
+                continue
+            self._switch(
+                name,
+                SiteMode.DROPPED,
+                f"did not have cut {seq} after writers were held {hold.bound_s:g} s "
+                "(stall_limit): writers go on; it resyncs when back",
+            )
+
+    def _release_enforced(self) -> None:
+        """Sites driven synchronously that are at or under their limits again."""
+        now = gate_counters(self.stacks)
+        for name, spec in self.specs.items():
+            if self.store.site_mode(self.spec.name, name).mode is not SiteMode.ENFORCED:
+                continue
+            behind = backlog.site_backlog(self.store, self.spec.name, self.cursors.get(name), now)
+            if behind is not None and spec.fall_behind.exceeded(behind) is None:
+                self._switch(
+                    name,
+                    SiteMode.NORMAL,
+                    f"{behind.ios} writes ({behind.bytes} bytes) behind: "
+                    f"within its limits ({spec.fall_behind.describe()})",
+                )
+
+    def _switch(self, site: str, mode: SiteMode, reason: str) -> None:
+        words = {
+            SiteMode.ENFORCED: "driven synchronously (writers held while it catches up)",
+            SiteMode.NORMAL: f"back to {self.specs[site].policy}",
+            SiteMode.DROPPED: "dropped",
+        }[mode]
+        self.say(f"site {site}: {words}: {reason}")
+        self.store.switch_mode(self.spec.name, site, mode, reason)
+        self.store.record(self.spec.name, "", "policy", f"site {site} {words}: {reason}")
 
     # -- bookkeeping
 

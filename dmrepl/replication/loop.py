@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -42,8 +43,13 @@ def run_cycles(
     *,
     on_error: Callable[[DmreplError], int] | None,
     stop: threading.Event | None = None,
+    due: Callable[[], bool] | None = None,
+    poll_s: float = 1.0,
 ) -> int:
     """Call `cycle` every `interval_s` seconds until `stop` is set; the last cycle's exit code.
+
+    `due` is asked every `poll_s` seconds while waiting: True starts the next cycle at once
+    (a site over its fall-behind limit is driven by cycles back to back).
 
     SIGTERM and SIGINT set `stop` while the loop runs (call it from the main thread).
     A cycle's `DmreplError` goes to `on_error`, whose return value is that cycle's exit
@@ -62,8 +68,27 @@ def run_cycles(
                 if isinstance(error, Interrupted):
                     break
                 code = on_error(error)
-            stop.wait(interval_s)
+            _wait(stop, interval_s, due, poll_s)
     return code
+
+
+def _wait(
+    stop: threading.Event, interval_s: float, due: Callable[[], bool] | None, poll_s: float
+) -> None:
+    """Until the interval has passed, `stop` is set, or `due()` says a cycle is needed."""
+    if due is None:
+        stop.wait(interval_s)
+        return
+    deadline = time.monotonic() + interval_s
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0 or stop.wait(min(poll_s, left)):
+            return
+        try:
+            if due():
+                return
+        except (DmreplError, OSError):
+            pass  # the cycle itself reports what is wrong
 
 
 @contextmanager

@@ -97,22 +97,42 @@ class Capture:
     over_cap: bool  # the chain delta alone is larger than the spool cap
 
 
-def finalize(plan: CyclePlan, observed: Observed, chain_bytes: int) -> Capture:
+def finalize(
+    plan: CyclePlan,
+    observed: Observed,
+    chain_bytes: int,
+    *,
+    protected: frozenset[str] = frozenset(),
+) -> Capture:
     """Fit the chain delta (`chain_bytes` encoded) under the cap; sites it no longer
-    reaches resync from their own cursor."""
+    reaches resync from their own cursor.
+
+    `protected` sites are draining with writers held (the stall policy): nothing they
+    still need is evicted and their chain delta is captured even past the cap, which
+    they bring back under once they have applied it."""
     if plan.head is None:
         return Capture(False, (), dict(plan.resyncs), False)
-    over_cap = chain_bytes > observed.cap_bytes
+    views = {s.name: s for s in observed.sites}
+    keep_from = min(
+        (
+            views[name].cursor or 0
+            for name in plan.followers
+            if name in protected and views[name].reachable
+        ),
+        default=None,
+    )  # the oldest cut a protected follower is at: later deltas stay
+    over_cap = chain_bytes > observed.cap_bytes and keep_from is None
     kept = list(observed.spool)
     evict: list[DeltaFile] = []
     if not over_cap:
         used = sum(f.size for f in kept)
         while kept and used + chain_bytes > observed.cap_bytes:
+            if keep_from is not None and kept[0].seq > keep_from:
+                break
             oldest = kept.pop(0)
             used -= oldest.size
             evict.append(oldest)
     resyncs = dict(plan.resyncs)
-    views = {s.name: s for s in observed.sites}
     for name in plan.followers:
         site = views[name]
         if not site.reachable or site.cursor is None:

@@ -128,6 +128,8 @@ def _table(name: str, fields: dict[str, object]) -> list[str]:
             rendered = "[" + ", ".join(f'"{v}"' for v in value) + "]"
         elif isinstance(value, bool):
             rendered = str(value).lower()
+        elif isinstance(value, int):
+            rendered = str(value)
         else:
             rendered = f'"{value}"'
         lines.append(f"{key} = {rendered}")

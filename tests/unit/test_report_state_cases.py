@@ -503,7 +503,7 @@ def _full_mid_cycle(w: Path, stack: contextlib.ExitStack) -> None:
         def __init__(self, *_args: object) -> None:
             pass
 
-        def run(self, *_args: object) -> None:
+        def run(self, *_args: object, **_kwargs: object) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
 
         def close(self) -> None:
