@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,9 +212,9 @@ class Cycle:
         latest = self.store.cuts(self.spec.name, limit=1)
         for orphan in self.spool.remove_orphans(latest[0].seq if latest else 0):
             recovered.append(f"removed {orphan.name} (capture of a cut never recorded)")
-        self._synchronous_legs(force_seed)
-        observed = self.observe(recovered, force_seed)
-        drains = self._drains(observed, latest[0].seq if latest else None)
+        # Decided from the store's cursors before any site is asked, so that writers are
+        # held as early as possible: the backlog cannot grow while the sites answer.
+        drains = self._drains(latest[0].seq if latest else None)
         held_for = sorted({*drains, *join})
         seq = next_cut_seq(self.store, self.spec.name, self.sites.values())
         self.spool.prepare()
@@ -230,11 +230,14 @@ class Cycle:
                 hold = holding.enter_context(
                     writers_held(self.runner, self.stacks, bound, self.say)
                 )
-                observed = self._await_stalled(observed, drains, recovered, hold)
+            self._synchronous_legs(force_seed)
+            observed = self.observe(recovered, force_seed)
+            if hold is not None:
+                held_for = self._not_waited_for(held_for, observed, hold)
+                observed = self._await_stalled(observed, held_for, recovered, hold)
+                hold.check()
             plan = plan_cycle(observed)
-            record, changed = self._cut(
-                plan, observed, seq, target_zeroed, hold is not None, set(held_for)
-            )
+            record, changed = self._cut(plan, observed, seq, target_zeroed, hold, set(held_for))
             self._mark_mirrored(seq)
             for name in held_for:
                 self._ship(name, seq)
@@ -247,7 +250,7 @@ class Cycle:
         for name in self.sites:
             if name not in held_for and name not in self.mirrored:
                 self._ship(name, seq)
-        self._release_enforced()
+        self._release_enforced(seq)
         spool = self.spool.chain_deltas()
         self.spool.delete(prunable(spool, list(self.cursors.values())))
         remaining = self.spool.chain_deltas()
@@ -269,22 +272,26 @@ class Cycle:
         observed: Observed,
         seq: int,
         target_zeroed: bool,
-        gates_held: bool,
+        hold: WriterHold | None,
         protected: set[str],
     ) -> tuple[CutRecord, int]:
         """Cut, capture into the spool, record the cut, mark the seeds; (record, changed).
 
-        `protected`: sites writers are held for, whose unapplied deltas are not evicted."""
+        `protected`: sites writers are held for, whose unapplied deltas are not evicted.
+        The cut's steps run under the hold's lock: its bound cannot resume the gates half
+        way through them, and once it has, the cut suspends them itself."""
         with self.cleanup:  # unpublished captures are deleted on the way out
             with ExitStack() as resources:
                 cow = resources.enter_context(
                     cow_devices(self.runner, self.stacks, self.config.state_dir)
                 )
-                held = resources.enter_context(
-                    held_cut(
-                        self.runner, self.stacks, cow_for=cow, say=self.say, gates_held=gates_held
-                    )
-                )
+                with hold.while_held() if hold is not None else nullcontext(False) as held_now:
+                    held = resources.enter_context(
+                        held_cut(
+                            self.runner, self.stacks, cow_for=cow, say=self.say,
+                            gates_held=held_now,
+                        )
+                    )  # fmt: skip
                 changed, publishers, marks = self._capture(held, seq, plan, observed, protected)
                 self._seed_by_compare(held, seq, plan, target_zeroed, marks)
                 check_pits(self.runner, held)  # an overflowed image voids everything read
@@ -611,52 +618,83 @@ class Cycle:
             self.reports[name].detail = "synchronous: its replicas are mirror legs"
         return tuple(ready)
 
-    def _drains(self, observed: Observed, latest: int | None) -> dict[str, str]:
+    def _drains(self, latest: int | None) -> dict[str, str]:
         """Sites writers are held for this cycle, and why: over a fall-behind limit, or a
-        stall site whose backlog the spool cannot hold. Logs and counts each switch."""
-        now = gate_counters(self.stacks)
-        at_latest = {} if latest is None else self.store.cut_counters(self.spec.name, latest)
-        blocks = {s.device.name: s.device.block_sectors * 512 for s in self.stacks}
-        next_delta = backlog.next_delta_bound(now, at_latest, blocks)
+        stall site whose backlog the spool may not hold (from the store's cursors: the
+        sites are asked later). Logs and counts each switch."""
         drains: dict[str, str] = {}
-        for view in observed.sites:
-            spec = self.specs[view.name]
-            mode = self.store.site_mode(self.spec.name, view.name).mode
+        for name, spec in self.specs.items():
+            if spec.policy == Policy.SYNCHRONOUS:
+                continue  # joined: nothing outstanding; detached: it joins once caught up
+            record = self.store.site(self.spec.name, name)
+            cursor = None if record is None else record.seq
+            if cursor is None:
+                continue  # seeded first
+            mode = self.store.site_mode(self.spec.name, name).mode
             if mode is SiteMode.DROPPED:
-                if view.reachable and view.cursor is not None and view.cursor == latest:
-                    self._switch(view.name, SiteMode.NORMAL, "caught up after being dropped")
+                if cursor == latest:
+                    self._switch(name, SiteMode.NORMAL, "caught up after being dropped")
                 continue  # not held for again until it has caught up
-            if view.cursor is None or view.force_seed:
+            reason = self._over_limit(name, cursor, latest)
+            if reason is None:
                 continue
-            behind = backlog.site_backlog(self.store, self.spec.name, view.cursor, now)
-            reason = spec.fall_behind.exceeded(behind) if behind is not None else None
-            if reason is None and spec.policy == Policy.STALL and next_delta is not None:
-                pending = backlog.pending_bytes(observed.spool, view.cursor)
-                if pending + next_delta > observed.cap_bytes:
-                    reason = (
-                        f"the spool ({observed.cap_bytes} bytes) may not hold its backlog "
-                        f"({pending} bytes spooled, up to {next_delta} more)"
-                    )
-            if reason is None or (not view.reachable and spec.policy != Policy.STALL):
-                continue  # a down asynchronous site is never waited for
             if mode is not SiteMode.ENFORCED:
-                self._switch(view.name, SiteMode.ENFORCED, reason)
-            drains[view.name] = reason
+                self._switch(name, SiteMode.ENFORCED, reason)
+            drains[name] = reason
         return drains
 
+    def _over_limit(self, name: str, cursor: int | None, latest: int | None) -> str | None:
+        """Why a site at `cursor` is over its fall-behind limit, or (a stall site) its
+        backlog may not fit the spool; None if neither."""
+        spec = self.specs[name]
+        now = gate_counters(self.stacks)
+        behind = backlog.site_backlog(self.store, self.spec.name, cursor, now)
+        reason = None if behind is None else spec.fall_behind.exceeded(behind)
+        if reason is not None or spec.policy != Policy.STALL or latest is None:
+            return reason
+        blocks = {s.device.name: s.device.block_sectors * 512 for s in self.stacks}
+        at_latest = self.store.cut_counters(self.spec.name, latest)
+        next_delta = backlog.next_delta_bound(now, at_latest, blocks)
+        pending = backlog.pending_bytes(self.spool.chain_deltas(), cursor)
+        if next_delta is None or pending + next_delta <= self.spool.cap_bytes:
+            return None
+        return (
+            f"the spool ({self.spool.cap_bytes} bytes) may not hold its backlog "
+            f"({pending} bytes spooled, up to {next_delta} more)"
+        )
+
+    def _not_waited_for(
+        self, held_for: list[str], observed: Observed, hold: WriterHold
+    ) -> list[str]:
+        """Drop from `held_for` the asynchronous sites that are down (only a stall site is
+        waited for); release the writers at once if no site is left to hold them for."""
+        down = {v.name for v in observed.sites if not v.reachable}
+        kept = [n for n in held_for if n not in down or self.specs[n].policy == Policy.STALL]
+        for name in sorted(set(held_for) - set(kept)):
+            self.say(f"site {name}: down; writers are not held for it")
+        if not kept:
+            hold.release()
+        return kept
+
     def _await_stalled(
-        self, observed: Observed, drains: Mapping[str, str], recovered: list[str], hold: WriterHold
+        self, observed: Observed, held_for: list[str], recovered: list[str], hold: WriterHold
     ) -> Observed:
         """Wait (writers held) for stall sites that are down, until they answer or the
         bound passes; returns the observation with those that came back."""
-        waiting = {v.name for v in observed.sites if v.name in drains and not v.reachable}
+        waiting = {v.name for v in observed.sites if v.name in held_for and not v.reachable}
         views = {v.name: v for v in observed.sites}
         while waiting and hold.active:
             time.sleep(AWAIT_POLL_S)
+            hold.check()
             for name in sorted(waiting):
+                try:
+                    self.sites[name].check()  # quietly: it was reported down once
+                except (SiteFailure, OSError):
+                    continue
                 view = self._observe_site(name, recovered, False)
                 if view.reachable:
                     self.say(f"site {name}: reachable again")
+                    self.reports[name].state, self.reports[name].detail = SiteState.UNKNOWN, ""
                     views[name] = view
                     waiting.discard(name)
         return Observed(tuple(views.values()), observed.spool, observed.cap_bytes)
@@ -675,20 +713,23 @@ class Cycle:
                 "(stall_limit): writers go on; it resyncs when back",
             )
 
-    def _release_enforced(self) -> None:
+    def _release_enforced(self, seq: int) -> None:
         """Sites driven synchronously that are at or under their limits again."""
         now = gate_counters(self.stacks)
         for name, spec in self.specs.items():
             if self.store.site_mode(self.spec.name, name).mode is not SiteMode.ENFORCED:
                 continue
-            behind = backlog.site_backlog(self.store, self.spec.name, self.cursors.get(name), now)
-            if behind is not None and spec.fall_behind.exceeded(behind) is None:
-                self._switch(
-                    name,
-                    SiteMode.NORMAL,
-                    f"{behind.ios} writes ({behind.bytes} bytes) behind: "
-                    f"within its limits ({spec.fall_behind.describe()})",
-                )
+            cursor = self.cursors.get(name)
+            behind = backlog.site_backlog(self.store, self.spec.name, cursor, now)
+            if behind is None or self._over_limit(name, cursor, seq) is not None:
+                continue
+            limits = spec.fall_behind.describe() if spec.fall_behind.limited else "the spool's"
+            self._switch(
+                name,
+                SiteMode.NORMAL,
+                f"at cut {cursor}, {behind.ios} writes ({behind.bytes} bytes) behind: "
+                f"within its limits ({limits})",
+            )
 
     def _switch(self, site: str, mode: SiteMode, reason: str) -> None:
         words = {

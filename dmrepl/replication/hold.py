@@ -9,14 +9,17 @@ gates when `bound_s` has passed, whatever the cycle is doing, and says so.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 
 from dmrepl import dm
+from dmrepl.errors import Interrupted
 from dmrepl.executor import Runner
-from dmrepl.signals import Say
+from dmrepl.signals import Say, SignalLatch
 from dmrepl.stack import Layer, StackSpec
 
 
@@ -28,10 +31,17 @@ class WriterHold:
         self.started = time.monotonic()
         self.expired = False  # the bound passed before the cycle released the writers
         self.held_s = 0.0
+        self.signals: list[int] = []  # SIGINT/SIGTERM/SIGHUP received while held
         self._lock = threading.Lock()
         self._released = False
         self._timer = threading.Timer(bound_s, self._expire)
         self._timer.daemon = True
+
+    def check(self) -> None:
+        """Raise Interrupted if a signal came (the writers are released already)."""
+        if self.signals:
+            name = signal.Signals(self.signals[0]).name
+            raise Interrupted(f"stopped by {name} while writers were held; they were released")
 
     def start(self) -> None:
         """Writers are held from now: start the bound."""
@@ -79,21 +89,36 @@ class WriterHold:
 def writers_held(
     runner: Runner, stacks: tuple[StackSpec, ...], bound_s: float, say: Say
 ) -> Iterator[WriterHold]:
-    """Suspend every gate of the group; resume them on the way out, on any error, or
-    when `bound_s` has passed (whichever comes first)."""
+    """Suspend every gate of the group; resume them on the way out, on any error, on
+    SIGINT/SIGTERM/SIGHUP, or when `bound_s` has passed (whichever comes first).
+
+    A signal releases the writers at once (from a thread: the bound's lock may be held
+    by a cut in progress, which then finishes first) and raises `Interrupted` when the
+    block ends."""
     hold = WriterHold(runner, stacks, bound_s, say)
-    suspended: list[str] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        hold.signals.append(signum)
+        threading.Thread(target=hold.release, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in SignalLatch.SIGNALS}
     try:
-        for stack in stacks:
-            gate = stack.require(Layer.GATE).name
-            runner.run(dm.suspend(gate))
-            suspended.append(gate)
-    except BaseException:
-        for gate in reversed(suspended):
-            runner.run_best_effort(dm.resume(gate))
-        raise
-    hold.start()
-    try:
-        yield hold
+        suspended: list[str] = []
+        try:
+            for stack in stacks:
+                gate = stack.require(Layer.GATE).name
+                runner.run(dm.suspend(gate))
+                suspended.append(gate)
+        except BaseException:
+            for gate in reversed(suspended):
+                runner.run_best_effort(dm.resume(gate))
+            raise
+        hold.start()
+        try:
+            yield hold
+        finally:
+            hold.release()
     finally:
-        hold.release()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    hold.check()

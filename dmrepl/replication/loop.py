@@ -44,7 +44,7 @@ def run_cycles(
     on_error: Callable[[DmreplError], int] | None,
     stop: threading.Event | None = None,
     due: Callable[[], bool] | None = None,
-    poll_s: float = 1.0,
+    poll_s: float = 0.5,
 ) -> int:
     """Call `cycle` every `interval_s` seconds until `stop` is set; the last cycle's exit code.
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
+import pytest
+
 from dmrepl import dm
 from dmrepl.executor import Runner
+from dmrepl.policy import Backlog
 from dmrepl.probe import write_counters
+from dmrepl.replication.backlog import site_backlog
+from dmrepl.state import StateStore
 from tests.kernel.stacks import Bed
 
 MiB = 2**20
@@ -129,3 +138,214 @@ def test_failed_leg_goes_asynchronous_and_rejoins_after_catching_up_by_era(
     assert table.startswith(f"0 {SECTORS_16M} mirror core 2 ") and " nosync " in table, table
     write_direct(gate, 50 * BLOCK, os.urandom(BLOCK))
     assert read_all(replica) == read_all(gate)
+
+
+class Writer(threading.Thread):
+    """Writes 4 KiB O_DIRECT blocks to `path` at about `rate` a second until stopped;
+    records each write's latency."""
+
+    def __init__(self, path: str, rate: float, span_bytes: int):
+        super().__init__(daemon=True)
+        self.path, self.rate, self.span = path, rate, span_bytes
+        self.latencies: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        offset = 0
+        while not self.stop.is_set():
+            self.latencies.append(write_direct(self.path, offset, os.urandom(4096)))
+            offset = (offset + BLOCK) % self.span
+            self.stop.wait(1 / self.rate)
+
+
+def backlog_now(bed: Bed, site: str) -> Backlog | None:
+    store = StateStore.open_readonly(bed.state_dir)
+    if store is None:
+        return None
+    try:
+        record = store.site(bed.group, site)
+        now = {name: write_counters(f"/dev/mapper/{name}") for name in bed.devices}
+        if record is None or any(c is None for c in now.values()):
+            return None
+        return site_backlog(
+            store, bed.group, record.seq, {k: v for k, v in now.items() if v is not None}
+        )
+    finally:
+        store.close()
+
+
+def cuts_recorded(bed: Bed) -> int:
+    store = StateStore.open_readonly(bed.state_dir)
+    if store is None:
+        return 0
+    try:
+        return len(store.cuts(bed.group))
+    finally:
+        store.close()
+
+
+def start_run(bed: Bed) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dmrepl", "run", bed.group, "--interval", "1h",
+         "--config", str(bed.config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def stop_run(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    return stderr
+
+
+POLL_S = 0.5  # the run loop asks whether a site is over its limit this often
+# From a look of the run loop that finds a site over its limit to the writers being held:
+# the cycle's start (a few dmsetup processes: 1-3 s in the guest, milliseconds natively).
+START_S = 3.0
+
+
+@pytest.mark.parametrize("kind", ["ios", "size", "timeout"])
+def test_fall_behind_limit_switches_a_slowed_site_to_synchronous_and_back(
+    bed: Bed,
+    make_loop: Callable[[str, int], str],
+    make_dm: Callable[[str, str], str],
+    cleanup: ExitStack,
+    kind: str,
+) -> None:
+    limits: dict[str, object] = {"ios": 40, "size": "256KiB", "timeout": "3s"}
+    bed.add_device("fa", origin_mib=16)
+    replica = make_loop("fa-replica", 16 * MiB)
+    slow = make_dm("fslow", f"0 {SECTORS_16M} delay {replica} 0 20")
+    cleanup.callback(bed.teardown)
+    bed.add_site("dr", replicas={"fa": slow}, fall_behind={kind: limits[kind]})
+    bed.cli("up")
+    bed.cli("sync", bed.group)  # seeded: the site is at cut 1
+    rate = 30.0
+    writer = Writer("/dev/mapper/fa", rate, 8 * MiB)
+    run = start_run(bed)
+    worst = Backlog(0, 0, 0.0)
+    try:
+        wait_until(lambda: cuts_recorded(bed) >= 2, 60)  # the run loop's first cycle is done
+        writer.start()
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            now = backlog_now(bed, "dr")
+            if now is not None:
+                worst = Backlog(
+                    max(worst.ios, now.ios), max(worst.sectors, now.sectors),
+                    max(worst.age_s, now.age_s),
+                )  # fmt: skip
+            time.sleep(0.05)
+    finally:
+        writer.stop.set()
+        writer.join()
+        log = stop_run(run)
+    store = StateStore.open_readonly(bed.state_dir)
+    assert store is not None
+    mode = store.site_mode(bed.group, "dr")
+    store.close()
+    print(
+        f"{kind}: worst backlog {worst}; switches {mode.enforced} enforced, "
+        f"{mode.released} released; writes {len(writer.latencies)}, "
+        f"slowest {max(writer.latencies) * 1000:.0f} ms"
+    )
+    assert "driven synchronously" in log and "back to asynchronous" in log, log
+    assert mode.enforced >= 1 and mode.released >= 1
+    # Between two looks of the run loop, and while the cycle that follows starts, writes
+    # pile up; from then until the site has the cut, writers are held.
+    one_cycle = rate * (POLL_S + START_S)
+    if kind == "ios":
+        assert worst.ios <= 40 + one_cycle
+    elif kind == "size":
+        assert worst.bytes <= 256 * 1024 + one_cycle * 4096
+    else:
+        held = max(writer.latencies)
+        assert worst.age_s <= 3 + POLL_S + START_S + held
+    # The writers went on: most writes were not held.
+    assert len(writer.latencies) > rate * 12 / 3
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_stall_holds_writers_while_the_spool_is_full_and_releases_them_once_drained(
+    bed: Bed,
+    runner: Runner,
+    make_loop: Callable[[str, int], str],
+    make_dm: Callable[[str, str], str],
+    cleanup: ExitStack,
+) -> None:
+    bed.group_fields["spool_size"] = "2MiB"
+    bed.add_device("st", origin_mib=16)
+    replica = make_loop("st-replica", 16 * MiB)
+    leg = make_dm("stleg", f"0 {SECTORS_16M} linear {replica} 0")
+    leg_name = leg.removeprefix("/dev/mapper/")
+    cleanup.callback(bed.teardown)
+    bed.add_site("dr", replicas={"st": leg}, policy="stall", stall_limit="60s")
+    bed.cli("up")
+    bed.cli("sync", bed.group)
+    gate = "/dev/mapper/st"
+    runner.run(dm.remove(leg_name))  # the site goes away
+    write_direct(gate, 0, os.urandom(3 * MiB))  # more than the spool holds
+    sync = subprocess.Popen(
+        [sys.executable, "-m", "dmrepl", "sync", bed.group, "--config", str(bed.config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_until(lambda: dm.is_suspended(runner, "st"), 60)
+    writer = Writer(gate, 10, 1 * MiB)
+    writer.start()
+    time.sleep(3)
+    assert not writer.latencies, "a write went through while writers were held"
+    runner.run(dm.create(leg_name, f"0 {SECTORS_16M} linear {replica} 0\n",
+                         f"{dm.UUID_PREFIX}test-{leg_name}"))  # fmt: skip
+    _, stderr = sync.communicate(timeout=120)
+    wait_until(lambda: bool(writer.latencies), 30)
+    writer.stop.set()
+    writer.join()
+    print(f"held write took {writer.latencies[0]:.1f} s; sync said:\n{stderr}")
+    assert sync.returncode == 0, stderr
+    assert "holding writers until dr has the cut" in stderr
+    assert "site dr: reachable again" in stderr
+    assert "resync" not in stderr
+    assert 3 <= writer.latencies[0] < 60
+    final = bed.cli("sync", bed.group)
+    assert "resync" not in final.stderr
+    assert read_all(replica) == read_all(gate)
+
+
+def test_a_dead_stalled_site_is_dropped_after_its_bound_and_writers_go_on(
+    bed: Bed,
+    runner: Runner,
+    make_loop: Callable[[str, int], str],
+    make_dm: Callable[[str, str], str],
+    cleanup: ExitStack,
+) -> None:
+    bed.group_fields["spool_size"] = "2MiB"
+    bed.add_device("sd", origin_mib=16)
+    replica = make_loop("sd-replica", 16 * MiB)
+    leg = make_dm("sdleg", f"0 {SECTORS_16M} linear {replica} 0")
+    cleanup.callback(bed.teardown)
+    bed.add_site("dr", replicas={"sd": leg}, policy="stall", stall_limit="4s")
+    bed.cli("up")
+    bed.cli("sync", bed.group)
+    gate = "/dev/mapper/sd"
+    runner.run(dm.remove(leg.removeprefix("/dev/mapper/")))  # dead for good
+    write_direct(gate, 0, os.urandom(3 * MiB))
+    started = time.monotonic()
+    dropped = bed.cli("sync", bed.group, check=False)
+    took = time.monotonic() - started
+    print(f"sync with a dead stalled site took {took:.1f} s:\n{dropped.stderr}")
+    assert "holding writers until dr has the cut (at most 4 s)" in dropped.stderr
+    assert "site dr: dropped" in dropped.stderr, dropped.stderr
+    assert not dm.is_suspended(runner, "sd")
+    assert write_direct(gate, 0, os.urandom(4096)) < 1.0  # writers go on
+    store = StateStore.open_readonly(bed.state_dir)
+    assert store is not None
+    assert store.site_mode(bed.group, "dr").dropped == 1
+    store.close()
+    again = bed.cli("sync", bed.group, check=False)
+    assert "holding writers" not in again.stderr  # not waited for again until it is back
