@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
-from dmrepl.config import Config, GroupSpec
+from dmrepl.config import Config, GroupSpec, SiteSpec
 from dmrepl.deltafiles import DeltaFile
 from dmrepl.dm import mapper_path
 from dmrepl.policy import Backlog, Policy, WriteCounters, backlog
@@ -63,47 +63,60 @@ def next_delta_bound(
     return total
 
 
-def drain_due(config: Config, groups: Sequence[GroupSpec]) -> bool:
-    """Whether a site of `groups` is over its fall-behind limit now, or a stall site's
-    backlog may not fit the spool: the run loop then starts a cycle at once. Reads only
-    (sysfs, the state store, the spool's listing)."""
-    store = StateStore.open_readonly(config.state_dir)
-    if store is None:
-        return False
-    try:
-        return any(_group_due(store, StateDir(config.state_dir), group) for group in groups)
-    finally:
-        store.close()
-
-
-def _group_due(store: StateStore, state_dir: StateDir, group: GroupSpec) -> bool:
-    watched = [s for s in group.sites if s.fall_behind.limited or s.policy == Policy.STALL]
-    if not watched:
-        return False
+def over_limit(
+    store: StateStore, group: GroupSpec, site: SiteSpec, cursor: int | None
+) -> str | None:
+    """Why `site`, at cut `cursor`, must be drained with writers held now: over its
+    fall-behind limit, or (a stall site) with a backlog the spool may not hold; None if
+    neither or unknown. Reads only (the gates' sysfs counters, the store, the spool)."""
     now: dict[str, WriteCounters] = {}
     for device in group.devices:
         counters = write_counters(mapper_path(device.name))
         if counters is None:
-            return False  # the stack is not up: the cycle will say so
+            return None  # the stack is not up: the cycle says so
         now[device.name] = counters
+    behind = site_backlog(store, group.name, cursor, now)
+    reason = None if behind is None else site.fall_behind.exceeded(behind)
+    if reason is not None or site.policy != Policy.STALL or cursor is None:
+        return reason
     latest = store.cuts(group.name, limit=1)
     at_latest = store.cut_counters(group.name, latest[0].seq) if latest else {}
     blocks = {d.name: d.block_sectors * 512 for d in group.devices}
     next_delta = next_delta_bound(now, at_latest, blocks)
-    spool = Spool(state_dir, group.name, group.spool_bytes).chain_deltas()
-    for site in watched:
-        if store.site_mode(group.name, site.name).mode is SiteMode.DROPPED:
-            continue
-        record = store.site(group.name, site.name)
-        cursor = None if record is None else record.seq
-        behind = site_backlog(store, group.name, cursor, now)
-        if behind is not None and site.fall_behind.exceeded(behind) is not None:
-            return True
-        if (
-            site.policy == Policy.STALL
-            and cursor is not None
-            and next_delta is not None
-            and pending_bytes(spool, cursor) + next_delta > group.spool_bytes
-        ):
-            return True
-    return False
+    spool = Spool(StateDir(store.path.parent), group.name, group.spool_bytes).chain_deltas()
+    pending = pending_bytes(spool, cursor)
+    if next_delta is None or pending + next_delta <= group.spool_bytes:
+        return None
+    return (
+        f"the spool ({group.spool_bytes} bytes) may not hold its backlog "
+        f"({pending} bytes spooled, up to {next_delta} more)"
+    )
+
+
+def watched(group: GroupSpec) -> list[SiteSpec]:
+    """Sites writers may be held for: asynchronous ones with fall-behind limits, and stall
+    ones (a synchronous site is either a mirror leg or catching up to become one)."""
+    return [
+        s
+        for s in group.sites
+        if s.policy != Policy.SYNCHRONOUS and (s.fall_behind.limited or s.policy == Policy.STALL)
+    ]
+
+
+def drain_due(config: Config, groups: Sequence[GroupSpec]) -> bool:
+    """Whether a site of `groups` must be drained now (`over_limit`): the run loop then
+    starts a cycle at once. Reads only."""
+    store = StateStore.open_readonly(config.state_dir)
+    if store is None:
+        return False
+    try:
+        for group in groups:
+            for site in watched(group):
+                if store.site_mode(group.name, site.name).mode is SiteMode.DROPPED:
+                    continue  # not waited for until it has caught up
+                record = store.site(group.name, site.name)
+                if record is not None and over_limit(store, group, site, record.seq):
+                    return True
+        return False
+    finally:
+        store.close()

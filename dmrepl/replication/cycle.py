@@ -623,9 +623,8 @@ class Cycle:
         stall site whose backlog the spool may not hold (from the store's cursors: the
         sites are asked later). Logs and counts each switch."""
         drains: dict[str, str] = {}
-        for name, spec in self.specs.items():
-            if spec.policy == Policy.SYNCHRONOUS:
-                continue  # joined: nothing outstanding; detached: it joins once caught up
+        for spec in backlog.watched(self.spec):
+            name = spec.name
             record = self.store.site(self.spec.name, name)
             cursor = None if record is None else record.seq
             if cursor is None:
@@ -635,33 +634,13 @@ class Cycle:
                 if cursor == latest:
                     self._switch(name, SiteMode.NORMAL, "caught up after being dropped")
                 continue  # not held for again until it has caught up
-            reason = self._over_limit(name, cursor, latest)
+            reason = backlog.over_limit(self.store, self.spec, spec, cursor)
             if reason is None:
                 continue
             if mode is not SiteMode.ENFORCED:
                 self._switch(name, SiteMode.ENFORCED, reason)
             drains[name] = reason
         return drains
-
-    def _over_limit(self, name: str, cursor: int | None, latest: int | None) -> str | None:
-        """Why a site at `cursor` is over its fall-behind limit, or (a stall site) its
-        backlog may not fit the spool; None if neither."""
-        spec = self.specs[name]
-        now = gate_counters(self.stacks)
-        behind = backlog.site_backlog(self.store, self.spec.name, cursor, now)
-        reason = None if behind is None else spec.fall_behind.exceeded(behind)
-        if reason is not None or spec.policy != Policy.STALL or latest is None:
-            return reason
-        blocks = {s.device.name: s.device.block_sectors * 512 for s in self.stacks}
-        at_latest = self.store.cut_counters(self.spec.name, latest)
-        next_delta = backlog.next_delta_bound(now, at_latest, blocks)
-        pending = backlog.pending_bytes(self.spool.chain_deltas(), cursor)
-        if next_delta is None or pending + next_delta <= self.spool.cap_bytes:
-            return None
-        return (
-            f"the spool ({self.spool.cap_bytes} bytes) may not hold its backlog "
-            f"({pending} bytes spooled, up to {next_delta} more)"
-        )
 
     def _not_waited_for(
         self, held_for: list[str], observed: Observed, hold: WriterHold
@@ -721,7 +700,7 @@ class Cycle:
                 continue
             cursor = self.cursors.get(name)
             behind = backlog.site_backlog(self.store, self.spec.name, cursor, now)
-            if behind is None or self._over_limit(name, cursor, seq) is not None:
+            if behind is None or backlog.over_limit(self.store, self.spec, spec, cursor):
                 continue
             limits = spec.fall_behind.describe() if spec.fall_behind.limited else "the spool's"
             self._switch(

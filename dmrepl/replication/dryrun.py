@@ -13,16 +13,19 @@ from dataclasses import dataclass
 
 from dmrepl import builder
 from dmrepl.changes import next_cut_seq, require_running
-from dmrepl.config import Config
+from dmrepl.config import Config, GroupSpec, SiteSpec
 from dmrepl.cut import cow_file, cut_steps
 from dmrepl.executor import Runner
 from dmrepl.ops import Op
+from dmrepl.policy import Policy
+from dmrepl.replication import backlog, synchronous
 from dmrepl.replication.cycle import checked_request
 from dmrepl.replication.plan import CyclePlan, Observed, SiteView, plan_cycle
+from dmrepl.replication.synchronous import LegsState
 from dmrepl.sites import RecordUnreadable, SiteContext, SiteFailure, SiteState, open_site
 from dmrepl.spool import Spool
 from dmrepl.stack import Layer, layer_name
-from dmrepl.state import StateStore
+from dmrepl.state import SiteMode, StateStore
 from dmrepl.statedir import StateDir
 
 
@@ -62,9 +65,20 @@ def preview(
     context = SiteContext.of(stacks, state_dir)
     sites = {s.name: open_site(s, context) for s in spec.sites}
     store = StateStore.open_readonly(config.state_dir)
+    legs = {
+        s.name: synchronous.observe_legs(
+            runner, stacks, found.observed, s.name, getattr(s, "replicas", {})
+        ).state
+        for s in spec.sites
+        if s.policy == Policy.SYNCHRONOUS
+    }
     try:
         previews, views = [], []
         for name, site in sites.items():
+            if legs.get(name) is LegsState.JOINED and name not in seed_sites:
+                note = "synchronous: its replicas are mirror legs; marked at the cut"
+                previews.append(SitePreview(name, site.spec.transport, None, None, note))
+                continue
             known = None if store is None else store.site(group, name)
             stored = None if known is None else known.seq
             failure: SiteState | None = None
@@ -82,6 +96,8 @@ def preview(
                 if pending is not None and pending != cursor:
                     detail = f"finishes applying cut {pending} from its journal first"
                     cursor = pending
+            note = _policy_note(store, spec, site.spec, stored, legs.get(name))
+            detail = "; ".join(text for text in (detail, note) if text)
             cut_known = cursor is not None and store is not None and store.cut(group, cursor)
             views.append(
                 SiteView(
@@ -129,6 +145,28 @@ def preview(
         cut=tuple(step.op for step in steps),
         after_cut=tuple(s.release for s in reversed(steps) if s.release is not None),
     )
+
+
+def _policy_note(
+    store: StateStore | None,
+    group: GroupSpec,
+    site: SiteSpec,
+    cursor: int | None,
+    legs: LegsState | None,
+) -> str:
+    """What the site's policy makes the cycle do (mirror legs, writers held)."""
+    if legs is LegsState.FAILED:
+        return "a mirror leg failed: leaves the mirror, catches up by era, then rejoins"
+    if legs is LegsState.DETACHED:
+        return "synchronous once caught up: joins the mirror with writers held"
+    if store is None or site not in backlog.watched(group):
+        return ""
+    if store.site_mode(group.name, site.name).mode is SiteMode.DROPPED:
+        return "dropped after holding writers for its stall_limit: not waited for until back"
+    reason = backlog.over_limit(store, group, site, cursor)
+    if reason is None:
+        return ""
+    return f"writers would be held until it has the cut ({reason})"
 
 
 def _leftovers(device: str, layers: list[str], found: builder.Survey) -> list[tuple[str, str]]:

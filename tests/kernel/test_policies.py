@@ -89,9 +89,15 @@ def test_synchronous_site_has_every_write_before_it_completes(
     write_direct(gate, 5 * MiB, burst)
     # No cycle ran since: the mirror leg has every write.
     assert read_all(replica) == read_all(gate)
+    preview = bed.cli("sync", bed.group, "--dry-run")
+    assert "mirror legs; marked at the cut" in preview.stdout, preview.stdout
     again = bed.cli("sync", bed.group)
     assert "joined the mirror" not in again.stderr
     assert "synchronous: its replicas are mirror legs" in again.stdout
+    rebuilt = bed.cli("up")  # the joined mirror is the configured stack
+    assert "create" not in rebuilt.stdout + rebuilt.stderr
+    bed.cli("down")
+    assert not [name for name in bed.owned() if name.startswith("sa")]
     status = bed.cli("status", bed.group, "--json")
     assert '"in sync"' in status.stdout
 
@@ -119,6 +125,8 @@ def test_failed_leg_goes_asynchronous_and_rejoins_after_catching_up_by_era(
         changed_blocks.add(block)
     mirror = runner.run(dm.status("sb-mirror")).stdout
     assert " D" in mirror.split(" 1 ", 1)[-1] or "DA" in mirror or "AD" in mirror, mirror
+    preview = bed.cli("sync", bed.group, "--dry-run")
+    assert "a mirror leg failed: leaves the mirror" in preview.stdout, preview.stdout
     reload(runner, leg.removeprefix("/dev/mapper/"), f"0 {SECTORS_16M} linear {replica} 0\n")
     counters = write_counters(replica)
     assert counters is not None
