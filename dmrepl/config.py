@@ -456,9 +456,17 @@ class FieldReader:
             )
         fall_behind = self.fall_behind(raw, key)
         stall_limit = self.duration(raw, "stall_limit", key)
-        if stall_limit is not None and policy != Policy.STALL and not fall_behind.limited:
+        if policy == Policy.SYNCHRONOUS and fall_behind.limited:
             self.problem(
-                f"{key}.stall_limit", 'only used with policy = "stall" or a fall_behind limit'
+                f"{key}.fall_behind",
+                "has no meaning for a synchronous site: its replicas are mirror legs, so it "
+                "is never behind while joined (and catches up at once when not)",
+            )
+        elif stall_limit is not None and policy == Policy.ASYNCHRONOUS and not fall_behind.limited:
+            self.problem(
+                f"{key}.stall_limit",
+                'only used with policy = "stall" or "synchronous" (how long writers may be held '
+                "while it drains or joins) or a fall_behind limit",
             )
         if chosen is None:
             return None
