@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from dmrepl.config import NAME_RE, POLICIES, GroupSpec
 from dmrepl.errors import InvalidInput
 
-IMPLEMENTED_POLICIES = POLICIES
-
 TARGETS = ("replicator", "replicator-dev")
 LOG_TYPES = ("default", "ringbuffer")
 LINK_TYPES = ("local", "blockdev")
@@ -445,15 +443,6 @@ def site_policy(link: SiteLink) -> str:
     return "asynchronous"
 
 
-def unimplemented_links(rep: Replication) -> list[tuple[int, str]]:
-    """(site link number, policy) of remote links whose policy dmrepl does not implement yet."""
-    return [
-        (n, site_policy(link))
-        for n, link in sorted(rep.links.items())
-        if n != 0 and site_policy(link) not in IMPLEMENTED_POLICIES
-    ]
-
-
 def _q(text: str) -> str:
     """A TOML basic string."""
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
@@ -535,11 +524,6 @@ def render_toml(rep: Replication, group: str, source: str) -> str:
                 "would make `dmrepl check-config` refuse the file, so it stays a comment",
             )
         out.append('transport = "blockdev"')
-        if policy not in IMPLEMENTED_POLICIES:
-            out.append(
-                f"# NOTE: dmrepl does not implement the {policy} policy yet: `dmrepl "
-                "check-config` refuses this site until it does (asynchronous is implemented)."
-            )
         out.append(f"policy = {_q(policy)}")
         out.append(f"[group.{group}.site.{site}.replica]")
         for number in sorted(rep.devices):

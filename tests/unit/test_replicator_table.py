@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl.config import ConfigError, parse_config
+from dmrepl.config import parse_config
 from dmrepl.errors import ExitCode
 from dmrepl.replicator_table import TableError, export_tables, import_table, parse_tables
 
@@ -30,12 +30,6 @@ def test_fixtures_are_there() -> None:
 @pytest.mark.parametrize("table", TABLES, ids=lambda p: p.name)
 def test_every_table_imports_and_parses(table: Path) -> None:
     text = import_table(table.read_text(), "g", table.name)
-    if "not implement" in text:
-        with pytest.raises(ConfigError) as caught:
-            parse_config(text, PATH)
-        assert caught.value.problems
-        assert all(".policy: " in p and "not implemented" in p for p in caught.value.problems)
-        return
     config = parse_config(text, PATH)
     assert config.groups["g"].devices
 
@@ -73,19 +67,16 @@ def test_policies_and_fallbehind_spellings() -> None:
     assert lvm2.devices[1][1].dirty_log.device == "/dev/vg/lv1_slog"
 
 
-def test_synchronous_remote_link_is_emitted_with_a_note() -> None:
+def test_synchronous_remote_link_is_a_synchronous_site() -> None:
     table = (
         "0 8 replicator ringbuffer 2 /dev/r 0 blockdev 1 0 blockdev 2 1 sync\n"
         "0 8 replicator-dev /dev/mapper/r 0 0 1 /dev/a nolog 0 1 1 /dev/b core 1 8\n"
     )
     text = import_table(table, "g", "t")
     assert 'policy = "synchronous"' in text
-    assert "does not implement the synchronous policy" in text
-    with pytest.raises(ConfigError) as caught:
-        parse_config(text, PATH)
-    assert caught.value.problems == [
-        "group.g.site.slink1.policy: 'synchronous' is not implemented yet (use asynchronous)"
-    ]
+    group = parse_config(text, PATH).groups["g"]
+    assert group.site("slink1").policy == "synchronous"
+    assert [device.sync_replicas for device in group.devices] == [("/dev/b",)]
 
 
 GOOD = "0 8 replicator default 4 /dev/r 0 auto 64 local 2 0 async 2 0 /dev/a - 0 "
