@@ -284,6 +284,8 @@ def import_table(
             f"group name {name!r} must be 1-64 of A-Z a-z 0-9 _ + -", hint="pass --group"
         )
     print(replicator_table.render_toml(rep, name, str(file)), end="")
+    for change in replicator_table.changed_limits(rep):
+        err.print(f"note: {change}", markup=False)
 
 
 def export_table(
