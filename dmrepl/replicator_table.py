@@ -711,9 +711,14 @@ def table_threshold(limits: FallBehind) -> tuple[str | None, list[str]]:
     if limits.seconds is not None:
         milliseconds = round(limits.seconds * 1000)
         table = timeout_text(milliseconds, REPLICATOR_TIMEOUT_UNITS)
-        if not candidates and milliseconds != limits.seconds * 1000:
-            left_out.append("fall_behind.timeout's part below a millisecond (the table counts ms)")
-        candidates.append((f'fall_behind.timeout = "{limits.seconds:g}s"', f"timeout {table}"))
+        # Seconds are a float: "2066.939s" is whole milliseconds, if not exactly so in binary.
+        if abs(limits.seconds * 1000 - milliseconds) < 1e-6:
+            timeout = timeout_text(milliseconds, DMREPL_TIMEOUT_UNITS)
+        else:
+            timeout = f"{limits.seconds:.15g}s"
+            if not candidates:
+                left_out.append(f"fall_behind.timeout's part below a millisecond ({timeout})")
+        candidates.append((f'fall_behind.timeout = "{timeout}"', f"timeout {table}"))
     left_out += [f"{key}: a link carries one threshold" for key, _ in candidates[1:]]
     return (candidates[0][1] if candidates else None), left_out
 

@@ -292,3 +292,29 @@ def test_export_gives_each_link_its_policy_and_first_threshold() -> None:
         ("asynchronous", FallBehind(seconds=86400.0)),
         ("asynchronous", FallBehind(ios=100)),
     ]
+
+
+@pytest.mark.parametrize(
+    ("timeout", "threshold", "left_out"),
+    [
+        ('"2066.939s"', "timeout 2066939t", []),  # whole ms, though not in binary floating point
+        ('"1.0005s"', "timeout 1s", ["fall_behind.timeout's part below a millisecond (1.0005s)"]),
+        ("86400", "timeout 1d", []),
+        ('"90s"', "timeout 90s", []),
+    ],
+)
+def test_export_timeouts_count_milliseconds(
+    timeout: str, threshold: str, left_out: list[str]
+) -> None:
+    text = (
+        '[group.g.device.a]\norigin = "/dev/a"\nmetadata = "/dev/m"\n'
+        f'[group.g.site.slink1]\ntransport = "blockdev"\nfall_behind = {{ timeout = {timeout} }}\n'
+        '[group.g.site.slink1.replica]\na = "/dev/b"\n'
+    )
+    exported = export_tables(parse_config(text, PATH).groups["g"], "/var/lib/dmrepl", {})
+    assert f"blockdev 4 1 asynchronous {threshold}\n" in exported
+    assert [
+        line.removeprefix("# site link 1: left out: ")
+        for line in exported.splitlines()
+        if line.startswith("# site link 1:")
+    ] == left_out
