@@ -51,7 +51,7 @@ MAX_THRESHOLD = 2**63 - 1  # the kernel reads the number with %lld
 DMREPL_SIZE_UNITS = {
     "e": "EiB", "p": "PiB", "t": "TiB", "g": "GiB", "m": "MiB", "k": "KiB", "s": "s",
 }  # fmt: skip
-DMREPL_TIMEOUT_UNITS = {"h": "h", "m": "m", "s": "s"}  # no days; below a second, "1.5s"
+DMREPL_TIMEOUT_UNITS = {"h": "h", "m": "m", "s": "s"}  # no d, no ms: "1.5s" for 1500 ms
 MAX_SIZE_SECTORS = MAX_DEVICE_SECTORS
 MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 1000, 86_400_000
 PLACEHOLDER_METADATA = "/dev/SET-ME/{name}-metadata"
