@@ -15,13 +15,13 @@ here; a dmrepl group becomes patch-form tables (`export_tables`). Pure: no I/O.
 from __future__ import annotations
 
 import re
+import string
 import textwrap
 from dataclasses import dataclass, field
 
-from dmrepl.config import NAME_RE, POLICIES, GroupSpec
+from dmrepl.config import MAX_DEVICE_SECTORS, NAME_RE, POLICIES, GroupSpec
 from dmrepl.errors import InvalidInput
-
-IMPLEMENTED_POLICIES = POLICIES
+from dmrepl.policy import DEFAULT_STALL_LIMIT_S, FallBehind
 
 TARGETS = ("replicator", "replicator-dev")
 LOG_TYPES = ("default", "ringbuffer")
@@ -33,9 +33,27 @@ DASHES = {"\u2013": "-", "\u2014": "-"}  # the paper typesets "-" as an en dash
 _FALLBEHIND = {
     "ios": re.compile(r"^[0-9]+$"),
     "size": re.compile(r"^[0-9]+[sSkKmMgGtTpPeE]?$"),
-    "timeout": re.compile(r"^[0-9]+[tsmhd]?$"),
+    "timeout": re.compile(r"^[0-9]+[tTsSmMhHdD]?$"),
 }
 _FALLBEHIND_NAMES = {"ios": "ios", "size": "size", "data": "size", "timeout": "timeout"}
+# dm-replicator's fall-behind units, as its blockdev site link reads them: a size counts
+# 512-byte sectors, its unit letters being binary multiples (k = KiB = 2 sectors, ... e = EiB);
+# a timeout counts milliseconds, its letters t (ms), s, m, h, d; either case. This is the
+# grammar's meaning and the parser's own comment: the stored v0.022 parser looks its multipliers
+# up one entry too far (`s` would be 2 sectors, `k` 1 MiB), and the v0.028 ring buffer adds each
+# write's size in bytes to the count it compares with the sectors.
+SIZE_UNIT_SECTORS = {"e": 2**51, "p": 2**41, "t": 2**31, "g": 2**21, "m": 2**11, "k": 2, "s": 1}
+TIMEOUT_UNIT_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "t": 1}
+REPLICATOR_SIZE_UNITS = {letter: letter for letter in SIZE_UNIT_SECTORS}
+REPLICATOR_TIMEOUT_UNITS = {letter: letter for letter in TIMEOUT_UNIT_MS}
+MAX_THRESHOLD = 2**63 - 1  # the kernel reads the number with %lld
+# How dmrepl spells them (FieldReader.size and .duration), and the range it takes.
+DMREPL_SIZE_UNITS = {
+    "e": "EiB", "p": "PiB", "t": "TiB", "g": "GiB", "m": "MiB", "k": "KiB", "s": "s",
+}  # fmt: skip
+DMREPL_TIMEOUT_UNITS = {"h": "h", "m": "m", "s": "s"}  # no d, no ms: "1.5s" for 1500 ms
+MAX_SIZE_SECTORS = MAX_DEVICE_SECTORS
+MIN_TIMEOUT_MS, MAX_TIMEOUT_MS = 1000, 86_400_000
 PLACEHOLDER_METADATA = "/dev/SET-ME/{name}-metadata"
 
 
@@ -59,6 +77,21 @@ class Fallbehind:
     kind: str  # ios | size | timeout
     value: str  # as written, with its unit
     spelled: str  # the table's spelling: "ios=100", "data 100", ...
+
+    def amount(self) -> int:
+        """Writes (ios), 512-byte sectors (size) or milliseconds (timeout)."""
+        number, unit = _number_and_unit(self.value)
+        if self.kind == "size":
+            return number * SIZE_UNIT_SECTORS[unit or "s"]
+        if self.kind == "timeout":
+            return number * TIMEOUT_UNIT_MS[unit or "t"]
+        return number
+
+
+def _number_and_unit(value: str) -> tuple[int, str]:
+    """`64m` -> (64, "m"), `100` -> (100, ""): a threshold's number and its unit letter."""
+    digits = value.rstrip(string.ascii_letters)
+    return int(digits), value[len(digits) :].lower()
 
 
 @dataclass(frozen=True)
@@ -297,6 +330,8 @@ def _fallbehind(kind: Token, value: str, reader: _Reader, spelled: str) -> Fallb
     if not _FALLBEHIND[name].match(value):
         units = {"ios": "", "size": " with s|k|m|g|t|p|e", "timeout": " with t|s|m|h|d"}[name]
         raise reader.fail(kind, f"{value!r} is not a number{units} for {kind.text}")
+    if _number_and_unit(value)[0] > MAX_THRESHOLD:
+        raise reader.fail(kind, f"{value!r} is more than a threshold can be (2^63 - 1)")
     return Fallbehind(name, value, spelled)
 
 
@@ -421,6 +456,91 @@ def _device_table(
         _add_leg(devices, number, Leg(link_number, path.text, _dirty_log(reader), path), reader)
 
 
+# --- fall-behind thresholds as dmrepl limits -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A fall-behind threshold as dmrepl's `fall_behind.<key>`."""
+
+    key: str  # ios | size | timeout
+    value: int | str | None  # its TOML value; None: no limit (dm-replicator's 0)
+    amount: str  # the threshold in plain units: "100 writes", "2048 sectors of 512 bytes"
+    out_of_range: str = ""  # why `value` is not the threshold but the nearest dmrepl accepts
+
+
+def size_text(sectors: int, units: dict[str, str]) -> str:
+    """A count of sectors in its largest exact binary unit, spelled through `units`
+    (letter -> suffix: dmrepl's "MiB" or the replicator's "m"; "s" for sectors)."""
+    letter = next(u for u, size in SIZE_UNIT_SECTORS.items() if sectors % size == 0)
+    return f"{sectors // SIZE_UNIT_SECTORS[letter]}{units[letter]}"
+
+
+def timeout_text(milliseconds: int, units: dict[str, str]) -> str:
+    """Milliseconds in their largest exact unit, spelled through `units` (letter -> suffix);
+    without a "t" (ms) entry, a part of a second is written as decimal seconds ("1.5s")."""
+    for letter, size in TIMEOUT_UNIT_MS.items():
+        if letter in units and milliseconds % size == 0:
+            return f"{milliseconds // size}{units[letter]}"
+    seconds = f"{milliseconds // 1000}.{milliseconds % 1000:03d}".rstrip("0")
+    return f"{seconds}{units['s']}"
+
+
+def fall_behind_limit(threshold: Fallbehind) -> Limit:
+    """dmrepl's limit for a site link's threshold.
+
+    dm-replicator checks no threshold of 0 (its ring buffer skips the check), so 0 of any
+    kind is no limit. A size or timeout outside what dmrepl accepts becomes the nearest value
+    it accepts, and says so."""
+    amount = threshold.amount()
+    if threshold.kind == "ios":
+        return Limit("ios", amount or None, f"{amount} writes")
+    if threshold.kind == "size":
+        plain = f"{amount} sectors of 512 bytes"
+        sectors = min(amount, MAX_SIZE_SECTORS)
+        text = size_text(sectors, DMREPL_SIZE_UNITS) if amount else None
+        beyond = "more than dmrepl's largest size (8 EiB)" if sectors != amount else ""
+        return Limit("size", text, plain, beyond)
+    plain = f"{amount} ms"
+    milliseconds = max(MIN_TIMEOUT_MS, min(amount, MAX_TIMEOUT_MS))
+    text = timeout_text(milliseconds, DMREPL_TIMEOUT_UNITS) if amount else None
+    beyond = ""
+    if amount and milliseconds != amount:
+        side = "shorter" if amount < milliseconds else "longer"
+        beyond = f"{side} than dmrepl's timeouts (1s to 24h)"
+    return Limit("timeout", text, plain, beyond)
+
+
+def describe_limit(threshold: Fallbehind, limit: Limit) -> str:
+    """What became of a threshold, for a comment of the imported file."""
+    head = f"fall-behind threshold {threshold.spelled} ({limit.amount})"
+    if limit.value is None:
+        text = f"{head}: 0 is no threshold in dm-replicator (it never checks it), so no limit"
+        if limit.key == "ios":
+            text += " (dmrepl's `ios = 0` would hold writers whenever a write is behind)"
+        return text
+    if limit.out_of_range:
+        return f"{head} is {limit.out_of_range}: fall_behind.{limit.key} is the nearest it takes"
+    return (
+        f"{head}: fall_behind.{limit.key} (over it, writers are held while the site catches "
+        "up, as in dm-replicator)"
+    )
+
+
+def changed_limits(rep: Replication) -> list[str]:
+    """The remote links' thresholds that import had to bring into dmrepl's range."""
+    changed = []
+    for number, link in sorted(rep.links.items()):
+        if number != 0 and link.fallbehind is not None:
+            limit = fall_behind_limit(link.fallbehind)
+            if limit.out_of_range:
+                changed.append(
+                    f"site link {number}: {link.fallbehind.spelled} ({limit.amount}) is "
+                    f'{limit.out_of_range}: imported as {limit.key} = "{limit.value}"'
+                )
+    return changed
+
+
 # --- rendering as dmrepl TOML -------------------------------------------------------------
 
 
@@ -443,15 +563,6 @@ def site_policy(link: SiteLink) -> str:
         if policy in link.policy:
             return policy
     return "asynchronous"
-
-
-def unimplemented_links(rep: Replication) -> list[tuple[int, str]]:
-    """(site link number, policy) of remote links whose policy dmrepl does not implement yet."""
-    return [
-        (n, site_policy(link))
-        for n, link in sorted(rep.links.items())
-        if n != 0 and site_policy(link) not in IMPLEMENTED_POLICIES
-    ]
 
 
 def _q(text: str) -> str:
@@ -478,8 +589,8 @@ def render_toml(rep: Replication, group: str, source: str) -> str:
     names = device_names(rep)
     out = [
         f"# dmrepl configuration imported from the dm-replicator tables in {source}.",
-        '# Comments starting with "replicator:" are parts of the tables that mean nothing to',
-        "# dmrepl, or that it has no key for yet.",
+        '# Comments starting with "replicator:" say what became of each part of the tables, and',
+        "# which parts mean nothing to dmrepl.",
     ]
     for note in rep.notes:
         _comment(out, f"read leniently: {note}")
@@ -527,20 +638,21 @@ def render_toml(rep: Replication, group: str, source: str) -> str:
         )
         if len(link.policy) > 1:
             _comment(out, f"the compound policy {'+'.join(link.policy)} becomes {policy}")
-        if link.fallbehind:
+        if policy == "stall":
             _comment(
                 out,
-                f"fall-behind threshold {link.fallbehind.spelled} ({link.fallbehind.kind} "
-                f"{link.fallbehind.value}): dmrepl has no key for it yet, and an unknown key "
-                "would make `dmrepl check-config` refuse the file, so it stays a comment",
+                "stall: dm-replicator holds writers until the link has what it needs, however "
+                "long; dmrepl holds them for at most stall_limit (60 s unless set)",
             )
+        limit = None
+        if link.fallbehind:
+            limit = fall_behind_limit(link.fallbehind)
+            _comment(out, describe_limit(link.fallbehind, limit))
         out.append('transport = "blockdev"')
-        if policy not in IMPLEMENTED_POLICIES:
-            out.append(
-                f"# NOTE: dmrepl does not implement the {policy} policy yet: `dmrepl "
-                "check-config` refuses this site until it does (asynchronous is implemented)."
-            )
         out.append(f"policy = {_q(policy)}")
+        if limit and limit.value is not None:
+            value = limit.value if isinstance(limit.value, int) else _q(limit.value)
+            out.append(f"fall_behind = {{ {limit.key} = {value} }}")
         out.append(f"[group.{group}.site.{site}.replica]")
         for number in sorted(rep.devices):
             leg = next((g for g in rep.devices[number] if g.link == link_number), None)
@@ -582,6 +694,35 @@ def _link_numbers(group: GroupSpec) -> dict[str, int]:
     return numbers
 
 
+def table_threshold(limits: FallBehind) -> tuple[str | None, list[str]]:
+    """The one fall-behind threshold a site link can carry (`ios 100`): the first of ios, size
+    and timeout that has a table form; and what of the limits the table leaves out."""
+    candidates: list[tuple[str, str]] = []  # (the limit as dmrepl's key, as the table's)
+    left_out = []
+    if limits.ios == 0:
+        left_out.append("fall_behind.ios = 0: dm-replicator reads a threshold of 0 as none")
+    elif limits.ios is not None:
+        candidates.append((f"fall_behind.ios = {limits.ios}", f"ios {limits.ios}"))
+    if limits.bytes is not None:
+        sectors = limits.bytes // 512
+        size = size_text(sectors, DMREPL_SIZE_UNITS)
+        table = size_text(sectors, REPLICATOR_SIZE_UNITS)
+        candidates.append((f'fall_behind.size = "{size}"', f"size {table}"))
+    if limits.seconds is not None:
+        milliseconds = round(limits.seconds * 1000)
+        table = timeout_text(milliseconds, REPLICATOR_TIMEOUT_UNITS)
+        # Seconds are a float: "2066.939s" is whole milliseconds, if not exactly so in binary.
+        if abs(limits.seconds * 1000 - milliseconds) < 1e-6:
+            timeout = timeout_text(milliseconds, DMREPL_TIMEOUT_UNITS)
+        else:
+            timeout = f"{limits.seconds:.15g}s"
+            if not candidates:
+                left_out.append(f"fall_behind.timeout's part below a millisecond ({timeout})")
+        candidates.append((f'fall_behind.timeout = "{timeout}"', f"timeout {table}"))
+    left_out += [f"{key}: a link carries one threshold" for key, _ in candidates[1:]]
+    return (candidates[0][1] if candidates else None), left_out
+
+
 def export_tables(group: GroupSpec, state_dir: str, lengths: dict[str, int | None]) -> str:
     """The group as dm-replicator tables in the 2009 patches' form.
 
@@ -589,7 +730,10 @@ def export_tables(group: GroupSpec, state_dir: str, lengths: dict[str, int | Non
     out = [
         f"# dmrepl group {group.name} as dm-replicator tables (the 2009 patches' form).",
         f"# The ring-buffer log stands for dmrepl's spool (files under {state_dir}); its size is",
-        "# spool_size. Dirty logs are `core` with the era block size as region.",
+        "# spool_size. Dirty logs are `core` with the era block size as region. A site link has",
+        "# its site's policy and the first of its fall_behind limits (ios, size, timeout) that has",
+        "# a table form: sizes in 512-byte sectors (s) or k m g t p e (KiB to EiB), timeouts in",
+        "# t (ms), s, m, h or d.",
     ]
     numbers = _link_numbers(group)
     replicas: dict[str, dict[str, str]] = {}
@@ -603,9 +747,18 @@ def export_tables(group: GroupSpec, state_dir: str, lengths: dict[str, int | Non
             )
             continue
         replicas[site.name] = dict(site_replicas)
-        links.append(f"blockdev 2 {numbers[site.name]} {site.policy}")
-        if site.name != f"slink{numbers[site.name]}":
-            out.append(f"# site link {numbers[site.name]}: site {site.name}")
+        number = numbers[site.name]
+        threshold, left_out = table_threshold(site.fall_behind)
+        if threshold:
+            links.append(f"blockdev 4 {number} {site.policy} {threshold}")
+        else:
+            links.append(f"blockdev 2 {number} {site.policy}")
+        if site.name != f"slink{number}":
+            out.append(f"# site link {number}: site {site.name}")
+        if site.stall_limit_s != DEFAULT_STALL_LIMIT_S:
+            stall = timeout_text(round(site.stall_limit_s * 1000), DMREPL_TIMEOUT_UNITS)
+            left_out.append(f'stall_limit = "{stall}" (dm-replicator stalls without a limit)')
+        out += [f"# site link {number}: left out: {what}" for what in left_out]
     spool = group.spool_bytes // 512
     control = f"/dev/mapper/{group.name}-replicator"
     log = f"ringbuffer 4 {state_dir.rstrip('/')}/spool 0 auto {spool}"

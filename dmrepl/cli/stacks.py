@@ -284,12 +284,8 @@ def import_table(
             f"group name {name!r} must be 1-64 of A-Z a-z 0-9 _ + -", hint="pass --group"
         )
     print(replicator_table.render_toml(rep, name, str(file)), end="")
-    for link, policy in replicator_table.unimplemented_links(rep):
-        err.print(
-            f"note: site link {link} is {policy}, which dmrepl does not implement yet: "
-            "`dmrepl check-config` refuses the file until it does",
-            markup=False,
-        )
+    for change in replicator_table.changed_limits(rep):
+        err.print(f"note: {change}", markup=False)
 
 
 def export_table(

@@ -1,4 +1,5 @@
-"""Configuration parsing: valid files, and every problem reported at once with key and file."""
+"""Configuration parsing: valid files, and every problem reported at once with key and file;
+site policies, fall-behind limits and stall_limit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from dmrepl.config import ConfigError, load_config, parse_config
 from dmrepl.errors import ExitCode
+from dmrepl.policy import DEFAULT_STALL_LIMIT_S, FallBehind
 
 PATH = Path("/etc/dmrepl/test.toml")
 
@@ -149,3 +151,207 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="1 problem") as caught:
         load_config(tmp_path / "nope.toml")
     assert "does not exist" in caught.value.problems[0]
+
+
+# --- site policies and fall-behind limits ---------------------------------------------------
+
+ONE_DEVICE = """
+[group.db.device.data]
+origin = "/dev/vdb"
+metadata = "/dev/vdc"
+"""
+
+
+def _site(lines: str, name: str = "dr", replica: str = "/dev/nbd0") -> str:
+    """A blockdev site with the extra `lines` in its table."""
+    return (
+        f'[group.db.site.{name}]\ntransport = "blockdev"\n{lines}\n'
+        f'[group.db.site.{name}.replica]\ndata = "{replica}"\n'
+    )
+
+
+def _site_problems(lines: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(ONE_DEVICE + _site(lines), PATH)
+    return caught.value.problems
+
+
+def test_policies_and_limits_are_read() -> None:
+    text = ONE_DEVICE + _site(
+        'policy = "stall"\nfall_behind = { ios = 1000, size = "64MiB", timeout = "3m" }\n'
+        'stall_limit = "90s"'
+    )
+    site = parse_config(text, PATH).groups["db"].site("dr")
+    assert site.policy == "stall"
+    assert site.fall_behind == FallBehind(ios=1000, bytes=64 * 2**20, seconds=180.0)
+    assert site.stall_limit_s == 90.0
+
+
+def test_limits_default_to_none_and_stall_limit_to_60_s() -> None:
+    site = parse_config(ONE_DEVICE + _site(""), PATH).groups["db"].site("dr")
+    assert site.policy == "asynchronous"
+    assert site.fall_behind == FallBehind() and not site.fall_behind.limited
+    assert site.stall_limit_s == DEFAULT_STALL_LIMIT_S == 60.0
+
+
+@pytest.mark.parametrize(
+    ("fall_behind", "seconds"),
+    [("{ timeout = 30 }", 30.0), ('{ timeout = "1h" }', 3600.0), ('{ timeout = "1.5s" }', 1.5)],
+)
+def test_fall_behind_timeout_forms(fall_behind: str, seconds: float) -> None:
+    text = ONE_DEVICE + _site(f"fall_behind = {fall_behind}")
+    assert parse_config(text, PATH).groups["db"].site("dr").fall_behind.seconds == seconds
+
+
+def test_ios_0_is_a_limit() -> None:
+    """`ios = 0`: the site is over its limit as soon as one write is behind."""
+    group = parse_config(ONE_DEVICE + _site("fall_behind = { ios = 0 }"), PATH).groups["db"]
+    limits = group.site("dr").fall_behind
+    assert limits == FallBehind(ios=0) and limits.limited
+
+
+@pytest.mark.parametrize(
+    ("lines", "problem"),
+    [
+        (
+            "fall_behind = 100",
+            "group.db.site.dr.fall_behind: must be a table like { ios = 1000, size = ",
+        ),
+        ("fall_behind = {}", "group.db.site.dr.fall_behind: must be a table like"),
+        ('fall_behind = "64MiB"', "group.db.site.dr.fall_behind: must be a table like"),
+        (
+            "fall_behind = { writes = 10 }",
+            "group.db.site.dr.fall_behind.writes: unknown key (allowed: ios, size, timeout)",
+        ),
+        (
+            "fall_behind = { ios = -1 }",
+            "group.db.site.dr.fall_behind.ios: -1 is not a count of writes (0 or more)",
+        ),
+        (
+            "fall_behind = { ios = true }",
+            "group.db.site.dr.fall_behind.ios: True is not a count of writes (0 or more)",
+        ),
+        (
+            'fall_behind = { ios = "100" }',
+            "group.db.site.dr.fall_behind.ios: '100' is not a count of writes (0 or more)",
+        ),
+        ("fall_behind = { ios = 1.5 }", "group.db.site.dr.fall_behind.ios: 1.5 is not a count"),
+        ('fall_behind = { size = "12Q" }', "group.db.site.dr.fall_behind.size: cannot read size"),
+        ('fall_behind = { size = "0" }', "group.db.site.dr.fall_behind.size: must be greater"),
+        (
+            'fall_behind = { size = "100B" }',
+            "group.db.site.dr.fall_behind.size: size '100B' is 100 bytes, not a whole number",
+        ),
+        ("fall_behind = { size = 1.5 }", "group.db.site.dr.fall_behind.size: must be a size"),
+        (
+            'fall_behind = { size = "9EiB" }',
+            "group.db.site.dr.fall_behind.size: 9EiB is more than the largest device",
+        ),
+        (
+            'fall_behind = { timeout = "0s" }',
+            "group.db.site.dr.fall_behind.timeout: '0s' is not a duration of 1s to 24h",
+        ),
+        (
+            'fall_behind = { timeout = "500ms" }',
+            "group.db.site.dr.fall_behind.timeout: '500ms' is not a duration of 1s to 24h",
+        ),
+        (
+            'fall_behind = { timeout = "25h" }',
+            "group.db.site.dr.fall_behind.timeout: '25h' is not a duration of 1s to 24h",
+        ),
+        (
+            "fall_behind = { timeout = true }",
+            "group.db.site.dr.fall_behind.timeout: True is not a duration of 1s to 24h",
+        ),
+        (
+            'fall_behind = { timeout = "soon" }',
+            "group.db.site.dr.fall_behind.timeout: 'soon' is not a duration of 1s to 24h",
+        ),
+        (
+            'stall_limit = "60s"',
+            'group.db.site.dr.stall_limit: only used with policy = "stall" or a fall_behind limit',
+        ),
+        (
+            'policy = "synchronous"\nstall_limit = "60s"',
+            'group.db.site.dr.stall_limit: only used with policy = "stall" or a fall_behind limit',
+        ),
+        (
+            'policy = "stall"\nstall_limit = "0s"',
+            "group.db.site.dr.stall_limit: '0s' is not a duration of 1s to 24h",
+        ),
+        (
+            'policy = "stall"\nstall_limit = 86401',
+            "group.db.site.dr.stall_limit: 86401 is not a duration of 1s to 24h",
+        ),
+        (
+            'policy = "sync"',
+            "group.db.site.dr.policy: 'sync' is not one of asynchronous, synchronous, stall",
+        ),
+    ],
+)
+def test_malformed_policy_keys(lines: str, problem: str) -> None:
+    problems = _site_problems(lines)
+    assert any(problem in p for p in problems), problems
+
+
+def test_stall_limit_with_a_fall_behind_limit_or_stall() -> None:
+    for lines in ('policy = "stall"', "fall_behind = { ios = 10 }"):
+        text = ONE_DEVICE + _site(f'{lines}\nstall_limit = "2m"')
+        assert parse_config(text, PATH).groups["db"].site("dr").stall_limit_s == 120.0
+
+
+@pytest.mark.parametrize(
+    ("transport", "lines"),
+    [
+        ("dir", 'path = "/srv/dr"'),
+        ("ssh", 'host = "dr.example"'),
+        ("nbd", '[group.db.site.dr.export]\ndata = "nbd://dr:10809/data"'),
+    ],
+)
+def test_synchronous_needs_a_blockdev_site(transport: str, lines: str) -> None:
+    text = (
+        ONE_DEVICE
+        + f'[group.db.site.dr]\ntransport = "{transport}"\npolicy = "synchronous"\n{lines}\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, PATH)
+    assert (
+        "group.db.site.dr.policy: synchronous needs replicas that are block devices on this host "
+        '(transport = "blockdev", e.g. an NBD or iSCSI disk); '
+        f"a {transport} site can be asynchronous or stall"
+    ) in caught.value.problems
+
+
+def test_sync_replicas_are_the_replicas_of_synchronous_sites() -> None:
+    text = (
+        ONE_DEVICE
+        + """
+[group.db.device.logs]
+origin = "/dev/vdd"
+metadata = "/dev/vdc"
+metadata_offset = "64MiB"
+[group.db.site.near]
+transport = "blockdev"
+policy = "synchronous"
+[group.db.site.near.replica]
+data = "/dev/sda"
+logs = "/dev/sdb"
+[group.db.site.far]
+transport = "blockdev"
+policy = "stall"
+[group.db.site.far.replica]
+data = "/dev/nbd0"
+logs = "/dev/nbd1"
+[group.db.site.also]
+transport = "blockdev"
+policy = "synchronous"
+[group.db.site.also.replica]
+data = "/dev/sdc"
+logs = "/dev/sdd"
+"""
+    )
+    data, logs = parse_config(text, PATH).groups["db"].devices
+    assert data.sync_replicas == ("/dev/sda", "/dev/sdc")
+    assert logs.sync_replicas == ("/dev/sdb", "/dev/sdd")
+    only_async = parse_config(ONE_DEVICE + _site('policy = "asynchronous"'), PATH)
+    assert only_async.groups["db"].devices[0].sync_replicas == ()

@@ -191,6 +191,7 @@ data = "/dev/vdb"
 other = "/dev/nbd9"
 [group.db.site.vault]
 transport = "dir"
+policy = "synchronous"
 journal = "/dev/vdj"
 """
     )
@@ -198,7 +199,10 @@ journal = "/dev/vdj"
         parse_config(text, Path("x.toml"))
     problems = "\n".join(caught.value.problems)
     assert "group.db.site.dr.transport: 'ftp' is not one of blockdev, dir" in problems
-    assert "group.db.site.sync.policy: 'synchronous' is not implemented yet" in problems
+    assert "group.db.site.sync.policy" not in problems  # synchronous on a blockdev site
+    assert "group.db.site.vault.policy: synchronous needs replicas that are block devices" in (
+        problems
+    )
     assert "group.db.site.sync.replica.logs: missing" in problems
     assert "group.db.site.sync.replica.other: not a device of this group" in problems
     assert "group.db.site.vault.path: missing" in problems

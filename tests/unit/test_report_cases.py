@@ -318,8 +318,23 @@ CONFIGURATION = [
         "C15b",
         ("check-config",),
         ERR.CONFIG,
-        "group.db.site.dr.policy: 'synchronous' is not implemented yet (use asynchronous)",
+        "group.db.site.vault.policy: synchronous needs replicas that are block devices on this "
+        'host (transport = "blockdev", e.g. an NBD or iSCSI disk); a dir site can be '
+        "asynchronous or stall",
+        GOOD.replace('transport = "dir"', 'transport = "dir"\npolicy = "synchronous"'),
+        why="the report's case, a synchronous blockdev site, was refused as not implemented; it "
+        "is valid now (C15b2). A dir site keeps delta files, with no replica a write could wait "
+        "for, so synchronous there is still refused, naming the transport that can have it",
+    ),
+    Case(
+        "C15b2",
+        ("check-config",),
+        ERR.DEVICE_MISSING,
+        "origin $W/dev/origin is not a block device",
         GOOD.replace('transport = "blockdev"', 'transport = "blockdev"\npolicy = "synchronous"'),
+        dm=FAKE,
+        why="baseline: synchronous on a blockdev site passes the parser and reaches the device "
+        "checks, like C00",
     ),
     Case(
         "C16",
