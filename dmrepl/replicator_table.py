@@ -645,7 +645,13 @@ def render_toml(rep: Replication, group: str, source: str) -> str:
                 "long; dmrepl holds them for at most stall_limit (60 s unless set)",
             )
         limit = None
-        if link.fallbehind:
+        if link.fallbehind and policy == "synchronous":
+            _comment(
+                out,
+                f"{link.fallbehind.spelled}: a synchronous dmrepl site has no fall-behind limit "
+                "(its replicas are mirror legs, never behind while joined): left out",
+            )
+        elif link.fallbehind:
             limit = fall_behind_limit(link.fallbehind)
             _comment(out, describe_limit(link.fallbehind, limit))
         out.append('transport = "blockdev"')

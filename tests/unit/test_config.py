@@ -269,11 +269,14 @@ def test_ios_0_is_a_limit() -> None:
         ),
         (
             'stall_limit = "60s"',
-            'group.db.site.dr.stall_limit: only used with policy = "stall" or a fall_behind limit',
+            'group.db.site.dr.stall_limit: only used with policy = "stall" or "synchronous" '
+            "(how long writers may be held while it drains or joins) or a fall_behind limit",
         ),
         (
-            'policy = "synchronous"\nstall_limit = "60s"',
-            'group.db.site.dr.stall_limit: only used with policy = "stall" or a fall_behind limit',
+            'policy = "synchronous"\nfall_behind = { ios = 10 }',
+            "group.db.site.dr.fall_behind: has no meaning for a synchronous site: its replicas "
+            "are mirror legs, so it is never behind while joined (and catches up at once when "
+            "not)",
         ),
         (
             'policy = "stall"\nstall_limit = "0s"',
@@ -294,8 +297,8 @@ def test_malformed_policy_keys(lines: str, problem: str) -> None:
     assert any(problem in p for p in problems), problems
 
 
-def test_stall_limit_with_a_fall_behind_limit_or_stall() -> None:
-    for lines in ('policy = "stall"', "fall_behind = { ios = 10 }"):
+def test_stall_limit_with_a_fall_behind_limit_stall_or_synchronous() -> None:
+    for lines in ('policy = "stall"', "fall_behind = { ios = 10 }", 'policy = "synchronous"'):
         text = ONE_DEVICE + _site(f'{lines}\nstall_limit = "2m"')
         assert parse_config(text, PATH).groups["db"].site("dr").stall_limit_s == 120.0
 
