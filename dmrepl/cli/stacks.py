@@ -43,7 +43,8 @@ from dmrepl.demo import load_modules, run_demo
 from dmrepl.errors import InvalidInput, NoDeviceMapper
 from dmrepl.executor import Runner
 from dmrepl.probe import DeviceMissing, DeviceProblem, probe_block_device
-from dmrepl.replication.status import replication_status, site_status
+from dmrepl.replication.kernelview import observe_kernel
+from dmrepl.replication.status import ReplicationStatus, replication_status
 from dmrepl.sizing import metadata_size
 from dmrepl.units import format_bytes, format_sectors, parse_size_sectors, sectors_to_bytes
 
@@ -129,21 +130,28 @@ def check_config(config: ConfigOption = DEFAULT_PATH) -> None:
 def show_status(
     group: GroupArg = None, config: ConfigOption = DEFAULT_PATH, as_json: JsonOption = False
 ) -> None:
-    """Show each stack: layers, sizes, current era, metadata use, held snapshot, mirror legs."""
+    """Show each stack (layers, sizes, current era, metadata use, held snapshot, mirror legs)
+    and each site (cut held, lag, policy, mode S/A, outstanding writes)."""
     require_root()
     loaded = config_for_kernel(config, group)
     states = builder.status(Runner(), loaded, group)
     missing = [text for spec in loaded.select(group) for text in builder.unprobed_devices(spec)]
+    seen = observe_kernel(loaded, group, states)  # sysfs and device nodes: runs nothing
+    replication = replication_status(loaded, group, recent=5, seen=seen)  # creates nothing
     if as_json:
         devices = [device_state_json(state) for state in states]
-        sites = [asdict(site) for site in site_status(loaded, group)]
+        sites = [asdict(site) for site in replication.sites]
         shown = {"devices": devices, "missing_devices": missing, "sites": sites}
         print(json.dumps(shown, indent=2))
-        _fail_if_missing(missing, config)
-        return
+    else:
+        _print_status(states, replication)
+    _fail_if_missing(missing, config)
+
+
+def _print_status(states: list[builder.DeviceState], replication: ReplicationStatus) -> None:
+    """The text form: each stack, each group's last cuts, each site."""
     for state in states:
         render_device_state(state)
-    replication = replication_status(loaded, group, recent=5)  # reads only: creates nothing
     for name, recent in replication.recent_cuts.items():
         if recent:
             out.print(f"last cuts of {name}:", markup=False)
@@ -156,7 +164,6 @@ def show_status(
             )
     for site in replication.sites:
         render_site_status(site)
-    _fail_if_missing(missing, config)
 
 
 def _fail_if_missing(missing: list[str], config: Path) -> None:
