@@ -1,5 +1,6 @@
 """Status in the replicator's words (issue 16 item 4): each site's mode S/A and outstanding
-writes from the state store and the gates' counters."""
+writes from the state store and the gates' counters, and `dmrepl status --format replicator`
+printing dm-replicator's `replicator` / `replicator-dev` status lines."""
 
 from __future__ import annotations
 
@@ -19,14 +20,18 @@ from dmrepl.replication.kernelview import legs_in_mirrors, observe_kernel
 from dmrepl.replication.status import (
     KernelView,
     ModeSwitches,
+    SiteStatus,
     replication_status,
     site_mode,
 )
 from dmrepl.replication.synchronous import LegsState, SiteLegs
+from dmrepl.replicator_status import render_replicator_status, replicator_status
 from dmrepl.state import NORMAL_MODE, SiteMode, SiteModeRecord, StateStore
 from dmrepl.status import Health, MirrorLeg, MirrorLogStatus, MirrorStatus
 from tests.clirun import run_cli_here
 from tests.unit.test_readonly_status import snapshot
+
+LOG_SECTORS = 2 * 2**30 // 512  # spool_size = "2GiB"
 
 
 def config_at(tmp_path: Path) -> Path:
@@ -73,6 +78,17 @@ def group_of(tmp_path: Path) -> GroupSpec:
     return loaded(tmp_path).groups["db"]
 
 
+def site(name: str, **fields: object) -> SiteStatus:
+    """A site of group db as status shows it: in sync at cut 4, mode A, 0 writes behind."""
+    values: dict[str, object] = dict(
+        group="db", site=name, transport="blockdev", policy="asynchronous", state="in sync",
+        cursor=4, latest_cut=4, lag_cuts=0, lag_eras=0, lag_bytes=0, lag_s=1.0, detail="",
+        outstanding_ios=0, outstanding_sectors=0, outstanding_age_s=0.0,
+    )  # fmt: skip
+    values.update(fields)
+    return SiteStatus(**values)  # type: ignore[arg-type]
+
+
 def legs(state: LegsState, **health: tuple[Health | None, tuple[int, int]]) -> SiteLegs:
     return SiteLegs(
         "dr", state, {d: h for d, (h, _) in health.items()}, {d: r for d, (_, r) in health.items()}
@@ -80,6 +96,70 @@ def legs(state: LegsState, **health: tuple[Health | None, tuple[int, int]]) -> S
 
 
 JOINED = legs(LegsState.JOINED, data=(Health.ALIVE, (1024, 1024)), logs=(Health.ALIVE, (256, 256)))
+BOTH_RUNNING = {"data": 2097152, "logs": 524288}
+
+
+def lines(tmp_path: Path, sites: list[SiteStatus], running: dict[str, int | None]) -> list[str]:
+    shown = replicator_status(group_of(tmp_path), sites, running, "254:1")
+    return render_replicator_status(shown)
+
+
+def test_a_synchronous_site_with_joined_legs_and_two_asynchronous_ones(tmp_path: Path) -> None:
+    sites = [
+        site("dr", policy="synchronous", mode="S", legs=JOINED),
+        site("slink2", outstanding_ios=12, outstanding_sectors=96),
+        site("vault", transport="dir", state="not seeded", cursor=None,
+             outstanding_ios=None, outstanding_sectors=None),
+    ]  # fmt: skip
+    assert lines(tmp_path, sites, BOTH_RUNNING) == [
+        f"db-replicator: 0 {LOG_SECTORS} replicator A,0,0 A,12,96 S,0,0 A,-,- 12/96/{LOG_SECTORS}",
+        "data: 0 2097152 replicator-dev 254:1 0 A,- A,- A,1024/1024 A,-",
+        "logs: 0 524288 replicator-dev 254:1 1 A,- A,- A,256/256 A,-",
+    ]
+
+
+def test_a_failed_leg_is_w_a_read_error_r_and_a_resync_a_plus(tmp_path: Path) -> None:
+    failed = legs(
+        LegsState.FAILED, data=(Health.WRITE_FAILED, (1000, 1024)), logs=(Health.ALIVE, (256, 256))
+    )
+    sites = [
+        site("dr", policy="synchronous", mode="A", legs=failed, outstanding_ios=7,
+             outstanding_sectors=56),
+        site("slink2"),
+        site("vault", transport="dir"),
+    ]  # fmt: skip
+    shown = lines(tmp_path, sites, BOTH_RUNNING)
+    assert shown[0] == f"db-replicator: 0 {LOG_SECTORS} replicator A,0,0 A,0,0 A,7,56 A,0,0 " + (
+        f"7/56/{LOG_SECTORS}"
+    )
+    assert shown[1:] == [
+        "data: 0 2097152 replicator-dev 254:1 0 A,- A,- W,1000+/1024 A,-",
+        "logs: 0 524288 replicator-dev 254:1 1 A,- A,- A,256/256 A,-",
+    ]
+    for health, letter in [(Health.READ_FAILED, "R"), (Health.SYNC_FAILED, "W"),
+                           (Health.FLUSH_FAILED, "W"), (Health.UNKNOWN, "W")]:  # fmt: skip
+        marked = legs(
+            LegsState.FAILED, data=(health, (1024, 1024)), logs=(Health.ALIVE, (256, 256))
+        )
+        sites[0] = dataclasses.replace(sites[0], legs=marked)
+        assert lines(tmp_path, sites, BOTH_RUNNING)[1].endswith(f" A,- A,- {letter},1024/1024 A,-")
+
+
+def test_an_enforced_asynchronous_site_is_s_and_a_down_site_is_w(tmp_path: Path) -> None:
+    sites = [
+        site("dr", policy="synchronous", mode="A", state="down", legs=None, cursor=3,
+             outstanding_ios=None, outstanding_sectors=None),
+        site("slink2", mode="S", policy_mode="enforced", outstanding_ios=150,
+             outstanding_sectors=1200),
+        site("vault", transport="dir", state="misconfigured"),
+    ]  # fmt: skip
+    assert lines(tmp_path, sites, {"data": 2097152, "logs": None}) == [
+        f"db-replicator: 0 {LOG_SECTORS} replicator A,0,0 S,150,1200 A,-,- A,0,0 "
+        f"150/1200/{LOG_SECTORS}",
+        "data: 0 2097152 replicator-dev 254:1 0 A,- A,- W,- W,-",
+    ]
+    shown = replicator_status(group_of(tmp_path), sites, {"data": 2097152}, "254:1")
+    assert shown.skipped == ("logs: its stack is not running (no replicator-dev line)",)
 
 
 def test_the_mode_of_each_kind_of_site(tmp_path: Path) -> None:
@@ -264,6 +344,23 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="dmrepl status refuses
 
 @needs_root
 @pytest.mark.usefixtures("no_kernel")
+def test_cli_replicator_format_on_a_fresh_host_creates_nothing(tmp_path: Path) -> None:
+    config = config_at(tmp_path)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli_here("status", "--format", "replicator", "--config", str(config))
+    assert code == 0, out + err
+    assert snapshot(tmp_path) == before and not (tmp_path / "state").exists()
+    assert out == f"db-replicator: 0 {LOG_SECTORS} replicator A,0,0 A,-,- A,-,- A,-,- " + (
+        f"0/0/{LOG_SECTORS}\n"
+    )
+    assert err.splitlines() == [
+        "note: db/data: its stack is not running (no replicator-dev line)",
+        "note: db/logs: its stack is not running (no replicator-dev line)",
+    ]
+
+
+@needs_root
+@pytest.mark.usefixtures("no_kernel")
 def test_cli_status_shows_modes_and_switches(tmp_path: Path) -> None:
     config = config_at(tmp_path)
     store_with_history(parse_config(config.read_text(), config))
@@ -279,9 +376,58 @@ def test_cli_status_shows_modes_and_switches(tmp_path: Path) -> None:
     assert "  mode switches: enforced 1, released 0, dropped 0" in out
     assert "site db/dr (blockdev, synchronous)" in out
     assert "mode A (mirror legs not read: the devices of data cannot be probed; " in out
-    code, out, err = run_cli_here("status", "--json", "--config", str(config))
+    code, out, err = run_cli_here("status", "--format", "json", "--config", str(config))
     assert code == 0, out + err
     slink2 = json.loads(out)["sites"][1]
     assert (slink2["site"], slink2["mode"], slink2["policy_mode"]) == ("slink2", "S", "enforced")
     assert slink2["switches"] == {"enforced": 1, "released": 0, "dropped": 0}
     assert snapshot(tmp_path) == before
+
+
+@needs_root
+@pytest.mark.usefixtures("no_kernel")
+def test_cli_replicator_format_with_running_stacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dr's replicas are healthy legs (S, 0/0); slink2 is enforced (S) and vault follows (A),
+    each with the writes since its cut; one line per running device."""
+    numbers = {"/dev/vdb": "254:16", "/dev/vdf": "254:80", "/dev/vdd": "254:48",
+               "/dev/vdh": "254:112"}  # fmt: skip
+    monkeypatch.setattr(probe, "dev_id_of", numbers.get)
+    now = {"/dev/mapper/data": WriteCounters(230, 1840), "/dev/mapper/logs": WriteCounters(15, 120)}
+    monkeypatch.setattr(probe, "write_counters", now.get)
+
+    def mirror(origin: str, replica: str, in_sync: int) -> MirrorStatus:
+        legs = (MirrorLeg(origin, Health.ALIVE), MirrorLeg(replica, Health.ALIVE))
+        return MirrorStatus(legs, in_sync, 1024, MirrorLogStatus("core"))
+
+    states = [
+        device_state("data", mirror("254:16", "254:48", 1024)),
+        device_state("logs", mirror("254:80", "254:112", 1000)),
+    ]
+    monkeypatch.setattr(builder, "status", lambda *_args: states)
+    config = config_at(tmp_path)
+    store_with_history(parse_config(config.read_text(), config))
+    state_dir = os.stat(tmp_path / "state").st_dev
+    log = f"{os.major(state_dir)}:{os.minor(state_dir)}"
+    code, out, err = run_cli_here("status", "--format", "replicator", "--config", str(config))
+    assert code == 0, out + err
+    assert err == ""
+    assert out.splitlines() == [
+        f"db-replicator: 0 {LOG_SECTORS} replicator A,0,0 S,135,1080 S,0,0 A,85,680 "
+        f"220/1760/{LOG_SECTORS}",
+        f"data: 0 2097152 replicator-dev {log} 0 A,- A,- A,1024/1024 A,-",
+        f"logs: 0 2097152 replicator-dev {log} 1 A,- A,- A,1000+/1024 A,-",
+    ]
+
+
+@needs_root
+def test_cli_json_and_another_format_are_refused(tmp_path: Path) -> None:
+    config = config_at(tmp_path)
+    code, _out, err = run_cli_here(
+        "status", "--json", "--format", "replicator", "--config", str(config)
+    )
+    assert code == 10
+    assert "give --json or --format replicator, not both" in err
+    code, _out, err = run_cli_here("status", "--format", "yaml", "--config", str(config))
+    assert code == 2 and "yaml" in err
