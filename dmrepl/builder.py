@@ -20,11 +20,12 @@ from dmrepl.executor import Runner
 from dmrepl.lock import group_lock
 from dmrepl.plan import Plan, plan_down, plan_up, table_matches
 from dmrepl.probe import BlockDevice, DeviceMissing, DeviceProblem, MetadataHeader, MetadataKind
+from dmrepl.replication.synchronous import mirror_status
 from dmrepl.safety import DeviceFacts, check_all, metadata_area_sectors
 from dmrepl.signals import Say, deferred_signals
 from dmrepl.stack import Layer, StackSpec, parse_layer_uuid, plan_stack
 from dmrepl.state import StateStore
-from dmrepl.status import EraStatus, MirrorStatus, parse_mirror_status, parse_status_line
+from dmrepl.status import EraStatus, MirrorStatus
 from dmrepl.udev import NodeWaiter
 
 
@@ -343,11 +344,12 @@ def metadata_warnings(era_name: str, state: EraStatus) -> list[str]:
 def _mirror_state(
     runner: Runner, stack: StackSpec, observed: Mapping[str, dm.ObservedDevice]
 ) -> MirrorStatus | None:
+    """The mirror layer's status; None when it is absent, suspended, or runs as a linear
+    pass-through (a synchronous site's mirror layer before any replica has joined it)."""
     mirror = stack.get(Layer.MIRROR)
     if mirror is None or mirror.name not in observed or observed[mirror.name].suspended:
         return None
-    line = parse_status_line(runner.run(dm.status(mirror.name)).stdout)
-    return parse_mirror_status(line.params)
+    return mirror_status(runner, mirror.name)
 
 
 def _era_state(

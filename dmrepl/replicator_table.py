@@ -688,7 +688,7 @@ def import_table(text: str, group: str, source: str) -> str:
 # --- export ------------------------------------------------------------------------------
 
 
-def _link_numbers(group: GroupSpec) -> dict[str, int]:
+def link_numbers(group: GroupSpec) -> dict[str, int]:
     numbers: dict[str, int] = {}
     for site in group.sites:
         match = re.fullmatch(r"slink([1-9][0-9]*)", site.name)
@@ -741,7 +741,7 @@ def export_tables(group: GroupSpec, state_dir: str, lengths: dict[str, int | Non
         "# a table form: sizes in 512-byte sectors (s) or k m g t p e (KiB to EiB), timeouts in",
         "# t (ms), s, m, h or d.",
     ]
-    numbers = _link_numbers(group)
+    numbers = link_numbers(group)
     replicas: dict[str, dict[str, str]] = {}
     links = ["blockdev 2 0 asynchronous"]
     for site in group.sites:

@@ -96,10 +96,28 @@ def render_site_status(site: SiteStatus) -> None:
         lag.append(f"last ack {max(0.0, time.time() - site.last_ack):.0f} s ago")
     out.print(
         f"site {site.group}/{site.site} ({site.transport}, {site.policy}): {site.state}; "
-        f"holds {cursor}; lag {', '.join(lag) or '-'}"
+        f"holds {cursor}; lag {', '.join(lag) or '-'}; {_site_mode(site)}"
         + (f"; {site.detail}" if site.detail else ""),
         markup=False,
     )
+    if site.policy_mode != "normal" and site.policy_mode_since is not None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(site.policy_mode_since))
+        out.print(f"  {site.policy_mode} since {since}: {site.policy_mode_reason}", markup=False)
+    switched = site.switches
+    if switched.enforced or switched.released or switched.dropped:
+        out.print(
+            f"  mode switches: enforced {switched.enforced}, released {switched.released}, "
+            f"dropped {switched.dropped}",
+            markup=False,
+        )
+
+
+def _site_mode(site: SiteStatus) -> str:
+    """`mode S (why), outstanding 12 ios, 96 sectors`, in dm-replicator's words."""
+    mode = f"mode {site.mode}" + (f" ({site.mode_reason})" if site.mode_reason else "")
+    if site.outstanding_ios is None or site.outstanding_sectors is None:
+        return f"{mode}, outstanding unknown"
+    return f"{mode}, outstanding {site.outstanding_ios} ios, {site.outstanding_sectors} sectors"
 
 
 def _leg_health(health: Health) -> str:

@@ -11,6 +11,7 @@ import shlex
 import sys
 import time
 from dataclasses import asdict
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -38,12 +39,14 @@ from dmrepl.cli.render import (
     render_site_status,
     say,
 )
-from dmrepl.config import DEFAULT_PATH, NAME_RE, load_config
+from dmrepl.config import DEFAULT_PATH, NAME_RE, Config, load_config
 from dmrepl.demo import load_modules, run_demo
 from dmrepl.errors import InvalidInput, NoDeviceMapper
 from dmrepl.executor import Runner
 from dmrepl.probe import DeviceMissing, DeviceProblem, probe_block_device
-from dmrepl.replication.status import replication_status, site_status
+from dmrepl.replication.kernelview import observe_kernel
+from dmrepl.replication.status import ReplicationStatus, SiteStatus, replication_status
+from dmrepl.replicator_status import render_replicator_status, replicator_status
 from dmrepl.sizing import metadata_size
 from dmrepl.units import format_bytes, format_sectors, parse_size_sectors, sectors_to_bytes
 
@@ -126,24 +129,53 @@ def check_config(config: ConfigOption = DEFAULT_PATH) -> None:
         )
 
 
+class StatusFormat(StrEnum):
+    """`status --format`: text, JSON (as `--json`), or dm-replicator's status lines."""
+
+    TEXT = "text"
+    JSON = "json"
+    REPLICATOR = "replicator"
+
+
 def show_status(
-    group: GroupArg = None, config: ConfigOption = DEFAULT_PATH, as_json: JsonOption = False
+    group: GroupArg = None,
+    config: ConfigOption = DEFAULT_PATH,
+    as_json: JsonOption = False,
+    output: Annotated[
+        StatusFormat | None,
+        typer.Option(
+            "--format",
+            help="text, json (as --json) or replicator (dm-replicator's status lines).",
+        ),
+    ] = None,
 ) -> None:
-    """Show each stack: layers, sizes, current era, metadata use, held snapshot, mirror legs."""
+    """Show each stack (layers, sizes, current era, metadata use, held snapshot, mirror legs)
+    and each site (cut held, lag, policy, mode S/A, outstanding writes)."""
+    if as_json and output not in (None, StatusFormat.JSON):
+        raise InvalidInput(f"give --json or --format {output}, not both")
+    chosen = StatusFormat.JSON if as_json else output or StatusFormat.TEXT
     require_root()
     loaded = config_for_kernel(config, group)
     states = builder.status(Runner(), loaded, group)
     missing = [text for spec in loaded.select(group) for text in builder.unprobed_devices(spec)]
-    if as_json:
+    seen = observe_kernel(loaded, group, states)  # sysfs and device nodes: runs nothing
+    replication = replication_status(loaded, group, recent=5, seen=seen)  # creates nothing
+    if chosen is StatusFormat.JSON:
         devices = [device_state_json(state) for state in states]
-        sites = [asdict(site) for site in site_status(loaded, group)]
+        sites = [asdict(site) for site in replication.sites]
         shown = {"devices": devices, "missing_devices": missing, "sites": sites}
         print(json.dumps(shown, indent=2))
-        _fail_if_missing(missing, config)
-        return
+    elif chosen is StatusFormat.REPLICATOR:
+        _print_replicator_status(loaded, group, states, replication.sites)
+    else:
+        _print_status(states, replication)
+    _fail_if_missing(missing, config)
+
+
+def _print_status(states: list[builder.DeviceState], replication: ReplicationStatus) -> None:
+    """The text form: each stack, each group's last cuts, each site."""
     for state in states:
         render_device_state(state)
-    replication = replication_status(loaded, group, recent=5)  # reads only: creates nothing
     for name, recent in replication.recent_cuts.items():
         if recent:
             out.print(f"last cuts of {name}:", markup=False)
@@ -156,7 +188,32 @@ def show_status(
             )
     for site in replication.sites:
         render_site_status(site)
-    _fail_if_missing(missing, config)
+
+
+def _print_replicator_status(
+    loaded: Config,
+    group: str | None,
+    states: list[builder.DeviceState],
+    sites: list[SiteStatus],
+) -> None:
+    """`dmsetup status`-like lines per group; devices left out are said on stderr."""
+    log_device = _device_number_of(loaded.state_dir)
+    for spec in loaded.select(group):
+        running = {s.device: s.origin_sectors for s in states if s.group == spec.name and s.running}
+        shown = replicator_status(spec, sites, running, log_device)
+        for line in render_replicator_status(shown):
+            print(line)
+        for text in shown.skipped:
+            err.print(f"note: {spec.name}/{text}", markup=False)
+
+
+def _device_number_of(path: Path) -> str:
+    """MAJOR:MINOR of the filesystem holding `path`; `0:0` when it does not exist."""
+    try:
+        number = os.stat(path).st_dev
+    except OSError:
+        return "0:0"
+    return f"{os.major(number)}:{os.minor(number)}"
 
 
 def _fail_if_missing(missing: list[str], config: Path) -> None:

@@ -85,26 +85,40 @@ def observe_legs(
     replicas: Mapping[str, str],
 ) -> SiteLegs:
     """Where a synchronous site's replicas stand in the mirror layers (one status each)."""
-    health: dict[str, Health | None] = {}
-    regions: dict[str, tuple[int, int]] = {}
+    mirrors: dict[str, MirrorStatus | None] = {}
     for stack in stacks:
         name = _mirror_name(stack)
-        running = observed.get(name)
-        if running is None:
+        if name not in observed:
             raise MirrorLayerMissing(
                 f"site {site} is synchronous but {name} is not running",
                 hint=f"rebuild the stack with its mirror layer: `dmrepl down "
                 f"{stack.device.group}` then `dmrepl up {stack.device.group}`",
             )
-        status = mirror_status(runner, name)
-        if status is not None:
-            regions[stack.device.name] = (status.in_sync_regions, status.regions)
-        replica = probe.dev_id_of(replicas[stack.device.name])
-        legs = running_legs(running.table)
-        if replica is None or replica not in legs or status is None:
-            health[stack.device.name] = None
+        mirrors[stack.device.name] = mirror_status(runner, name)
+    numbers = {device: probe.dev_id_of(path) for device, path in replicas.items()}
+    return legs_in_mirrors(site, numbers, mirrors)
+
+
+def legs_in_mirrors(
+    site: str, replicas: Mapping[str, str | None], mirrors: Mapping[str, MirrorStatus | None]
+) -> SiteLegs:
+    """A synchronous site's legs as the mirror statuses show them (pure).
+
+    `replicas`: device -> its replica's MAJOR:MINOR (None: no such device node);
+    `mirrors`: device -> its mirror layer's status (None: a linear, no legs). Joined when
+    every device has the replica as a healthy leg, detached when none has it as a leg,
+    failed otherwise (a leg marked, or legs on only some devices).
+    """
+    health: dict[str, Health | None] = {}
+    regions: dict[str, tuple[int, int]] = {}
+    for device, replica in replicas.items():
+        mirror = mirrors.get(device)
+        if mirror is None:
+            health[device] = None
             continue
-        health[stack.device.name] = status.legs[legs.index(replica)].health
+        regions[device] = (mirror.in_sync_regions, mirror.regions)
+        found = [leg.health for leg in mirror.legs if replica is not None and leg.device == replica]
+        health[device] = found[0] if found else None
     values = list(health.values())
     if all(h is Health.ALIVE for h in values):
         state = LegsState.JOINED
