@@ -3,6 +3,7 @@ failure and rejoin, fall-behind limits and the stall policy."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import signal
@@ -59,6 +60,12 @@ def reload(runner: Runner, name: str, table: str) -> None:
     runner.run(dm.load(name, table))
     runner.run(dm.suspend(name))
     runner.run(dm.resume(name))
+
+
+def site_status(bed: Bed, site: str = "dr") -> dict[str, object]:
+    """The site's entry in `dmrepl status --json`."""
+    shown = json.loads(bed.cli("status", bed.group, "--json").stdout)
+    return next(s for s in shown["sites"] if s["site"] == site)
 
 
 def test_synchronous_site_has_every_write_before_it_completes(
@@ -127,6 +134,14 @@ def test_failed_leg_goes_asynchronous_and_rejoins_after_catching_up_by_era(
     assert " D" in mirror.split(" 1 ", 1)[-1] or "DA" in mirror or "AD" in mirror, mirror
     preview = bed.cli("sync", bed.group, "--dry-run")
     assert "a mirror leg failed: leaves the mirror" in preview.stdout, preview.stdout
+    failed = site_status(bed)
+    # Five 64 KiB writes since its cut (the block layer may count one write as several ios).
+    ios = failed["outstanding_ios"]
+    assert failed["mode"] == "A" and failed["outstanding_sectors"] == 5 * 128, failed
+    assert isinstance(ios, int) and ios >= 5
+    lines = bed.cli("status", bed.group, "--format", "replicator").stdout.splitlines()
+    assert f"{bed.group}-replicator: " in lines[0] and f" A,{ios},640 " in lines[0], lines
+    assert lines[1].startswith("sb: 0 32768 replicator-dev ") and " W," in lines[1], lines
     reload(runner, leg.removeprefix("/dev/mapper/"), f"0 {SECTORS_16M} linear {replica} 0\n")
     counters = write_counters(replica)
     assert counters is not None
@@ -142,6 +157,10 @@ def test_failed_leg_goes_asynchronous_and_rejoins_after_catching_up_by_era(
     assert "joined the mirror" in caught_up.stderr, caught_up.stderr
     assert written == len(changed_blocks) * BLOCK
     assert read_all(replica) == read_all(gate)
+    joined = site_status(bed)
+    assert (joined["mode"], joined["outstanding_ios"]) == ("S", 0), joined
+    lines = bed.cli("status", bed.group, "--format", "replicator").stdout.splitlines()
+    assert " S,0,0 " in lines[0] and lines[1].endswith(" A,32/32"), lines  # 512 KiB regions
     table = runner.run(dm.table("sb-mirror")).stdout
     assert table.startswith(f"0 {SECTORS_16M} mirror core 2 ") and " nosync " in table, table
     write_direct(gate, 50 * BLOCK, os.urandom(BLOCK))
