@@ -66,7 +66,7 @@ def recover(
     """Repair what a killed cut left behind; returns what was done.
 
     `observed` is the caller's fresh `dm.observe` (each dmsetup call is a process
-    start, so the cycle observes once). A suspended gate, `-orig` or era device
+    start, so the cycle observes once). A suspended gate, `-orig`, era or mirror device
     is resumed; a stale `-pit` is removed (its COW is then unused); a metadata
     snapshot still held is dropped.
     """
@@ -79,8 +79,9 @@ def recover(
 
     for stack in stacks:
         pit = layer_name(stack.device.name, Layer.PIT)
-        for layer in (Layer.ORIGIN, Layer.ERA, Layer.GATE):
-            name = stack.require(layer).name
+        for layer in (Layer.MIRROR, Layer.ORIGIN, Layer.ERA, Layer.GATE):  # bottom up
+            spec = stack.get(layer)
+            name = "" if spec is None else spec.name
             if name in observed and observed[name].suspended:
                 act(f"resume {name} (left suspended by an interrupted cut)", dm.resume(name))
         if pit in observed:

@@ -67,18 +67,12 @@ class WriteCounters:
     ios: int
     sectors: int
 
-    def __add__(self, other: WriteCounters) -> WriteCounters:
-        return WriteCounters(self.ios + other.ios, self.sectors + other.sectors)
-
     def since(self, earlier: WriteCounters) -> WriteCounters:
         """Writes after `earlier`; a counter that went backwards was reset (the gate was
         rebuilt), so everything it counts now is after it (a lower bound)."""
         if self.ios < earlier.ios or self.sectors < earlier.sectors:
             return self
         return WriteCounters(self.ios - earlier.ios, self.sectors - earlier.sectors)
-
-
-ZERO = WriteCounters(0, 0)
 
 
 @dataclass(frozen=True)
@@ -102,11 +96,3 @@ def backlog(now: WriteCounters, at_cut: WriteCounters, cut_age_s: float) -> Back
     """The backlog of a site whose cut saw `at_cut` and was taken `cut_age_s` ago."""
     behind = now.since(at_cut)
     return Backlog(behind.ios, behind.sectors, max(cut_age_s, 0.0) if behind.ios else 0.0)
-
-
-def spool_would_overflow(pending_bytes: int, written_bytes: int, cap_bytes: int) -> bool:
-    """Whether the next cycle's delta may not fit beside what a site still needs.
-
-    `pending_bytes`: spooled deltas the site has not applied; `written_bytes`: bytes written
-    since the last cut (the next delta is at most that, at era-block granularity aside)."""
-    return pending_bytes + written_bytes > cap_bytes

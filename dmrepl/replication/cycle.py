@@ -30,7 +30,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dmrepl import blockio, builder, delta, dm, phases
@@ -75,11 +75,11 @@ from dmrepl.sites import (
 )
 from dmrepl.sites.base import FAILED_STATES
 from dmrepl.spool import Spool
-from dmrepl.stack import Layer
 from dmrepl.state import CutRecord, SiteMode, StateStore, TransferRecord
 from dmrepl.statedir import StateDir
 
 AWAIT_POLL_S = 1.0  # how often a stall site that is down is asked again while writers wait
+MIRRORED = "synchronous: its replicas are mirror legs"
 
 
 @dataclass
@@ -92,6 +92,7 @@ class SiteReport:
     seeded: blockio.CopyStats | None = None
     detail: str = ""
     mirrored: bool = False  # synchronous: its replicas are mirror legs at the cut
+    joinable: bool = False  # synchronous, detached, holds the new cut, the mirrors are sound
 
 
 @dataclass
@@ -125,21 +126,30 @@ def sync(
             result = _one_cycle(
                 runner, config, spec, store, say, progress, seed_sites, target_zeroed
             )
-            joining = tuple(
-                site.site
-                for site in result.sites
-                if spec.site(site.site).policy == Policy.SYNCHRONOUS
-                and site.state == SiteState.IN_SYNC
-                and site.cursor == result.cut.seq
-                and not site.mirrored
-            )
+            joining = tuple(site.site for site in result.sites if site.joinable)
             if not joining:
                 return result
             # Caught up: one more cut, shipped while writers are held, then the mirror.
             say(f"{', '.join(joining)} caught up: joining the mirror with writers held")
-            return _one_cycle(runner, config, spec, store, say, progress, (), False, joining)
+            joined = _one_cycle(runner, config, spec, store, say, progress, (), False, joining)
+            return _both(result, joined)
         finally:
             store.close()
+
+
+def _both(first: SyncResult, then: SyncResult) -> SyncResult:
+    """A `sync` that ran a join cycle after the first: the second's outcome, with what the
+    first delivered, seeded and recovered."""
+    earlier = {site.site: site for site in first.sites}
+    for site in then.sites:
+        before = earlier[site.site]
+        site.delivered[:0] = before.delivered
+        site.seeded = site.seeded or before.seeded
+    return replace(
+        then,
+        recovered=first.recovered + then.recovered,
+        changed_bytes=first.changed_bytes + then.changed_bytes,
+    )
 
 
 def _one_cycle(
@@ -235,6 +245,7 @@ class Cycle:
             if hold is not None:
                 held_for = self._not_waited_for(held_for, observed, hold)
                 observed = self._await_stalled(observed, held_for, recovered, hold)
+                observed = self._seeds_deferred(observed, held_for)
                 hold.check()
             plan = plan_cycle(observed)
             record, changed = self._cut(plan, observed, seq, target_zeroed, hold, set(held_for))
@@ -246,11 +257,12 @@ class Cycle:
                 hold.release()
                 held_s = hold.held_s
                 self.say(f"writers held {held_s * 1000:.0f} ms")
-                self._drop_unfinished(held_for, seq, hold)
+                self._drop_unfinished({n: r for n, r in drains.items() if n in held_for}, seq, hold)
         for name in self.sites:
             if name not in held_for and name not in self.mirrored:
                 self._ship(name, seq)
         self._release_enforced(seq)
+        self._joinable(seq)
         spool = self.spool.chain_deltas()
         self.spool.delete(prunable(spool, list(self.cursors.values())))
         remaining = self.spool.chain_deltas()
@@ -526,46 +538,54 @@ class Cycle:
     # -- policies: synchronous legs, fall-behind limits, stall
 
     def _synchronous_legs(self, force_seed: set[str]) -> None:
-        """Find the synchronous sites whose legs are joined and healthy (they are marked at
-        the cut); detach every leg of a site one of whose legs failed (it catches up by era
-        from the last cut it was marked at). A site being seeded is detached too."""
-        for spec in self.spec.sites:
-            if spec.policy != Policy.SYNCHRONOUS:
-                continue
-            replicas = getattr(spec, "replicas", {})
-            legs = synchronous.observe_legs(
-                self.runner, self.stacks, self.observed, spec.name, replicas
-            )
-            if legs.state is LegsState.JOINED and spec.name not in force_seed:
-                self.mirrored.add(spec.name)
-                continue
-            if legs.state is LegsState.DETACHED:
-                continue
-            why = "re-seeding it" if legs.state is LegsState.JOINED else legs.describe_failure()
-            self._detach(spec.name, replicas, why)
-
-    def _detach(self, name: str, replicas: Mapping[str, str], why: str) -> None:
-        joined = synchronous.joined_replicas(self.stacks, dm.observe(self.runner).owned)
-        mine = set(replicas.values())
-        synchronous.set_legs(
-            self.runner,
-            self.stacks,
-            {device: tuple(r for r in legs if r not in mine) for device, legs in joined.items()},
+        """Find the synchronous sites whose legs are joined in sound mirrors (they are
+        marked at the cut). If any site's legs failed, or a joined site is re-seeded, every
+        synchronous site leaves the mirrors (a failed write leaves its region to the origin
+        alone, so no joined replica can be trusted): each catches up by era from the last
+        cut it was marked at."""
+        specs = [s for s in self.spec.sites if s.policy == Policy.SYNCHRONOUS]
+        if not specs:
+            return
+        mirrors = synchronous.read_mirrors(self.runner, self.stacks, self.observed)
+        legs = {s.name: synchronous.site_legs(s, mirrors) for s in specs}
+        failed = [n for n, seen in legs.items() if seen.state is LegsState.FAILED]
+        reseeded = [n for n in force_seed if n in legs and legs[n].state is LegsState.JOINED]
+        if not failed and not reseeded:
+            self.mirrored = {n for n, seen in legs.items() if seen.state is LegsState.JOINED}
+            return
+        why = "; ".join(
+            [f"{n}: {legs[n].describe_failure()}" for n in failed]
+            + [f"re-seeding {n}" for n in reseeded]
         )
-        text = f"left the mirror ({why}): asynchronous from its last cut until it has caught up"
-        self.say(f"site {name}: {text}")
-        self.store.record(self.spec.name, "", "synchronous", f"site {name} {text}")
+        attached = [n for n, seen in legs.items() if seen.state is not LegsState.DETACHED]
+        self._detach_all(attached, why)
+
+    def _detach_all(self, sites: list[str], why: str) -> None:
+        synchronous.detach_all(self.runner, self.stacks)
+        for name in sites:
+            text = f"left the mirror ({why}): asynchronous from its last cut until caught up"
+            self.say(f"site {name}: {text}")
+            self.store.record(self.spec.name, "", "synchronous", f"site {name} {text}")
 
     def _mark_mirrored(self, seq: int) -> None:
-        """A joined site whose legs are still healthy after the cut held it at the cut."""
+        """Joined sites whose mirrors are still sound after the cut held it at the cut (a
+        failed leg stays marked until a reload, so sound now means sound at the cut)."""
+        if not self.mirrored:
+            return
+        mirrors = synchronous.read_mirrors(self.runner, self.stacks, dm.observe(self.runner).owned)
+        legs = {n: synchronous.site_legs(self.specs[n], mirrors) for n in self.mirrored}
+        broken = {n: seen for n, seen in legs.items() if seen.state is not LegsState.JOINED}
+        if broken:
+            why = "; ".join(f"{n}: {seen.describe_failure()}" for n, seen in broken.items())
+            self._detach_all(sorted(self.mirrored), f"during the cycle: {why}")
+            for name in sorted(self.mirrored):
+                detail = f"left the mirror at cut {seq}; catches up by era next cycle"
+                self.reports[name].state, self.reports[name].detail = SiteState.BEHIND, detail
+                self.store.set_site_state(self.spec.name, name, SiteState.BEHIND, detail)
+            self.mirrored = set()
+            return
         for name in sorted(self.mirrored):
-            spec, report = self.specs[name], self.reports[name]
-            replicas = getattr(spec, "replicas", {})
-            if synchronous.leg_failed(self.runner, self.stacks, replicas):
-                self.mirrored.discard(name)
-                self._detach(name, replicas, "a leg failed during the cycle")
-                report.state, report.detail = SiteState.BEHIND, "left the mirror; catches up next"
-                continue
+            report = self.reports[name]
             seeder = self.sites[name].compare_seeder()
             assert seeder is not None  # a synchronous site is a blockdev site
             try:
@@ -575,48 +595,69 @@ class Cycle:
                 continue
             self._set_cursor(name, seq)
             report.state, report.mirrored = SiteState.IN_SYNC, True
-            report.detail = "synchronous: its replicas are mirror legs"
+            report.detail = MIRRORED
+
+    def _joinable(self, seq: int) -> None:
+        """Flag the detached synchronous sites that now hold cut `seq`, when every mirror
+        is sound (`sync` then runs a join cycle for them)."""
+        candidates = [
+            name
+            for name, spec in self.specs.items()
+            if spec.policy == Policy.SYNCHRONOUS
+            and name not in self.mirrored
+            and self.cursors.get(name) == seq
+            and self.reports[name].state is SiteState.IN_SYNC
+        ]
+        if not candidates:
+            return
+        mirrors = synchronous.read_mirrors(self.runner, self.stacks, dm.observe(self.runner).owned)
+        problems = [
+            p for d, m in mirrors.items() if m is not None for p in synchronous.unsound(d, m)
+        ]
+        for name in candidates:
+            if problems:
+                self.reports[
+                    name
+                ].detail = f"asynchronous until the mirrors are sound ({'; '.join(problems)})"
+            else:
+                self.reports[name].joinable = True
 
     def _join(self, join: tuple[str, ...], seq: int, hold: WriterHold) -> tuple[str, ...]:
         """Make the caught-up sites' replicas mirror legs while writers are still held (so
         each replica is exactly its origin: no copy is needed)."""
         ready = [n for n in join if self.cursors.get(n) == seq and n not in self.mirrored]
         for name in sorted(set(join) - set(ready)):
-            self.say(f"site {name}: not at cut {seq}; it stays asynchronous for now")
+            self._not_joined(name, f"not at cut {seq}")
         if not ready:
             return ()
         with hold.while_held() as held:
             if not held:
-                self.say(
-                    f"{', '.join(ready)}: writers were released before the join; retried later"
-                )
+                for name in ready:
+                    self._not_joined(name, "writers were released before the join")
                 return ()
-            joined = synchronous.joined_replicas(self.stacks, dm.observe(self.runner).owned)
-            unsynced = [
-                stack.device.name
-                for stack in self.stacks
-                if (status := synchronous.mirror_status(
-                    self.runner, stack.require(Layer.MIRROR).name)) is not None
-                and not status.in_sync
-            ]  # fmt: skip
-            if unsynced:
-                self.say(
-                    f"{', '.join(ready)}: the mirror of {', '.join(unsynced)} is still "
-                    "resynchronising its local legs; joining later"
-                )
-                return ()
+            observed = dm.observe(self.runner).owned
+            joined = synchronous.joined_replicas(self.stacks, observed)
             for name in ready:
-                replicas = getattr(self.specs[name], "replicas", {})
+                replicas = synchronous.replicas_of(self.specs[name])
                 for device in joined:
                     joined[device] += (replicas[device],)
-            synchronous.set_legs(self.runner, self.stacks, joined)
+            why = synchronous.join(self.runner, self.stacks, observed, joined)
+        if why is not None:
+            for name in ready:
+                self._not_joined(name, why)
+            return ()
         for name in ready:
             text = f"joined the mirror at cut {seq}: synchronous"
             self.say(f"site {name}: {text}")
             self.store.record(self.spec.name, "", "synchronous", f"site {name} {text}")
             self.reports[name].mirrored = True
-            self.reports[name].detail = "synchronous: its replicas are mirror legs"
+            self.reports[name].detail = MIRRORED
         return tuple(ready)
+
+    def _not_joined(self, name: str, why: str) -> None:
+        detail = f"holds the newest cut but did not join the mirror ({why}); retried next sync"
+        self.say(f"site {name}: {detail}")
+        self.reports[name].detail = detail
 
     def _drains(self, latest: int | None) -> dict[str, str]:
         """Sites writers are held for this cycle, and why: over a fall-behind limit, or a
@@ -627,8 +668,10 @@ class Cycle:
             name = spec.name
             record = self.store.site(self.spec.name, name)
             cursor = None if record is None else record.seq
-            if cursor is None:
+            if cursor is None or record is None:
                 continue  # seeded first
+            if record.state in FAILED_STATES and spec.policy != Policy.STALL:
+                continue  # an asynchronous site that was down is never waited for
             mode = self.store.site_mode(self.spec.name, name).mode
             if mode is SiteMode.DROPPED:
                 if cursor == latest:
@@ -655,6 +698,23 @@ class Cycle:
             hold.release()
         return kept
 
+    def _seeds_deferred(self, observed: Observed, held_for: list[str]) -> Observed:
+        """While writers are held, other sites are not seeded: a full copy would use up the
+        bound the held sites need. They are planned as unreachable this cycle."""
+        views = []
+        for view in observed.sites:
+            seeding = view.cursor is None or not view.cursor_known or view.force_seed
+            if view.name in held_for or not view.reachable or not seeding:
+                views.append(view)
+                continue
+            views.append(replace(view, reachable=False))
+            self.reports[
+                view.name
+            ].detail = (
+                f"seed deferred to the next cycle: writers are held for {', '.join(held_for)}"
+            )
+        return Observed(tuple(views), observed.spool, observed.cap_bytes)
+
     def _await_stalled(
         self, observed: Observed, held_for: list[str], recovered: list[str], hold: WriterHold
     ) -> Observed:
@@ -678,18 +738,22 @@ class Cycle:
                     waiting.discard(name)
         return Observed(tuple(views.values()), observed.spool, observed.cap_bytes)
 
-    def _drop_unfinished(self, held_for: list[str], seq: int, hold: WriterHold) -> None:
-        """Sites writers were held for past the bound, still without the cut: dropped."""
-        if not hold.expired:
-            return
-        for name in held_for:
-            if self.cursors.get(name) == seq or name in self.mirrored:
+    def _drop_unfinished(self, drained: Mapping[str, str], seq: int, hold: WriterHold) -> None:
+        """Sites writers were held for that did not get the cut (the bound passed, or the
+        delivery failed): dropped, so that no later cycle holds writers for them, or keeps
+        the spool past its cap for them, until they have caught up."""
+        for name in drained:
+            if self.cursors.get(name) == seq:
                 continue
+            why = (
+                f"writers were held {hold.bound_s:g} s (stall_limit)"
+                if hold.expired
+                else f"{self.reports[name].state}: {self.reports[name].detail}"
+            )
             self._switch(
                 name,
                 SiteMode.DROPPED,
-                f"did not have cut {seq} after writers were held {hold.bound_s:g} s "
-                "(stall_limit): writers go on; it resyncs when back",
+                f"did not get cut {seq} ({why}): writers go on; it resyncs when back",
             )
 
     def _release_enforced(self, seq: int) -> None:
@@ -713,7 +777,7 @@ class Cycle:
     def _switch(self, site: str, mode: SiteMode, reason: str) -> None:
         words = {
             SiteMode.ENFORCED: "driven synchronously (writers held while it catches up)",
-            SiteMode.NORMAL: f"back to {self.specs[site].policy}",
+            SiteMode.NORMAL: f"back to its policy ({self.specs[site].policy})",
             SiteMode.DROPPED: "dropped",
         }[mode]
         self.say(f"site {site}: {words}: {reason}")

@@ -65,13 +65,9 @@ def preview(
     context = SiteContext.of(stacks, state_dir)
     sites = {s.name: open_site(s, context) for s in spec.sites}
     store = StateStore.open_readonly(config.state_dir)
-    legs = {
-        s.name: synchronous.observe_legs(
-            runner, stacks, found.observed, s.name, getattr(s, "replicas", {})
-        ).state
-        for s in spec.sites
-        if s.policy == Policy.SYNCHRONOUS
-    }
+    synchronous_sites = [s for s in spec.sites if s.policy == Policy.SYNCHRONOUS]
+    mirrors = synchronous.read_mirrors(runner, stacks, found.observed) if synchronous_sites else {}
+    legs = {s.name: synchronous.site_legs(s, mirrors).state for s in synchronous_sites}
     try:
         previews, views = [], []
         for name, site in sites.items():
@@ -156,7 +152,10 @@ def _policy_note(
 ) -> str:
     """What the site's policy makes the cycle do (mirror legs, writers held)."""
     if legs is LegsState.FAILED:
-        return "a mirror leg failed: leaves the mirror, catches up by era, then rejoins"
+        return (
+            "a mirror leg failed or a mirror is out of sync: every synchronous site leaves the "
+            "mirror, catches up by era, then rejoins"
+        )
     if legs is LegsState.DETACHED:
         return "synchronous once caught up: joins the mirror with writers held"
     if store is None or site not in backlog.watched(group):

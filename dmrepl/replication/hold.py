@@ -1,10 +1,12 @@
 """Holding writers back while a site drains (the `stall` policy, fall-behind limits and a
-synchronous site's rejoin).
+synchronous site's join).
 
 Writers are held by suspending every gate of the group (which also flushes what is in
 flight); the era, `-orig` and mirror layers stay active, so a cut, its capture and a
 local apply work underneath. The hold never outlives its bound: a timer resumes the
-gates when `bound_s` has passed, whatever the cycle is doing, and says so.
+gates when `bound_s` has passed, whatever the cycle is doing, and says so. SIGINT,
+SIGTERM and SIGHUP release the writers too (once every gate is suspended, so that no
+suspend can follow the release) and stop the cycle at its next check.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dmrepl.stack import Layer, StackSpec
 
 
 class WriterHold:
-    """Gates suspended until `release` (or the bound); `release` runs at most once."""
+    """Gates suspended until `release` (or the bound); they are resumed at most once."""
 
     def __init__(self, runner: Runner, stacks: tuple[StackSpec, ...], bound_s: float, say: Say):
         self.runner, self.stacks, self.bound_s, self.say = runner, stacks, bound_s, say
@@ -33,20 +35,45 @@ class WriterHold:
         self.held_s = 0.0
         self.signals: list[int] = []  # SIGINT/SIGTERM/SIGHUP received while held
         self._lock = threading.Lock()
+        self._suspended: list[str] = []  # the gates this hold suspended, in order
+        self._started = False
         self._released = False
         self._timer = threading.Timer(bound_s, self._expire)
         self._timer.daemon = True
 
+    def suspend_all(self) -> None:
+        """Suspend every gate, then start the bound; on failure resume those suspended."""
+        try:
+            for stack in self.stacks:
+                gate = stack.require(Layer.GATE).name
+                self.runner.run(dm.suspend(gate))
+                with self._lock:
+                    self._suspended.append(gate)
+        except BaseException:
+            self.release()
+            raise
+        with self._lock:
+            self._started = True
+            self.started = time.monotonic()
+            early = bool(self.signals)
+        if early:  # a signal came while the gates were being suspended
+            self.release()
+        else:
+            self._timer.start()
+
+    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        """Remember the signal; release the writers from a thread (the lock may be held by
+        the cut in progress, which then finishes first), once all gates are suspended."""
+        self.signals.append(signum)
+        if self._started:
+            threading.Thread(target=self.release, daemon=True).start()
+
     def check(self) -> None:
         """Raise Interrupted if a signal came (the writers are released already)."""
         if self.signals:
+            self.release()
             name = signal.Signals(self.signals[0]).name
             raise Interrupted(f"stopped by {name} while writers were held; they were released")
-
-    def start(self) -> None:
-        """Writers are held from now: start the bound."""
-        self.started = time.monotonic()
-        self._timer.start()
 
     @property
     def active(self) -> bool:
@@ -55,7 +82,7 @@ class WriterHold:
             return not self._released
 
     def release(self) -> bool:
-        """Resume the gates; False if the bound had already released them."""
+        """Resume the gates; False if they were released already."""
         self._timer.cancel()
         with self._lock:
             if self._released:
@@ -79,8 +106,9 @@ class WriterHold:
         self.say(f"writers were held for the configured bound ({self.bound_s:g} s): resumed them")
 
     def _resume(self) -> None:
-        for stack in reversed(self.stacks):
-            self.runner.run_best_effort(dm.resume(stack.require(Layer.GATE).name))
+        """Resume the gates this hold suspended (the caller holds the lock)."""
+        for gate in reversed(self._suspended):
+            self.runner.run_best_effort(dm.resume(gate))
         self._released = True
         self.held_s = time.monotonic() - self.started
 
@@ -90,31 +118,14 @@ def writers_held(
     runner: Runner, stacks: tuple[StackSpec, ...], bound_s: float, say: Say
 ) -> Iterator[WriterHold]:
     """Suspend every gate of the group; resume them on the way out, on any error, on
-    SIGINT/SIGTERM/SIGHUP, or when `bound_s` has passed (whichever comes first).
-
-    A signal releases the writers at once (from a thread: the bound's lock may be held
-    by a cut in progress, which then finishes first) and raises `Interrupted` when the
-    block ends."""
+    SIGINT/SIGTERM/SIGHUP, or when `bound_s` has passed (whichever comes first). A signal
+    raises `Interrupted` when the block ends."""
     hold = WriterHold(runner, stacks, bound_s, say)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        hold.signals.append(signum)
-        threading.Thread(target=hold.release, daemon=True).start()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in SignalLatch.SIGNALS}
+    previous = {sig: signal.signal(sig, hold.on_signal) for sig in SignalLatch.SIGNALS}
     try:
-        suspended: list[str] = []
+        hold.suspend_all()
         try:
-            for stack in stacks:
-                gate = stack.require(Layer.GATE).name
-                runner.run(dm.suspend(gate))
-                suspended.append(gate)
-        except BaseException:
-            for gate in reversed(suspended):
-                runner.run_best_effort(dm.resume(gate))
-            raise
-        hold.start()
-        try:
+            hold.check()  # a signal while the gates were being suspended
             yield hold
         finally:
             hold.release()

@@ -17,7 +17,7 @@ from dmrepl.config import Config, GroupSpec
 from dmrepl.dm import mapper_path
 from dmrepl.policy import Policy, WriteCounters
 from dmrepl.replication.status import KernelView
-from dmrepl.replication.synchronous import SiteLegs, legs_in_mirrors
+from dmrepl.replication.synchronous import SiteLegs, legs_in_mirrors, replicas_of
 from dmrepl.stack import Layer
 
 
@@ -39,7 +39,7 @@ def observe_kernel(config: Config, group: str | None, states: Sequence[DeviceSta
             continue
         mirrors = {name: state.mirror for name, state in by_device.items()}
         for site in synchronous:
-            replicas: Mapping[str, str] = getattr(site, "replicas", {})
+            replicas = replicas_of(site)
             numbers = {d.name: _dev_id(replicas.get(d.name)) for d in spec.devices}
             legs[(spec.name, site.name)] = legs_in_mirrors(site.name, numbers, mirrors)
     return KernelView(counters, legs, unread)

@@ -107,9 +107,10 @@ def finalize(
     """Fit the chain delta (`chain_bytes` encoded) under the cap; sites it no longer
     reaches resync from their own cursor.
 
-    `protected` sites are draining with writers held (the stall policy): nothing they
-    still need is evicted and their chain delta is captured even past the cap, which
-    they bring back under once they have applied it."""
+    `protected` sites are the ones writers are held for this cycle (draining, or joining
+    their mirror): nothing they still need is evicted and their chain delta is captured
+    even past the cap, which they bring back under once they have applied it (one that
+    does not is dropped and protected no more)."""
     if plan.head is None:
         return Capture(False, (), dict(plan.resyncs), False)
     views = {s.name: s for s in observed.sites}

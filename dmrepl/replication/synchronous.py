@@ -2,11 +2,15 @@
 
 A joined replica receives every write before the write completes (dm-raid1 writes all
 legs and completes once every leg has answered). A leg that fails a write is marked `D`
-by the kernel and, without `handle_errors`, the write still completes on the origin:
-the application never sees the failure. The cycle then detaches the site's legs (the
-site falls back to tracked asynchronous mode at the last cut its legs were seen healthy
-at), catches it up by era like any site, and joins it again while writers are held, so
-the join needs no copy: at that moment the replica is exactly the origin.
+by the kernel and, without `handle_errors`, the write still completes on the other legs:
+the application never sees the failure. But the failed write also marks its region out of
+sync (dm-raid1 do_failures), and later writes to such a region go to the first leg, the
+origin, alone (do_writes) until the table is reloaded: every other leg, each joined
+replica included, then misses them. So a site counts as joined only while every leg of
+every device's mirror is healthy and every region in sync; on any failure the cycle
+detaches every synchronous site of the group, each catches up by era from the last cut it
+was recorded at, and rejoins while writers are held (no copy: the replica is then exactly
+the origin, and the mirror is loaded `nosync`).
 
 Reading a mirror's status is safe while the era device is active; only era devices block
 on a status when suspended.
@@ -14,11 +18,13 @@ on a status when suspended.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from dmrepl import dm, probe
+from dmrepl.config import SiteSpec
 from dmrepl.errors import DmreplError, ParseError
 from dmrepl.executor import Runner
 from dmrepl.stack import Layer, StackSpec, mirror_target
@@ -27,8 +33,8 @@ from dmrepl.tables import Mirror, TableLine, parse_table, render_table
 
 
 class LegsState(StrEnum):
-    JOINED = "joined"  # every device mirrors onto the site's replica, no leg failed
-    FAILED = "failed"  # some leg failed (or only some devices have one): detach, catch up
+    JOINED = "joined"  # every device mirrors onto the site's replica, every mirror sound
+    FAILED = "failed"  # a leg failed, a mirror is not in sync, or only some devices have it
     DETACHED = "detached"  # no device mirrors onto it: the site follows by cycles
 
 
@@ -40,6 +46,7 @@ class SiteLegs:
     state: LegsState
     health: Mapping[str, Health | None]  # device -> its leg's health (None: not a leg now)
     regions: Mapping[str, tuple[int, int]]  # device -> (in sync, regions) of its mirror
+    unsound: tuple[str, ...] = ()  # why a mirror holding its leg cannot be trusted
 
     def describe_failure(self) -> str:
         bad = [
@@ -47,11 +54,17 @@ class SiteLegs:
             for device, health in self.health.items()
             if health is not Health.ALIVE
         ]
-        return ", ".join(bad)
+        return ", ".join([*bad, *self.unsound])
 
 
 class MirrorLayerMissing(DmreplError):
     """A synchronous site's group runs without the mirror layer it needs."""
+
+
+def replicas_of(site: SiteSpec) -> Mapping[str, str]:
+    """Group device -> replica path of a synchronous (blockdev) site."""
+    replicas: Mapping[str, str] = getattr(site, "replicas", {})
+    return replicas
 
 
 def _mirror_name(stack: StackSpec) -> str:
@@ -77,26 +90,36 @@ def mirror_status(runner: Runner, name: str) -> MirrorStatus | None:
     return parse_mirror_status(line.params)
 
 
-def observe_legs(
-    runner: Runner,
-    stacks: tuple[StackSpec, ...],
-    observed: Mapping[str, dm.ObservedDevice],
-    site: str,
-    replicas: Mapping[str, str],
-) -> SiteLegs:
-    """Where a synchronous site's replicas stand in the mirror layers (one status each)."""
+def read_mirrors(
+    runner: Runner, stacks: tuple[StackSpec, ...], observed: Mapping[str, dm.ObservedDevice]
+) -> dict[str, MirrorStatus | None]:
+    """Each device's mirror status (one `dmsetup status` each)."""
     mirrors: dict[str, MirrorStatus | None] = {}
     for stack in stacks:
         name = _mirror_name(stack)
         if name not in observed:
+            group = stack.device.group
             raise MirrorLayerMissing(
-                f"site {site} is synchronous but {name} is not running",
-                hint=f"rebuild the stack with its mirror layer: `dmrepl down "
-                f"{stack.device.group}` then `dmrepl up {stack.device.group}`",
+                f"group {group} has a synchronous site but {name} is not running",
+                hint=f"rebuild the stack with its mirror layer: `dmrepl down {group}` then "
+                f"`dmrepl up {group}`",
             )
         mirrors[stack.device.name] = mirror_status(runner, name)
-    numbers = {device: probe.dev_id_of(path) for device, path in replicas.items()}
-    return legs_in_mirrors(site, numbers, mirrors)
+    return mirrors
+
+
+def unsound(device: str, mirror: MirrorStatus) -> list[str]:
+    """Why a mirror's legs may not all hold what the origin holds (empty: they do)."""
+    problems = [
+        f"{device}: leg {leg.device} {leg.health.name.lower().replace('_', ' ')}"
+        for leg in mirror.legs
+        if leg.health is not Health.ALIVE
+    ]
+    if not mirror.in_sync:
+        problems.append(
+            f"{device}: mirror {mirror.in_sync_regions}/{mirror.regions} regions in sync"
+        )
+    return problems
 
 
 def legs_in_mirrors(
@@ -106,11 +129,12 @@ def legs_in_mirrors(
 
     `replicas`: device -> its replica's MAJOR:MINOR (None: no such device node);
     `mirrors`: device -> its mirror layer's status (None: a linear, no legs). Joined when
-    every device has the replica as a healthy leg, detached when none has it as a leg,
-    failed otherwise (a leg marked, or legs on only some devices).
+    every device has the replica as a healthy leg of a sound mirror (`unsound`), detached
+    when none has it as a leg, failed otherwise.
     """
     health: dict[str, Health | None] = {}
     regions: dict[str, tuple[int, int]] = {}
+    problems: list[str] = []
     for device, replica in replicas.items():
         mirror = mirrors.get(device)
         if mirror is None:
@@ -119,46 +143,22 @@ def legs_in_mirrors(
         regions[device] = (mirror.in_sync_regions, mirror.regions)
         found = [leg.health for leg in mirror.legs if replica is not None and leg.device == replica]
         health[device] = found[0] if found else None
+        if found:
+            problems += unsound(device, mirror)
     values = list(health.values())
-    if all(h is Health.ALIVE for h in values):
+    if all(h is Health.ALIVE for h in values) and not problems:
         state = LegsState.JOINED
     elif all(h is None for h in values):
         state = LegsState.DETACHED
     else:
         state = LegsState.FAILED
-    return SiteLegs(site, state, health, regions)
+    return SiteLegs(site, state, health, regions, tuple(problems))
 
 
-def leg_failed(runner: Runner, stacks: tuple[StackSpec, ...], replicas: Mapping[str, str]) -> bool:
-    """Whether any of the replicas' legs has failed a write since it joined (a leg's mark
-    stays until the table is reloaded, so healthy now means healthy all along)."""
-    for stack in stacks:
-        name = _mirror_name(stack)
-        status = mirror_status(runner, name)
-        replica = probe.dev_id_of(replicas[stack.device.name])
-        if status is None or replica is None:
-            return True
-        match = [leg for leg in status.legs if leg.device == replica]
-        if not match or match[0].health is not Health.ALIVE:
-            return True
-    return False
-
-
-def set_legs(
-    runner: Runner,
-    stacks: tuple[StackSpec, ...],
-    joined: Mapping[str, tuple[str, ...]],
-) -> None:
-    """Reload each device's mirror layer with the replicas `joined[device]` as its legs
-    (in configured order). A suspend of the mirror flushes what is in flight on it."""
-    for stack in stacks:
-        name = _mirror_name(stack)
-        legs = tuple(r for r in stack.device.sync_replicas if r in joined[stack.device.name])
-        table = mirror_target(stack.device, legs)
-        layer = stack.require(Layer.MIRROR)
-        runner.run(dm.load(name, render_table([TableLine(0, layer.length, table)])))
-        runner.run(dm.suspend(name))
-        runner.run(dm.resume(name))
+def site_legs(site: SiteSpec, mirrors: Mapping[str, MirrorStatus | None]) -> SiteLegs:
+    """`legs_in_mirrors` of a configured site (its replicas' numbers from their nodes)."""
+    numbers = {device: probe.dev_id_of(path) for device, path in replicas_of(site).items()}
+    return legs_in_mirrors(site.name, numbers, mirrors)
 
 
 def joined_replicas(
@@ -177,3 +177,58 @@ def joined_replicas(
             r for r in stack.device.sync_replicas if probe.dev_id_of(r) in legs
         )
     return joined
+
+
+def _reload(runner: Runner, stack: StackSpec, joined: tuple[str, ...]) -> None:
+    """Load the mirror layer with `joined` as its synchronous legs; a suspend makes it live
+    (flushing what is in flight on it) and the resume is run whatever happens."""
+    layer = stack.require(Layer.MIRROR)
+    target = mirror_target(stack.device, joined)
+    runner.run(dm.load(layer.name, render_table([TableLine(0, layer.length, target)])))
+    try:
+        runner.run(dm.suspend(layer.name))
+    finally:
+        runner.run(dm.resume(layer.name))
+
+
+def detach_all(runner: Runner, stacks: tuple[StackSpec, ...]) -> None:
+    """Reload every mirror layer without synchronous replicas. Local `mirror_legs` then
+    resync from the origin: a failed write may have left regions to the origin alone.
+    The replicas' page caches are dropped: the mirror wrote them below the cache, and a
+    later compare or apply must read what is on them."""
+    for stack in stacks:
+        _reload(runner, stack, ())
+    for stack in stacks:
+        for replica in stack.device.sync_replicas:
+            drop_page_cache(replica)
+
+
+def join(
+    runner: Runner,
+    stacks: tuple[StackSpec, ...],
+    observed: Mapping[str, dm.ObservedDevice],
+    joined: Mapping[str, tuple[str, ...]],
+) -> str | None:
+    """Reload each mirror with the replicas `joined[device]` as legs, `nosync`; call with
+    writers held, once those replicas hold exactly what the origin holds. Returns why it
+    did not (None: joined): a mirror not sound now (a leg failed, regions out of sync)."""
+    mirrors = read_mirrors(runner, stacks, observed)
+    problems = [p for device, m in mirrors.items() if m is not None for p in unsound(device, m)]
+    if problems:
+        return "; ".join(problems)
+    for stack in stacks:
+        wanted = set(joined[stack.device.name])
+        _reload(runner, stack, tuple(r for r in stack.device.sync_replicas if r in wanted))
+    return None
+
+
+def drop_page_cache(path: str) -> None:
+    """Forget the cached pages of a block device (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

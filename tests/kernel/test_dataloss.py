@@ -30,9 +30,11 @@ def tree(root: Path, *, contents: bool = True) -> dict[str, str]:
 
 
 def site_cursors(bed: Bed) -> list[dict[str, object]]:
-    """What `status --json` says each site holds (without the age, which moves with the clock)."""
+    """What `status --json` says each site holds (without what moves with the clock or with
+    the writes the test makes: ages and outstanding writes)."""
+    moving = {"lag_s", "outstanding_ios", "outstanding_sectors", "outstanding_age_s"}
     sites = json.loads(bed.cli("status", "--json").stdout)["sites"]
-    return [{k: v for k, v in site.items() if k != "lag_s"} for site in sites]
+    return [{k: v for k, v in site.items() if k not in moving} for site in sites]
 
 
 def eras(bed: Bed) -> dict[str, int]:

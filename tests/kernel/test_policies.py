@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import pytest
 
@@ -21,7 +22,7 @@ from dmrepl.executor import Runner
 from dmrepl.policy import Backlog
 from dmrepl.probe import write_counters
 from dmrepl.replication.backlog import site_backlog
-from dmrepl.state import StateStore
+from dmrepl.state import SiteMode, SiteModeRecord, StateStore
 from tests.kernel.stacks import Bed
 
 MiB = 2**20
@@ -133,7 +134,7 @@ def test_failed_leg_goes_asynchronous_and_rejoins_after_catching_up_by_era(
     mirror = runner.run(dm.status("sb-mirror")).stdout
     assert " D" in mirror.split(" 1 ", 1)[-1] or "DA" in mirror or "AD" in mirror, mirror
     preview = bed.cli("sync", bed.group, "--dry-run")
-    assert "a mirror leg failed: leaves the mirror" in preview.stdout, preview.stdout
+    assert "every synchronous site leaves the mirror" in preview.stdout, preview.stdout
     failed = site_status(bed)
     # Five 64 KiB writes since its cut (the block layer may count one write as several ios).
     ios = failed["outstanding_ios"]
@@ -276,7 +277,7 @@ def test_fall_behind_limit_switches_a_slowed_site_to_synchronous_and_back(
         f"{mode.released} released; writes {len(writer.latencies)}, "
         f"slowest {max(writer.latencies) * 1000:.0f} ms"
     )
-    assert "driven synchronously" in log and "back to asynchronous" in log, log
+    assert "driven synchronously" in log and "back to its policy (asynchronous)" in log, log
     assert mode.enforced >= 1 and mode.released >= 1
     # Between two looks of the run loop, and while the cycle that follows starts, writes
     # pile up; from then until the site has the cut, writers are held.
@@ -299,6 +300,43 @@ def wait_until(predicate: Callable[[], bool], seconds: float) -> None:
         time.sleep(0.05)
 
 
+@dataclass
+class StallSite:
+    replica: str  # the loop device under the leg
+    leg: str  # dm name of the linear (or error) device the site writes
+    gate: str
+
+
+def stall_site(
+    bed: Bed,
+    make_loop: Callable[[str, int], str],
+    make_dm: Callable[[str, str], str],
+    cleanup: ExitStack,
+    device: str,
+    stall_limit: str,
+) -> StallSite:
+    """A one-device group with a 2 MiB spool and a seeded stall site `dr` whose replica is
+    a loop device behind a dm linear `leg` (to be removed or given an error table)."""
+    bed.group_fields["spool_size"] = "2MiB"
+    bed.add_device(device, origin_mib=16)
+    replica = make_loop(f"{device}-replica", 16 * MiB)
+    leg = make_dm(f"{device}leg", f"0 {SECTORS_16M} linear {replica} 0")
+    cleanup.callback(bed.teardown)  # the stack goes before the device under its leg
+    bed.add_site("dr", replicas={device: leg}, policy="stall", stall_limit=stall_limit)
+    bed.cli("up")
+    bed.cli("sync", bed.group)
+    return StallSite(replica, leg.removeprefix("/dev/mapper/"), f"/dev/mapper/{device}")
+
+
+def mode_of(bed: Bed, site: str = "dr") -> SiteModeRecord:
+    store = StateStore.open_readonly(bed.state_dir)
+    assert store is not None
+    try:
+        return store.site_mode(bed.group, site)
+    finally:
+        store.close()
+
+
 def test_stall_holds_writers_while_the_spool_is_full_and_releases_them_once_drained(
     bed: Bed,
     runner: Runner,
@@ -306,29 +344,20 @@ def test_stall_holds_writers_while_the_spool_is_full_and_releases_them_once_drai
     make_dm: Callable[[str, str], str],
     cleanup: ExitStack,
 ) -> None:
-    bed.group_fields["spool_size"] = "2MiB"
-    bed.add_device("st", origin_mib=16)
-    replica = make_loop("st-replica", 16 * MiB)
-    leg = make_dm("stleg", f"0 {SECTORS_16M} linear {replica} 0")
-    leg_name = leg.removeprefix("/dev/mapper/")
-    cleanup.callback(bed.teardown)
-    bed.add_site("dr", replicas={"st": leg}, policy="stall", stall_limit="60s")
-    bed.cli("up")
-    bed.cli("sync", bed.group)
-    gate = "/dev/mapper/st"
-    runner.run(dm.remove(leg_name))  # the site goes away
-    write_direct(gate, 0, os.urandom(3 * MiB))  # more than the spool holds
+    site = stall_site(bed, make_loop, make_dm, cleanup, "st", "60s")
+    runner.run(dm.remove(site.leg))  # the site goes away
+    write_direct(site.gate, 0, os.urandom(3 * MiB))  # more than the spool holds
     sync = subprocess.Popen(
         [sys.executable, "-m", "dmrepl", "sync", bed.group, "--config", str(bed.config)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     wait_until(lambda: dm.is_suspended(runner, "st"), 60)
-    writer = Writer(gate, 10, 1 * MiB)
+    writer = Writer(site.gate, 10, 1 * MiB)
     writer.start()
     time.sleep(3)
     assert not writer.latencies, "a write went through while writers were held"
-    runner.run(dm.create(leg_name, f"0 {SECTORS_16M} linear {replica} 0\n",
-                         f"{dm.UUID_PREFIX}test-{leg_name}"))  # fmt: skip
+    runner.run(dm.create(site.leg, f"0 {SECTORS_16M} linear {site.replica} 0\n",
+                         f"{dm.UUID_PREFIX}test-{site.leg}"))  # fmt: skip
     _, stderr = sync.communicate(timeout=120)
     wait_until(lambda: bool(writer.latencies), 30)
     writer.stop.set()
@@ -341,7 +370,7 @@ def test_stall_holds_writers_while_the_spool_is_full_and_releases_them_once_drai
     assert 3 <= writer.latencies[0] < 60
     final = bed.cli("sync", bed.group)
     assert "resync" not in final.stderr
-    assert read_all(replica) == read_all(gate)
+    assert read_all(site.replica) == read_all(site.gate)
 
 
 def test_a_dead_stalled_site_is_dropped_after_its_bound_and_writers_go_on(
@@ -351,17 +380,9 @@ def test_a_dead_stalled_site_is_dropped_after_its_bound_and_writers_go_on(
     make_dm: Callable[[str, str], str],
     cleanup: ExitStack,
 ) -> None:
-    bed.group_fields["spool_size"] = "2MiB"
-    bed.add_device("sd", origin_mib=16)
-    replica = make_loop("sd-replica", 16 * MiB)
-    leg = make_dm("sdleg", f"0 {SECTORS_16M} linear {replica} 0")
-    cleanup.callback(bed.teardown)
-    bed.add_site("dr", replicas={"sd": leg}, policy="stall", stall_limit="4s")
-    bed.cli("up")
-    bed.cli("sync", bed.group)
-    gate = "/dev/mapper/sd"
-    runner.run(dm.remove(leg.removeprefix("/dev/mapper/")))  # dead for good
-    write_direct(gate, 0, os.urandom(3 * MiB))
+    site = stall_site(bed, make_loop, make_dm, cleanup, "sd", "4s")
+    runner.run(dm.remove(site.leg))  # dead for good
+    write_direct(site.gate, 0, os.urandom(3 * MiB))
     started = time.monotonic()
     dropped = bed.cli("sync", bed.group, check=False)
     took = time.monotonic() - started
@@ -369,10 +390,32 @@ def test_a_dead_stalled_site_is_dropped_after_its_bound_and_writers_go_on(
     assert "holding writers until dr has the cut (at most 4 s)" in dropped.stderr
     assert "site dr: dropped" in dropped.stderr, dropped.stderr
     assert not dm.is_suspended(runner, "sd")
-    assert write_direct(gate, 0, os.urandom(4096)) < 1.0  # writers go on
-    store = StateStore.open_readonly(bed.state_dir)
-    assert store is not None
-    assert store.site_mode(bed.group, "dr").dropped == 1
-    store.close()
+    assert write_direct(site.gate, 0, os.urandom(4096)) < 1.0  # writers go on
+    assert mode_of(bed).dropped == 1
     again = bed.cli("sync", bed.group, check=False)
     assert "holding writers" not in again.stderr  # not waited for again until it is back
+
+
+def test_a_stalled_site_whose_apply_fails_is_dropped_then_resynced_when_back(
+    bed: Bed,
+    runner: Runner,
+    make_loop: Callable[[str, int], str],
+    make_dm: Callable[[str, str], str],
+    cleanup: ExitStack,
+) -> None:
+    site = stall_site(bed, make_loop, make_dm, cleanup, "sf", "60s")
+    reload(runner, site.leg, f"0 {SECTORS_16M} error\n")  # there, but every write fails
+    write_direct(site.gate, 0, os.urandom(3 * MiB))
+    failed = bed.cli("sync", bed.group, check=False)
+    assert "holding writers until dr has the cut" in failed.stderr
+    assert "site dr: dropped: did not get cut" in failed.stderr, failed.stderr
+    assert mode_of(bed).dropped == 1
+    again = bed.cli("sync", bed.group, check=False)
+    assert "holding writers" not in again.stderr  # not held for, nor the spool kept for it
+    reload(runner, site.leg, f"0 {SECTORS_16M} linear {site.replica} 0\n")
+    back = bed.cli("sync", bed.group)
+    assert "resync from cut" in back.stderr, back.stderr
+    caught_up = bed.cli("sync", bed.group)
+    assert "caught up after being dropped" in caught_up.stderr, caught_up.stderr
+    assert mode_of(bed).mode is SiteMode.NORMAL
+    assert read_all(site.replica) == read_all(site.gate)

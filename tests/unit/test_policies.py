@@ -13,7 +13,7 @@ import pytest
 
 from dmrepl.cut import cut_steps
 from dmrepl.errors import Interrupted
-from dmrepl.executor import Runner
+from dmrepl.executor import CommandFailed, Runner
 from dmrepl.ops import Op, Result
 from dmrepl.plan import table_matches
 from dmrepl.policy import Backlog, FallBehind, WriteCounters, backlog
@@ -225,3 +225,38 @@ def test_the_run_loop_starts_a_cycle_at_once_when_a_site_is_over_its_limit() -> 
     began = time.monotonic()
     run_cycles(cycle, 3600, on_error=None, stop=stop, due=due, poll_s=0.01)
     assert len(started) == 3 and time.monotonic() - began < 5
+
+
+class SignalOnSecondSuspend(RecordingRunner):
+    """A SIGTERM arrives while the second gate is being suspended."""
+
+    def run(self, op: Op, *, ok_codes: Iterable[int] = (0,)) -> Result:
+        result = super().run(op, ok_codes=ok_codes)
+        if op.argv[:3] == ("dmsetup", "suspend", "b"):
+            signal.raise_signal(signal.SIGTERM)
+        return result
+
+
+def test_a_signal_while_gates_are_suspended_releases_every_one_of_them_after() -> None:
+    runner = SignalOnSecondSuspend()
+    with pytest.raises(Interrupted), writers_held(runner, two_gates(), 60, lambda _: None):
+        pytest.fail("the cycle must not run on")  # check() raises before the body
+    assert runner.ops == [
+        ("dmsetup", "suspend", "a"),
+        ("dmsetup", "suspend", "b"),
+        ("dmsetup", "resume", "b"),
+        ("dmsetup", "resume", "a"),
+    ]
+
+
+def test_a_failed_suspend_resumes_only_the_gates_it_suspended() -> None:
+    class FailOnB(RecordingRunner):
+        def run(self, op: Op, *, ok_codes: Iterable[int] = (0,)) -> Result:
+            if op.argv[:3] == ("dmsetup", "suspend", "b"):
+                raise CommandFailed(op.argv, 1, "", "busy")
+            return super().run(op, ok_codes=ok_codes)
+
+    runner = FailOnB()
+    with pytest.raises(CommandFailed), writers_held(runner, two_gates(), 60, lambda _: None):
+        pytest.fail("not reached")
+    assert runner.ops == [("dmsetup", "suspend", "a"), ("dmsetup", "resume", "a")]

@@ -196,13 +196,23 @@ def test_legs_read_from_mirror_statuses() -> None:
     both = {"data": "254:48", "logs": "254:64"}
     joined = {
         "data": mirror(origin, ("254:48", Health.ALIVE)),
-        "logs": mirror(origin, ("254:64", Health.ALIVE), in_sync=60),
+        "logs": mirror(origin, ("254:64", Health.ALIVE)),
     }
     shown = legs_in_mirrors("dr", both, joined)
     assert shown.state is LegsState.JOINED
-    assert shown.regions == {"data": (64, 64), "logs": (60, 64)}
+    assert shown.regions == {"data": (64, 64), "logs": (64, 64)}
     failed = dict(joined, logs=mirror(origin, ("254:64", Health.WRITE_FAILED)))
     assert legs_in_mirrors("dr", both, failed).state is LegsState.FAILED
+    # A region a failed write left to the origin alone: no joined leg can be trusted, even
+    # one marked A (dm-raid1 writes such regions to the first leg only).
+    out_of_sync = dict(joined, logs=mirror(origin, ("254:64", Health.ALIVE), in_sync=60))
+    unsound = legs_in_mirrors("dr", both, out_of_sync)
+    assert unsound.state is LegsState.FAILED
+    assert unsound.describe_failure() == "logs: mirror 60/64 regions in sync"
+    local_failed = dict(
+        joined, logs=mirror(("254:16", Health.WRITE_FAILED), ("254:64", Health.ALIVE))
+    )
+    assert legs_in_mirrors("dr", both, local_failed).state is LegsState.FAILED
     one_linear = dict(joined, logs=None)  # the layer runs as a linear: no legs
     partly = legs_in_mirrors("dr", both, one_linear)
     assert partly.state is LegsState.FAILED and partly.health["logs"] is None
@@ -389,8 +399,9 @@ def test_cli_status_shows_modes_and_switches(tmp_path: Path) -> None:
 def test_cli_replicator_format_with_running_stacks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """dr's replicas are healthy legs (S, 0/0); slink2 is enforced (S) and vault follows (A),
-    each with the writes since its cut; one line per running device."""
+    """dr's replicas are healthy legs, but the mirror of logs is resynchronising (a local
+    leg catching up), so no joined leg can be trusted: dr is A with the writes since its cut;
+    slink2 is enforced (S) and vault follows (A); one line per running device."""
     numbers = {"/dev/vdb": "254:16", "/dev/vdf": "254:80", "/dev/vdd": "254:48",
                "/dev/vdh": "254:112"}  # fmt: skip
     monkeypatch.setattr(probe, "dev_id_of", numbers.get)
@@ -414,8 +425,8 @@ def test_cli_replicator_format_with_running_stacks(
     assert code == 0, out + err
     assert err == ""
     assert out.splitlines() == [
-        f"db-replicator: 0 {LOG_SECTORS} replicator A,0,0 S,135,1080 S,0,0 A,85,680 "
-        f"220/1760/{LOG_SECTORS}",
+        f"db-replicator: 0 {LOG_SECTORS} replicator A,0,0 S,135,1080 A,135,1080 A,85,680 "
+        f"355/2840/{LOG_SECTORS}",
         f"data: 0 2097152 replicator-dev {log} 0 A,- A,- A,1024/1024 A,-",
         f"logs: 0 2097152 replicator-dev {log} 1 A,- A,- A,1000+/1024 A,-",
     ]
