@@ -176,14 +176,60 @@ class Writer(threading.Thread):
         super().__init__(daemon=True)
         self.path, self.rate, self.span = path, rate, span_bytes
         self.latencies: list[float] = []
+        self.blocks: set[int] = set()  # the 64 KiB blocks written
+        self.error: OSError | None = None
         self.stop = threading.Event()
 
     def run(self) -> None:
         offset = 0
         while not self.stop.is_set():
-            self.latencies.append(write_direct(self.path, offset, os.urandom(4096)))
+            try:
+                self.latencies.append(write_direct(self.path, offset, os.urandom(4096)))
+            except OSError as exc:
+                self.error = exc
+                return
+            self.blocks.add(offset // BLOCK)
             offset = (offset + BLOCK) % self.span
             self.stop.wait(1 / self.rate)
+
+
+def test_a_leg_that_fails_under_a_running_writer_never_fails_a_write(
+    bed: Bed,
+    runner: Runner,
+    make_loop: Callable[[str, int], str],
+    make_dm: Callable[[str, str], str],
+    cleanup: ExitStack,
+) -> None:
+    bed.add_device("sw", origin_mib=16)
+    replica = make_loop("sw-replica", 16 * MiB)
+    leg = make_dm("wleg", f"0 {SECTORS_16M} linear {replica} 0")
+    cleanup.callback(bed.teardown)
+    bed.add_site("dr", replicas={"sw": leg}, policy="synchronous")
+    bed.cli("up")
+    assert "joined the mirror" in bed.cli("sync", bed.group).stderr
+    writer = Writer("/dev/mapper/sw", 40, 8 * MiB)
+    writer.start()
+    time.sleep(1)
+    reload(runner, leg.removeprefix("/dev/mapper/"), f"0 {SECTORS_16M} error\n")  # mid-write
+    time.sleep(1.5)
+    writer.stop.set()
+    writer.join()
+    assert writer.error is None, writer.error
+    assert site_status(bed)["mode"] == "A"
+    reload(runner, leg.removeprefix("/dev/mapper/"), f"0 {SECTORS_16M} linear {replica} 0\n")
+    before = write_counters(replica)
+    caught_up = bed.cli("sync", bed.group)
+    after = write_counters(replica)
+    assert before is not None and after is not None
+    written = (after.sectors - before.sectors) * 512
+    print(
+        f"{len(writer.latencies)} writes, none failed; catch-up wrote {written} bytes for "
+        f"{len(writer.blocks)} changed blocks"
+    )
+    assert "joined the mirror" in caught_up.stderr, caught_up.stderr
+    assert written == len(writer.blocks) * BLOCK
+    assert read_all(replica) == read_all("/dev/mapper/sw")
+    assert site_status(bed)["mode"] == "S"
 
 
 def backlog_now(bed: Bed, site: str) -> Backlog | None:
