@@ -31,6 +31,7 @@ class ExitCode(IntEnum):
     CORRUPT = 16  # a delta (spool file, site journal, transfer) failed its checks
     SITES_BEHIND = 17  # the cycle completed, but a site is down, behind or misconfigured
     NOT_RUNNING = 18  # the group's stacks are not running (run `dmrepl up`)
+    MISMATCH = 19  # `verify`: a site's replicas differ from the cut they hold
     INTERRUPTED = 130  # SIGINT/SIGTERM: what was done has been undone
 
 

@@ -143,6 +143,8 @@ def _answer(site: JournaledSite, request: dict[str, Any], channel: wire.Channel)
             return _receive(site, request, channel)
         if op == "hashes":
             return _hashes(site, request, channel)
+        if op == "digests":
+            return _digests(site, channel)
         if op == "seed_write":
             channel.send({"ok": True})
             meter = Meter(f"site {site.name}: seed, receiving the chunks that differ")
@@ -193,6 +195,24 @@ def _hashes(site: JournaledSite, request: dict[str, Any], channel: wire.Channel)
         channel.send_data(wire.Codec.RAW, bytes(pending))
     channel.end_data()
     meter.finish()
+    return {"ok": True}
+
+
+def _digests(site: JournaledSite, channel: wire.Channel) -> dict[str, Any]:
+    """`dmrepl verify`: digests of the pieces the primary names (in data frames)."""
+    channel.send({"ok": True})
+    names = list(site.devices)
+    pieces = []
+    for payload in channel.data():
+        for index, start, sectors in wire.unpack_pieces(payload):
+            if index >= len(names) or start + sectors > site.devices[names[index]] or not sectors:
+                raise wire.WireError("a digests request for a piece outside the replicas")
+            pieces.append((names[index], start, sectors))
+    found = site.digests(pieces)
+    step = wire.STREAM_CHUNK // 8
+    for at in range(0, len(found), step):
+        channel.send_data(wire.Codec.RAW, b"".join(found[at : at + step]))
+    channel.end_data()
     return {"ok": True}
 
 

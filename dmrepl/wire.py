@@ -19,7 +19,7 @@ import json
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
 from typing import IO, Any
 
@@ -275,3 +275,19 @@ class FrameSink:
         if self.bucket is not None:
             self.bucket.take(len(payload))
         self.channel.send_data(codec, payload)
+
+
+PIECE = struct.Struct("<HQI")  # device index, first sector, sectors: one piece to hash
+
+
+def pack_pieces(pieces: Sequence[tuple[int, int, int]]) -> Iterator[bytes]:
+    """`digests` request pieces (device index, first sector, sectors) as data payloads."""
+    for at in range(0, len(pieces), STREAM_CHUNK // PIECE.size):
+        batch = pieces[at : at + STREAM_CHUNK // PIECE.size]
+        yield b"".join(PIECE.pack(*piece) for piece in batch)
+
+
+def unpack_pieces(payload: bytes) -> list[tuple[int, int, int]]:
+    if len(payload) % PIECE.size:
+        raise WireError(f"a digests request of {len(payload)} bytes (not whole pieces)")
+    return [PIECE.unpack_from(payload, at) for at in range(0, len(payload), PIECE.size)]

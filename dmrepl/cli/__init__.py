@@ -22,6 +22,7 @@ for _name, _command in (
     ("sync", replication.sync),
     ("seed", replication.seed),
     ("run", replication.run),
+    ("verify", replication.verify_command),
     ("apply", replication.apply_deltas),
     ("serve", replication.serve_command),
     ("size", stacks.size),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -26,6 +27,7 @@ from dmrepl.plan import Plan
 from dmrepl.replication.cycle import SyncResult
 from dmrepl.replication.dryrun import Preview
 from dmrepl.replication.status import SiteStatus
+from dmrepl.replication.verify import VerifyResult
 from dmrepl.status import Health
 from dmrepl.units import format_bytes, format_sectors, sectors_to_bytes
 
@@ -310,3 +312,30 @@ def render_preview(preview: Preview) -> None:
     line("after the capture (releasing the cut):")
     for op in preview.after_cut:
         line(f"  {op.render()}")
+
+
+def render_verify(result: VerifyResult, *, as_json: bool) -> None:
+    """What `dmrepl verify` compared and what differs (sectors, per device)."""
+    if as_json:
+        print(json.dumps(asdict(result) | {"ok": result.ok}, indent=2))
+        return
+    out.print(
+        f"site {result.site} of {result.group}: compared {format_bytes(result.compared_bytes)} "
+        f"with cut {result.cut} ({result.scope}) in {result.seconds:.1f} s",
+        markup=False,
+    )
+    for mismatch in result.mismatches:
+        out.print(
+            f"  differs: {mismatch.device} sectors {mismatch.start}-"
+            f"{mismatch.start + mismatch.sectors - 1} ({format_bytes(mismatch.sectors * 512)})",
+            markup=False,
+        )
+    if result.repaired_bytes:
+        left = len(result.still_differing)
+        out.print(
+            f"  repaired: {format_bytes(result.repaired_bytes)} sent through the journal; "
+            + ("the replicas now hold the cut" if not left else f"{left} ranges still differ"),
+            markup=False,
+        )
+    elif not result.mismatches:
+        out.print("  the replicas hold the cut", markup=False)

@@ -23,7 +23,15 @@ from dmrepl.cli.app import (
     require_device_mapper,
     require_root,
 )
-from dmrepl.cli.render import CliProgress, err, out, render_preview, render_sync, say
+from dmrepl.cli.render import (
+    CliProgress,
+    err,
+    out,
+    render_preview,
+    render_sync,
+    render_verify,
+    say,
+)
 from dmrepl.config import DEFAULT_PATH, Config, load_config
 from dmrepl.errors import DmreplError, ExitCode, Interrupted, InvalidInput
 from dmrepl.executor import Runner
@@ -32,6 +40,7 @@ from dmrepl.replication import cycle
 from dmrepl.replication.backlog import drain_due
 from dmrepl.replication.dryrun import preview
 from dmrepl.replication.loop import parse_interval, run_cycles
+from dmrepl.replication.verify import verify
 from dmrepl.serve import serve
 from dmrepl.units import format_bytes
 
@@ -157,6 +166,41 @@ def run(
     )
     err.print("stopped", markup=False)
     raise typer.Exit(code)
+
+
+def verify_command(
+    group: Annotated[str, typer.Argument(help="Group name.")],
+    site: Annotated[str, typer.Option("--site", help="The site whose replicas are checked.")],
+    config: ConfigOption = DEFAULT_PATH,
+    since_cut: Annotated[
+        int | None,
+        typer.Option("--since-cut", help="Hash only the blocks written since cut K."),
+    ] = None,
+    full: Annotated[bool, typer.Option("--full", help="Hash every block (the default).")] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Send the differing ranges through the journal.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Compare SITE's replicas with a fresh cut they are brought to (never the live device).
+
+    Exit 0 when they hold the cut (after --repair), 19 when they differ."""
+    require_root()
+    if full and since_cut is not None:
+        raise InvalidInput("give --since-cut K or --full, not both")
+    loaded = load_config(config)
+    loaded.select(group)[0].site(site)
+    require_device_mapper()
+    progress = CliProgress()
+    try:
+        result = verify(
+            Runner(), loaded, group, site, since_cut=since_cut, repair=repair, say=say,
+            progress=progress,
+        )  # fmt: skip
+    finally:
+        progress.stop()
+    render_verify(result, as_json=as_json)
+    raise typer.Exit(int(ExitCode.OK if result.ok else ExitCode.MISMATCH))
 
 
 RECEIVER_CONFIG = Path("/etc/dmrepl/receiver.toml")

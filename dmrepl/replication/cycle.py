@@ -78,6 +78,7 @@ from dmrepl.spool import Spool
 from dmrepl.state import CutRecord, SiteMode, StateStore, TransferRecord
 from dmrepl.statedir import StateDir
 
+Inspect = Callable[[HeldCut, int], None]  # (the held cut, its number)
 AWAIT_POLL_S = 1.0  # how often a stall site that is down is asked again while writers wait
 MIRRORED = "synchronous: its replicas are mirror legs"
 
@@ -215,7 +216,26 @@ class Cycle:
         self.mirrored: set[str] = set()  # synchronous sites whose legs are joined and healthy
 
     def run(
-        self, force_seed: set[str], target_zeroed: bool, *, join: tuple[str, ...] = ()
+        self,
+        force_seed: set[str],
+        target_zeroed: bool,
+        *,
+        join: tuple[str, ...] = (),
+        inspect: Inspect | None = None,
+    ) -> SyncResult:
+        """One cycle; `join`: synchronous sites to join their mirrors at its end (writers
+        held); `inspect` runs once every site was shipped to, with the cut still held (its
+        `-pit` images and metadata snapshots: `dmrepl verify`)."""
+        with ExitStack() as kept:  # with `inspect`, the cut is held until it has run
+            return self._run(force_seed, target_zeroed, join, inspect, kept)
+
+    def _run(
+        self,
+        force_seed: set[str],
+        target_zeroed: bool,
+        join: tuple[str, ...],
+        inspect: Inspect | None,
+        kept: ExitStack,
     ) -> SyncResult:
         recovered = recover(self.runner, self.stacks, self.observed, self.say)
         recovered += recover_cows(self.runner, self.stacks, self.config.state_dir, self.say)
@@ -248,7 +268,10 @@ class Cycle:
                 observed = self._seeds_deferred(observed, held_for)
                 hold.check()
             plan = plan_cycle(observed)
-            record, changed = self._cut(plan, observed, seq, target_zeroed, hold, set(held_for))
+            keep = kept if inspect is not None else None
+            record, changed, the_cut = self._cut(
+                plan, observed, seq, target_zeroed, hold, set(held_for), keep
+            )
             self._mark_mirrored(seq)
             for name in held_for:
                 self._ship(name, seq)
@@ -261,6 +284,8 @@ class Cycle:
         for name in self.sites:
             if name not in held_for and name not in self.mirrored:
                 self._ship(name, seq)
+        if inspect is not None:
+            inspect(the_cut, seq)
         self._release_enforced(seq)
         self._joinable(seq)
         spool = self.spool.chain_deltas()
@@ -286,19 +311,23 @@ class Cycle:
         target_zeroed: bool,
         hold: WriterHold | None,
         protected: set[str],
-    ) -> tuple[CutRecord, int]:
-        """Cut, capture into the spool, record the cut, mark the seeds; (record, changed).
+        keep: ExitStack | None = None,
+    ) -> tuple[CutRecord, int, HeldCut]:
+        """Cut, capture into the spool, record the cut, mark the seeds; (record, changed,
+        the cut). The cut is released before returning, unless `keep` is given: then when
+        `keep` closes.
 
         `protected`: sites writers are held for, whose unapplied deltas are not evicted.
         The cut's steps run under the hold's lock: its bound cannot resume the gates half
         way through them, and once it has, the cut suspends them itself."""
         with self.cleanup:  # unpublished captures are deleted on the way out
             with ExitStack() as resources:
-                cow = resources.enter_context(
+                holder = keep if keep is not None else resources
+                cow = holder.enter_context(
                     cow_devices(self.runner, self.stacks, self.config.state_dir)
                 )
                 with hold.while_held() if hold is not None else nullcontext(False) as held_now:
-                    held = resources.enter_context(
+                    held = holder.enter_context(
                         held_cut(
                             self.runner, self.stacks, cow_for=cow, say=self.say,
                             gates_held=held_now,
@@ -321,7 +350,7 @@ class Cycle:
                     self._site_failed(name, exc)
                     continue
                 self._set_cursor(name, seq)
-        return record, changed
+        return record, changed, held
 
     def close(self) -> None:
         """Close every site's connection (a remote receiver then exits)."""

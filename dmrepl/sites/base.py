@@ -10,10 +10,10 @@ cannot simply returns None.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 from dmrepl import blockio
 from dmrepl.config import SiteSpec
@@ -126,6 +126,19 @@ class CompareSeeder(Protocol):
 
     def mark_seeded(self, seq: int) -> None:
         """The replicas now hold cut `seq` (called once the cut is recorded)."""
+        ...
+
+
+Piece = tuple[str, int, int]  # (group device, first sector, sectors) of a replica
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """A site whose replicas can be hashed where they are (`dmrepl verify`)."""
+
+    def digests(self, pieces: Sequence[Piece]) -> list[bytes]:
+        """The XXH3-64 digest of each piece of the replicas, in order, as they are on
+        stable storage (not from a stale page cache)."""
         ...
 
 

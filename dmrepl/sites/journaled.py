@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from dmrepl.probe import DeviceProblem, probe_block_device
 from dmrepl.sites.base import (
     CompareSeeder,
     Delivery,
+    Piece,
     Progress,
     RecordUnreadable,
     ReplicaMismatch,
@@ -218,6 +219,28 @@ class JournaledSite:
                     f"site {self.name}: writing the replicas failed: {exc.strerror or exc}"
                 ) from None
         return written
+
+    def digests(self, pieces: Sequence[Piece]) -> list[bytes]:
+        """XXH3-64 digests of pieces of the replicas (`Verifier`), read past the page cache:
+        a synchronous site's mirror wrote the replicas below it."""
+        found: list[bytes] = []
+        fds: dict[str, int] = {}
+        try:
+            for device, start, sectors in pieces:
+                if device not in fds:
+                    path = self._spec.replicas[device]
+                    fds[device] = os.open(path, os.O_RDONLY)
+                    os.posix_fadvise(fds[device], 0, 0, os.POSIX_FADV_DONTNEED)
+                data = os.pread(fds[device], sectors * 512, start * 512)
+                found.append(xxhash.xxh3_64_digest(data))
+        except OSError as exc:
+            raise SiteDown(
+                f"site {self.name}: reading the replicas failed: {exc.strerror}"
+            ) from None
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return found
 
     # -- receiving in chunks, resumable (the receiver of a remote site)
 

@@ -33,7 +33,7 @@ import math
 import re
 import socket
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ from dmrepl.ops import Op, command
 from dmrepl.sites.base import (
     CompareSeeder,
     Delivery,
+    Piece,
     Progress,
     RecordUnreadable,
     ReplicaMismatch,
@@ -388,6 +389,10 @@ class NbdSite:
 
     def mark_seeded(self, seq: int) -> None:
         self._journal.mark_seeded(seq)
+
+    def digests(self, pieces: Sequence[Piece]) -> list[bytes]:
+        """Digests of pieces of the exports (`Verifier`), read over the network."""
+        return self._on_exports(lambda site: site.digests(pieces))
 
     def close(self) -> None:
         """Detach the exports (if attached)."""

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, ClassVar
 
@@ -30,6 +30,7 @@ from dmrepl.config import FieldReader, SiteSpec
 from dmrepl.sites.base import (
     CompareSeeder,
     Delivery,
+    Piece,
     Progress,
     RecordUnreadable,
     ReplicaMismatch,
@@ -368,6 +369,25 @@ class RemoteSite:
                 os.close(fd)
         writer.finish()
         return stats
+
+    def digests(self, pieces: Sequence[Piece]) -> list[bytes]:
+        """Digests of pieces of the replicas, hashed by the receiver where they are
+        (`Verifier`): only 8 bytes a piece cross the link."""
+        session = self._connected()
+        index = {device: number for number, device in enumerate(self.devices)}
+        try:
+            self._request({"op": "digests"})
+            for payload in wire.pack_pieces([(index[d], s, n) for d, s, n in pieces]):
+                session.channel.send_data(wire.Codec.RAW, payload)
+            session.channel.end_data()
+            found = b"".join(session.channel.data())
+            session.checked(_reply(session.channel))
+        except wire.WireError as exc:
+            self._session = None
+            raise session.lost(exc) from None
+        if len(found) != 8 * len(pieces):
+            raise SiteDown(f"site {self.name}: {len(found) // 8} digests for {len(pieces)} pieces")
+        return [found[at : at + 8] for at in range(0, len(found), 8)]
 
     def mark_seeded(self, seq: int) -> None:
         self._request({"op": "mark_seeded", "seq": seq})

@@ -1,0 +1,41 @@
+"""`dmrepl verify`'s pure parts: pieces to hash, and the ranges that differ."""
+
+from __future__ import annotations
+
+from dmrepl import wire
+from dmrepl.ranges import Extent
+from dmrepl.replication.verify import Mismatch, VerifyResult, differing, pieces_of
+
+
+def test_extents_are_cut_into_pieces_of_at_most_the_piece_size() -> None:
+    pieces = pieces_of({"a": [Extent(0, 5000)], "b": [Extent(100, 228), Extent(4096, 4100)]}, 2048)
+    assert pieces == [
+        ("a", 0, 2048), ("a", 2048, 2048), ("a", 4096, 904),
+        ("b", 100, 128), ("b", 4096, 4),
+    ]  # fmt: skip
+
+
+def test_adjacent_differing_pieces_make_one_range_per_device() -> None:
+    pieces = [("a", 0, 8), ("a", 8, 8), ("a", 16, 8), ("b", 24, 8), ("b", 40, 8)]
+    mine = [b"1", b"2", b"3", b"4", b"5"]
+    theirs = [b"x", b"y", b"3", b"z", b"w"]
+    assert differing(pieces, mine, theirs) == [
+        Mismatch("a", 0, 16),
+        Mismatch("b", 24, 8),
+        Mismatch("b", 40, 8),
+    ]
+    assert differing(pieces, mine, mine) == []
+
+
+def test_a_repair_counts_only_when_it_leaves_nothing_differing() -> None:
+    found = [Mismatch("a", 0, 8)]
+    assert not VerifyResult("g", "dr", 3, "full", 4096, found).ok
+    assert VerifyResult("g", "dr", 3, "full", 4096, found, repaired_bytes=4096).ok
+    assert not VerifyResult("g", "dr", 3, "full", 4096, found, 4096, found).ok
+    assert VerifyResult("g", "dr", 3, "full", 4096).ok
+
+
+def test_pieces_cross_the_wire_packed() -> None:
+    pieces = [(0, 0, 2048), (1, 2**40, 7)]
+    (payload,) = wire.pack_pieces(pieces)
+    assert wire.unpack_pieces(payload) == pieces
