@@ -319,11 +319,19 @@ def render_verify(result: VerifyResult, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(asdict(result) | {"ok": result.ok}, indent=2))
         return
+    if result.scope == "chain":
+        what = (
+            f"checked {format_bytes(result.compared_bytes)} of delta files up to cut {result.cut}"
+        )
+    else:
+        what = (
+            f"compared {format_bytes(result.compared_bytes)} with cut {result.cut} ({result.scope})"
+        )
     out.print(
-        f"site {result.site} of {result.group}: compared {format_bytes(result.compared_bytes)} "
-        f"with cut {result.cut} ({result.scope}) in {result.seconds:.1f} s",
-        markup=False,
+        f"site {result.site} of {result.group}: {what} in {result.seconds:.1f} s", markup=False
     )
+    for problem in result.problems:
+        out.print(f"  {problem}", markup=False)
     for mismatch in result.mismatches:
         out.print(
             f"  differs: {mismatch.device} sectors {mismatch.start}-"
@@ -337,5 +345,7 @@ def render_verify(result: VerifyResult, *, as_json: bool) -> None:
             + ("the replicas now hold the cut" if not left else f"{left} ranges still differ"),
             markup=False,
         )
-    elif not result.mismatches:
+    elif result.ok and result.scope == "chain":
+        out.print("  every delta file is whole and the chain reaches the newest cut", markup=False)
+    elif result.ok:
         out.print("  the replicas hold the cut", markup=False)

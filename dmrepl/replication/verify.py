@@ -16,10 +16,11 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import xxhash
 
-from dmrepl import delta
+from dmrepl import delta, deltafiles
 from dmrepl.config import Config
 from dmrepl.cut import HeldCut
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
@@ -31,6 +32,7 @@ from dmrepl.replication.capture import ProgressFactory, no_progress
 from dmrepl.replication.cycle import Cycle, checked_request
 from dmrepl.signals import Say
 from dmrepl.sites import SiteFailure
+from dmrepl.sites.archive import DirSiteSpec
 from dmrepl.sites.base import Piece, Verifier
 from dmrepl.state import CutRecord, StateStore
 
@@ -63,10 +65,13 @@ class VerifyResult:
     repaired_bytes: int = 0
     still_differing: list[Mismatch] = field(default_factory=list)  # after a repair
     seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)  # a `dir` site's chain: what is wrong
 
     @property
     def ok(self) -> bool:
         """The replicas hold the cut (after the repair, if one was asked for)."""
+        if self.problems:
+            return False
         return not (self.still_differing if self.repaired_bytes else self.mismatches)
 
 
@@ -127,10 +132,15 @@ def verify(
     say: Say = print,
     progress: ProgressFactory = no_progress,
 ) -> VerifyResult:
-    """Bring `site` to a fresh cut, hold it, and compare the site's replicas with it."""
+    """Bring `site` to a fresh cut, hold it, and compare the site's replicas with it (a
+    `dir` site: check its chain of delta files instead)."""
     spec = checked_request(config, group, ())
-    spec.site(site)
+    chosen = spec.site(site)
     started = time.monotonic()
+    if isinstance(chosen, DirSiteSpec):
+        result = verify_chain(group, chosen)
+        result.seconds = time.monotonic() - started
+        return result
     with group_lock(config.state_dir, group, "verify"):
         store = StateStore(config.state_dir)
         try:
@@ -146,6 +156,37 @@ def verify(
     assert comparison.result is not None
     comparison.result.seconds = time.monotonic() - started
     return comparison.result
+
+
+def verify_chain(group: str, site: DirSiteSpec) -> VerifyResult:
+    """A `dir` site: every delta file passes its checksums, and the newest cut is reached
+    from a full image by deltas that follow each other (what `dmrepl apply` needs)."""
+    directory = Path(site.path)
+    files = deltafiles.list_files(directory, group)
+    problems: list[str] = []
+    checked = 0
+    for found in files:
+        try:
+            with found.path.open("rb") as stream:
+                delta.verify(stream, str(found.path))
+            checked += found.size
+        except delta.CorruptDelta as exc:
+            problems.append(f"{found.path.name}: {exc.message}")
+        except OSError as exc:
+            problems.append(f"{found.path.name}: {exc.strerror}")
+    newest = files[-1].seq if files else None
+    images = [f for f in files if f.base_seq is None]
+    if newest is None:
+        problems.append(f"{directory} holds no delta of group {group}")
+    elif not any(
+        image.seq == newest or deltafiles.chain(files, image.seq, newest) is not None
+        for image in images
+    ):
+        problems.append(
+            f"no full image is followed by deltas up to cut {newest}: `dmrepl apply` cannot "
+            "rebuild it (a missing or misnamed file)"
+        )
+    return VerifyResult(group, site.name, newest or 0, "chain", checked, problems=problems)
 
 
 def _known_cut(store: StateStore, group: str, seq: int) -> CutRecord:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dmrepl.replication.verify import PIECE_SECTORS
@@ -27,8 +28,8 @@ def flip_byte(path: str, offset: int) -> None:
         os.close(fd)
 
 
-def verify(bed: Bed, *args: str) -> tuple[int, dict[str, Any]]:
-    done = bed.cli("verify", bed.group, "--site", "dr", "--json", *args, check=False)
+def verify(bed: Bed, *args: str, site: str = "dr") -> tuple[int, dict[str, Any]]:
+    done = bed.cli("verify", bed.group, "--site", site, "--json", *args, check=False)
     assert done.returncode in (0, 19), done.stdout + done.stderr
     return done.returncode, json.loads(done.stdout)
 
@@ -102,3 +103,22 @@ def test_verify_over_ssh_hashes_at_the_receiver_and_repairs_through_its_journal(
     assert found["mismatches"] == [{"device": "vs", "start": piece, "sectors": PIECE_SECTORS}]
     assert found["repaired_bytes"] == PIECE_SECTORS * 512
     assert read_all(replica) == read_all("/dev/mapper/vs")
+
+
+def test_a_dir_site_verifies_its_chain(bed: Bed, workdir: Path) -> None:
+    bed.add_device("vd", origin_mib=16)
+    vault = workdir / "vault"
+    vault.mkdir()
+    bed.add_site("vault", transport="dir", path=str(vault))
+    bed.cli("up")
+    bed.cli("sync", bed.group)
+    write_direct("/dev/mapper/vd", 0, os.urandom(BLOCK))
+    bed.cli("sync", bed.group)
+    code, whole = verify(bed, site="vault")
+    assert (code, whole["scope"], whole["cut"], whole["problems"]) == (0, "chain", 2, [])
+    newest = max(vault.iterdir())
+    damaged = bytearray(newest.read_bytes())
+    damaged[-64] ^= 0xFF
+    newest.write_bytes(bytes(damaged))
+    code, broken = verify(bed, site="vault")
+    assert code == 19 and broken["problems"][0].startswith(newest.name), broken

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dmrepl import wire
+from dmrepl.deltafiles import file_name
 from dmrepl.ranges import Extent
-from dmrepl.replication.verify import Mismatch, VerifyResult, differing, pieces_of
+from dmrepl.replication.verify import (
+    Mismatch,
+    VerifyResult,
+    differing,
+    pieces_of,
+    verify_chain,
+)
+from tests.unit.factories import dir_site, one_device_delta
 
 
 def test_extents_are_cut_into_pieces_of_at_most_the_piece_size() -> None:
@@ -39,3 +49,24 @@ def test_pieces_cross_the_wire_packed() -> None:
     pieces = [(0, 0, 2048), (1, 2**40, 7)]
     (payload,) = wire.pack_pieces(pieces)
     assert wire.unpack_pieces(payload) == pieces
+
+
+def test_a_dir_sites_chain_is_whole_until_a_file_is_damaged_or_missing(tmp_path: Path) -> None:
+    site = dir_site(tmp_path, group="g")
+    for seq, base in ((1, None), (2, 1), (3, 2)):
+        data = one_device_delta("g", "d", 2048, seq, base, [(8 * seq, bytes([seq]) * 4096)])
+        (tmp_path / file_name("g", seq, base)).write_bytes(data)
+    whole = verify_chain("g", site)
+    assert (whole.ok, whole.cut, whole.problems) == (True, 3, [])
+    second = tmp_path / file_name("g", 2, 1)
+    damaged = bytearray(second.read_bytes())
+    damaged[-100] ^= 0xFF
+    second.write_bytes(bytes(damaged))
+    broken = verify_chain("g", site)
+    assert not broken.ok and broken.problems[0].startswith(second.name)
+    second.unlink()
+    gap = verify_chain("g", site)
+    assert gap.problems == [
+        "no full image is followed by deltas up to cut 3: `dmrepl apply` cannot rebuild it "
+        "(a missing or misnamed file)"
+    ]
