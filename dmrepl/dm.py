@@ -29,6 +29,13 @@ def create(name: str, table: str, uuid: str) -> Op:
     return command("dmsetup", "create", name, "--uuid", uuid, stdin=table)
 
 
+def create_readonly(name: str, table: str, uuid: str) -> Op:
+    """Create `name` read-only (writes fail with EPERM): a view for readers."""
+    if not uuid.startswith(UUID_PREFIX):
+        raise ValueError(f"dm UUID {uuid!r} lacks the reserved prefix {UUID_PREFIX!r}")
+    return command("dmsetup", "create", "--readonly", name, "--uuid", uuid, stdin=table)
+
+
 def load(name: str, table: str) -> Op:
     """Load `table` as the inactive table of `name`; a suspend and resume make it live."""
     return command("dmsetup", "load", name, stdin=table)

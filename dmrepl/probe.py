@@ -62,6 +62,22 @@ def dev_id_of(path: str) -> str | None:
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
+REPLICA_VIEW_PREFIX = "dmrepl-replica-"  # read-only views of replicas (dmrepl.replica)
+
+
+def replica_views(holders: tuple[str, ...], sys_block: Path = Path("/sys/block")) -> list[str]:
+    """The read-only replica views (`dmrepl replica open`) among a device's holders."""
+    views = []
+    for holder in holders:
+        try:
+            name = (sys_block / holder / "dm" / "name").read_text().strip()
+        except OSError:
+            continue
+        if name.startswith(REPLICA_VIEW_PREFIX):
+            views.append(name)
+    return views
+
+
 def write_counters(path: str, sys_dev_block: Path = SYS_DEV_BLOCK) -> WriteCounters | None:
     """The block layer's count of completed writes and sectors written to `path` since the
     device was created (fields 5 and 7 of its sysfs `stat`); None if it cannot be read."""

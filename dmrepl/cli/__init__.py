@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dmrepl.cli import replication, stacks
+from dmrepl.cli import replicas, replication, stacks
 from dmrepl.cli.app import app, filesystem_error, main
 
 __all__ = ["app", "filesystem_error", "main"]
@@ -25,8 +25,11 @@ for _name, _command in (
     ("verify", replication.verify_command),
     ("apply", replication.apply_deltas),
     ("serve", replication.serve_command),
+    ("replay", replicas.replay),
     ("size", stacks.size),
     ("import-table", stacks.import_table),
     ("export-table", stacks.export_table),
 ):
     app.command(_name)(_command)
+
+app.add_typer(replicas.replica_app, name="replica")

@@ -24,6 +24,7 @@ from dmrepl import builder
 from dmrepl import changes as changes_api
 from dmrepl.demo import DemoResult
 from dmrepl.plan import Plan
+from dmrepl.replica import ReceivedState
 from dmrepl.replication.cycle import SyncResult
 from dmrepl.replication.dryrun import Preview
 from dmrepl.replication.status import SiteStatus
@@ -349,3 +350,20 @@ def render_verify(result: VerifyResult, *, as_json: bool) -> None:
         out.print("  every delta file is whole and the chain reaches the newest cut", markup=False)
     elif result.ok:
         out.print("  the replicas hold the cut", markup=False)
+
+
+def render_received(state: ReceivedState) -> None:
+    """A receiver host's replicas of one group for one site, as its journal says."""
+    where = f"received {state.group} for site {state.site}"
+    if state.detail:
+        text = f"{where}: journal unreadable: {state.detail}"
+    elif state.pending is not None:
+        text = (
+            f"{where}: replay pending (cut {state.pending} committed, not applied; "
+            "run `dmrepl replay`)"
+        )
+    elif state.held is not None:
+        text = f"{where}: holds cut {state.held}"
+    else:
+        text = f"{where}: holds no whole cut"
+    out.print(text, markup=False)

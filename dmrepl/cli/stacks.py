@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from dmrepl import builder, loop, replicator_table, vm
+from dmrepl import builder, loop, replica, replicator_table, vm
 from dmrepl import changes as changes_api
 from dmrepl.cli.app import (
     ConfigOption,
@@ -36,6 +36,7 @@ from dmrepl.cli.render import (
     print_plan,
     render_demo,
     render_device_state,
+    render_received,
     render_site_status,
     say,
 )
@@ -160,15 +161,23 @@ def show_status(
     missing = [text for spec in loaded.select(group) for text in builder.unprobed_devices(spec)]
     seen = observe_kernel(loaded, group, states)  # sysfs and device nodes: runs nothing
     replication = replication_status(loaded, group, recent=5, seen=seen)  # creates nothing
+    received = replica.received(loaded)  # a receiver host's journals: reads only
     if chosen is StatusFormat.JSON:
         devices = [device_state_json(state) for state in states]
         sites = [asdict(site) for site in replication.sites]
-        shown = {"devices": devices, "missing_devices": missing, "sites": sites}
+        shown = {
+            "devices": devices,
+            "missing_devices": missing,
+            "sites": sites,
+            "received": [asdict(r) | {"state": r.state} for r in received],
+        }
         print(json.dumps(shown, indent=2))
     elif chosen is StatusFormat.REPLICATOR:
         _print_replicator_status(loaded, group, states, replication.sites)
     else:
         _print_status(states, replication)
+        for state in received:
+            render_received(state)
     _fail_if_missing(missing, config)
 
 

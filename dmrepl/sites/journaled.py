@@ -32,7 +32,7 @@ from dmrepl.journal import (
     JournalState,
     read_header_slots,
 )
-from dmrepl.probe import DeviceProblem, probe_block_device
+from dmrepl.probe import DeviceProblem, probe_block_device, replica_views
 from dmrepl.sites.base import (
     CompareSeeder,
     Delivery,
@@ -129,6 +129,13 @@ class JournaledSite:
                     f"site {self.name}: replica {path} is mounted on "
                     f"{', '.join(replica.mountpoints)}",
                     hint="unmount it; a replica is written only by dmrepl",
+                )
+            views = replica_views(replica.holders)
+            if views:
+                raise SiteDown(
+                    f"site {self.name}: replica {path} of {device} is open for reading as "
+                    f"{views[0]}: no delivery changes it under its readers",
+                    hint=f"`dmrepl replica close {self._spec.group} --site {self.name}` when done",
                 )
         if self._spec.journal is not None:
             self._read_header()  # missing, unreadable or not a journal: down or broken now

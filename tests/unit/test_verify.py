@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 from pathlib import Path
 
 from dmrepl import wire
@@ -70,3 +71,12 @@ def test_a_dir_sites_chain_is_whole_until_a_file_is_damaged_or_missing(tmp_path:
         "no full image is followed by deltas up to cut 3: `dmrepl apply` cannot rebuild it "
         "(a missing or misnamed file)"
     ]
+
+
+def test_the_replay_unit_runs_dmrepl_replay_once_at_boot() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(Path(__file__).resolve().parents[2] / "contrib/systemd/dmrepl-replay.service")
+    service = unit["Service"]
+    assert service["Type"] == "oneshot" and service["RemainAfterExit"] == "yes"
+    assert service["ExecStart"].split()[1:3] == ["replay", "--config"]
+    assert unit["Install"]["WantedBy"] == "multi-user.target"

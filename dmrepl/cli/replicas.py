@@ -1,0 +1,67 @@
+"""Commands at the site that holds replicas: open them read-only for a drill or a restore,
+close them, and replay pending journals (at boot on a receiver host)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from dmrepl import replica
+from dmrepl.cli.app import ConfigOption, require_device_mapper, require_root
+from dmrepl.cli.render import out
+from dmrepl.config import DEFAULT_PATH, load_config
+from dmrepl.executor import Runner
+
+replica_app = typer.Typer(
+    help="Replicas at the site that holds them: open read-only, close.", no_args_is_help=True
+)
+GroupName = Annotated[str, typer.Argument(help="Group name.")]
+SiteName = Annotated[
+    str, typer.Option("--site", help="The site (on a DR host: the name the primary gives it).")
+]
+
+
+@replica_app.command("open")
+def open_command(group: GroupName, site: SiteName, config: ConfigOption = DEFAULT_PATH) -> None:
+    """Finish a committed journal, then expose the replicas as read-only dm devices (never
+    mount a raw replica: it may be between two cuts while a delivery is applied)."""
+    require_root()
+    replicas = replica.find(load_config(config), group, site)
+    require_device_mapper()
+    held, paths = replica.open_replicas(Runner(), replicas)
+    out.print(f"replicas of {group} at site {site}: cut {held}, read-only:", markup=False)
+    for device, path in paths.items():
+        out.print(f"  {device}: {path}", markup=False)
+    out.print(
+        f"deliveries to the site wait until `dmrepl replica close {group} --site {site}`",
+        markup=False,
+    )
+
+
+@replica_app.command("close")
+def close_command(group: GroupName, site: SiteName, config: ConfigOption = DEFAULT_PATH) -> None:
+    """Remove the read-only views; deliveries to the site go on."""
+    require_root()
+    replicas = replica.find(load_config(config), group, site)
+    require_device_mapper()
+    removed = replica.close_replicas(Runner(), replicas)
+    out.print(f"removed {', '.join(removed)}" if removed else "nothing was open", markup=False)
+
+
+def replay(config: ConfigOption = DEFAULT_PATH) -> None:
+    """Finish every committed journal of this host's receive grants (run at boot on
+    a receiver host, before anything reads a replica)."""
+    require_root()
+    done = replica.replay_all(load_config(config))
+    failed = False
+    for outcome in done:
+        where = f"{outcome.group} at site {outcome.site}"
+        if outcome.problem:
+            failed = True
+            out.print(f"{where}: cannot replay: {outcome.problem}", markup=False)
+        else:
+            out.print(f"{where}: replayed; the replicas hold cut {outcome.held}", markup=False)
+    if not done:
+        out.print("no journal is waiting to be applied", markup=False)
+    raise typer.Exit(1 if failed else 0)
