@@ -91,6 +91,12 @@ def _accept(hello: dict[str, Any], config: Config, groups: tuple[str, ...]) -> J
             f"this receiver's configuration ({config.path}) grants nothing for group {group}",
             hint=f"add a [receive.{group}] table naming each device's replica",
         )
+    if StateDir(config.state_dir).promoted(group).exists():
+        raise Refused(
+            f"group {group} was promoted on this host: its replicas are the group's devices "
+            "here now, and take no delivery",
+            hint="this host is the group's primary; the old one comes back as its site",
+        )
     devices = _devices(hello.get("devices"))
     _check_replicas(grant, devices, hello.get("replicas"))
     spec = BlockdevSiteSpec(

@@ -69,6 +69,10 @@ class StateDir:
         killed one left attached."""
         return self.journals / f"{group}.{site}.nbd"
 
+    def promoted(self, group: str) -> Path:
+        """On a receiver host: the record that `group` was promoted here (a primary now)."""
+        return self.root / "promoted" / f"{group}.json"
+
     @property
     def cow(self) -> Path:
         return self.root / "cow"

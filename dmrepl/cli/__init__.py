@@ -26,6 +26,7 @@ for _name, _command in (
     ("apply", replication.apply_deltas),
     ("serve", replication.serve_command),
     ("replay", replicas.replay),
+    ("promote", replicas.promote_command),
     ("size", stacks.size),
     ("import-table", stacks.import_table),
     ("export-table", stacks.export_table),

@@ -9,9 +9,10 @@ import typer
 
 from dmrepl import replica
 from dmrepl.cli.app import ConfigOption, require_device_mapper, require_root
-from dmrepl.cli.render import out
+from dmrepl.cli.render import out, say
 from dmrepl.config import DEFAULT_PATH, load_config
 from dmrepl.executor import Runner
+from dmrepl.promote import promote
 
 replica_app = typer.Typer(
     help="Replicas at the site that holds them: open read-only, close.", no_args_is_help=True
@@ -65,3 +66,27 @@ def replay(config: ConfigOption = DEFAULT_PATH) -> None:
     if not done:
         out.print("no journal is waiting to be applied", markup=False)
     raise typer.Exit(1 if failed else 0)
+
+
+def promote_command(
+    group: GroupName,
+    site: SiteName,
+    config: ConfigOption = DEFAULT_PATH,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="The old primary is lost: stop a delivery still running."),
+    ] = False,
+) -> None:
+    """At a DR host: this host's replicas of GROUP become its devices (failover), at the last
+    cut they hold whole; change tracking starts at once (the group's stack is built)."""
+    require_root()
+    loaded = load_config(config)
+    require_device_mapper()
+    done = promote(Runner(), loaded, group, site, force=force, say=say)
+    if done.replayed is not None:
+        out.print(f"finished applying cut {done.replayed.seq} from the journal", markup=False)
+    for pid in done.stopped:
+        out.print(f"stopped the receiver session still delivering (pid {pid})", markup=False)
+    out.print(f"group {group} promoted at cut {done.cut}: this host is its primary", markup=False)
+    for device, gate in done.gates.items():
+        out.print(f"  {device}: {gate}", markup=False)
