@@ -15,12 +15,13 @@ whoever has applied that cut next asks for `written-since(e + 1)`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from dmrepl import dm, era, loop, probe, safefile
+from dmrepl.dm import mapper_path
 from dmrepl.errors import DmreplError
 from dmrepl.executor import Runner
 from dmrepl.ops import Op
@@ -162,14 +163,15 @@ def held_cut(
     while they are suspended, so they count exactly the writes before the cut.
     """
     cows = None if cow_for is None else {s.device.name: cow_for(s) for s in stacks}
+    names = [s.device.name for s in stacks]
     with deferred_signals() as latch, ExitStack() as release:
         started = time.monotonic()
         pending: list[Op] = []  # what undoes the steps taken so far (resumes of suspends)
-        counters = gate_counters(stacks) if gates_held else {}
+        counters = gate_counters(names) if gates_held else {}
         try:
             for index, step in enumerate(cut_steps(stacks, cows, gates_held=gates_held)):
                 if not gates_held and index == len(stacks):  # every gate is suspended
-                    counters = gate_counters(stacks)
+                    counters = gate_counters(names)
                 latch.check()
                 runner.run(step.op)
                 if step.op in pending:
@@ -196,10 +198,12 @@ def held_cut(
         latch.check()
 
 
-def gate_counters(stacks: tuple[StackSpec, ...]) -> dict[str, WriteCounters]:
-    """Each gate's block-layer write counters now (devices whose sysfs cannot be read are
-    left out: their backlog is then unknown, never guessed)."""
-    found = {s.device.name: probe.write_counters(s.require(Layer.GATE).path) for s in stacks}
+def gate_counters(devices: Iterable[str]) -> dict[str, WriteCounters]:
+    """The block-layer write counters of the named devices' gates now (a gate whose sysfs
+    cannot be read, a stack not up, is left out: a backlog is then unknown, never guessed)."""
+    found = {
+        name: probe.write_counters(mapper_path(layer_name(name, Layer.GATE))) for name in devices
+    }
     return {name: counters for name, counters in found.items() if counters is not None}
 
 

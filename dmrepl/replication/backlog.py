@@ -7,10 +7,9 @@ import time
 from collections.abc import Mapping, Sequence
 
 from dmrepl.config import Config, GroupSpec, SiteSpec
+from dmrepl.cut import gate_counters
 from dmrepl.deltafiles import DeltaFile
-from dmrepl.dm import mapper_path
 from dmrepl.policy import Backlog, Policy, WriteCounters, backlog
-from dmrepl.probe import write_counters
 from dmrepl.spool import Spool
 from dmrepl.state import SiteMode, StateStore
 from dmrepl.statedir import StateDir
@@ -69,12 +68,7 @@ def over_limit(
     """Why `site`, at cut `cursor`, must be drained with writers held now: over its
     fall-behind limit, or (a stall site) with a backlog the spool may not hold; None if
     neither or unknown. Reads only (the gates' sysfs counters, the store, the spool)."""
-    now: dict[str, WriteCounters] = {}
-    for device in group.devices:
-        counters = write_counters(mapper_path(device.name))
-        if counters is None:
-            return None  # the stack is not up: the cycle says so
-        now[device.name] = counters
+    now = gate_counters(d.name for d in group.devices)  # a gate unread: no backlog known
     behind = site_backlog(store, group.name, cursor, now)
     reason = None if behind is None else site.fall_behind.exceeded(behind)
     if reason is not None or site.policy != Policy.STALL or cursor is None:

@@ -787,7 +787,7 @@ class Cycle:
 
     def _release_enforced(self, seq: int) -> None:
         """Sites driven synchronously that are at or under their limits again."""
-        now = gate_counters(self.stacks)
+        now = gate_counters(s.device.name for s in self.stacks)
         for name, spec in self.specs.items():
             if self.store.site_mode(self.spec.name, name).mode is not SiteMode.ENFORCED:
                 continue

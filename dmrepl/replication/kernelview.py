@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dmrepl import probe
 from dmrepl.builder import DeviceState
 from dmrepl.config import Config, GroupSpec
-from dmrepl.dm import mapper_path
+from dmrepl.cut import gate_counters
 from dmrepl.policy import Policy, WriteCounters
 from dmrepl.replication.status import KernelView
 from dmrepl.replication.synchronous import SiteLegs, legs_in_mirrors, replicas_of
@@ -28,7 +28,7 @@ def observe_kernel(config: Config, group: str | None, states: Sequence[DeviceSta
     legs: dict[tuple[str, str], SiteLegs] = {}
     unread: dict[str, str] = {}
     for spec in config.select(group):
-        counters[spec.name] = _gate_counters(spec)
+        counters[spec.name] = gate_counters(d.name for d in spec.devices)
         synchronous = [site for site in spec.sites if site.policy == Policy.SYNCHRONOUS]
         if not synchronous:
             continue
@@ -43,12 +43,6 @@ def observe_kernel(config: Config, group: str | None, states: Sequence[DeviceSta
             numbers = {d.name: _dev_id(replicas.get(d.name)) for d in spec.devices}
             legs[(spec.name, site.name)] = legs_in_mirrors(site.name, numbers, mirrors)
     return KernelView(counters, legs, unread)
-
-
-def _gate_counters(spec: GroupSpec) -> dict[str, WriteCounters]:
-    """Each gate's write counters (sysfs); a gate that is not there is left out."""
-    found = {d.name: probe.write_counters(mapper_path(d.name)) for d in spec.devices}
-    return {name: counters for name, counters in found.items() if counters is not None}
 
 
 def _mirrors_unread(spec: GroupSpec, states: Mapping[str, DeviceState]) -> list[str]:
