@@ -33,7 +33,7 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dmrepl import blockio, builder, delta, dm, phases
+from dmrepl import blockio, builder, delta, phases
 from dmrepl.changes import next_cut_seq, require_running
 from dmrepl.config import Config, GroupSpec
 from dmrepl.cut import (
@@ -601,7 +601,7 @@ class Cycle:
         failed leg stays marked until a reload, so sound now means sound at the cut)."""
         if not self.mirrored:
             return
-        mirrors = synchronous.read_mirrors(self.runner, self.stacks, dm.observe(self.runner).owned)
+        mirrors = synchronous.read_mirrors(self.runner, self.stacks, self.observed)
         legs = {n: synchronous.site_legs(self.specs[n], mirrors) for n in self.mirrored}
         broken = {n: seen for n, seen in legs.items() if seen.state is not LegsState.JOINED}
         if broken:
@@ -639,15 +639,12 @@ class Cycle:
         ]
         if not candidates:
             return
-        mirrors = synchronous.read_mirrors(self.runner, self.stacks, dm.observe(self.runner).owned)
-        problems = [
-            p for d, m in mirrors.items() if m is not None for p in synchronous.unsound(d, m)
-        ]
+        mirrors = synchronous.read_mirrors(self.runner, self.stacks, self.observed)
+        problems = synchronous.mirror_problems(mirrors)
+        waiting = f"asynchronous until the mirrors are sound ({'; '.join(problems)})"
         for name in candidates:
             if problems:
-                self.reports[
-                    name
-                ].detail = f"asynchronous until the mirrors are sound ({'; '.join(problems)})"
+                self.reports[name].detail = waiting
             else:
                 self.reports[name].joinable = True
 
@@ -664,13 +661,12 @@ class Cycle:
                 for name in ready:
                     self._not_joined(name, "writers were released before the join")
                 return ()
-            observed = dm.observe(self.runner).owned
-            joined = synchronous.joined_replicas(self.stacks, observed)
-            for name in ready:
-                replicas = synchronous.replicas_of(self.specs[name])
-                for device in joined:
-                    joined[device] += (replicas[device],)
-            why = synchronous.join(self.runner, self.stacks, observed, joined)
+            joining = {
+                path
+                for name in ready
+                for path in synchronous.replicas_of(self.specs[name]).values()
+            }
+            why = synchronous.join(self.runner, self.stacks, self.observed, joining)
         if why is not None:
             for name in ready:
                 self._not_joined(name, why)
@@ -696,9 +692,9 @@ class Cycle:
         for spec in backlog.watched(self.spec):
             name = spec.name
             record = self.store.site(self.spec.name, name)
-            cursor = None if record is None else record.seq
-            if cursor is None or record is None:
+            if record is None or record.seq is None:
                 continue  # seeded first
+            cursor = record.seq
             if record.state in FAILED_STATES and spec.policy != Policy.STALL:
                 continue  # an asynchronous site that was down is never waited for
             mode = self.store.site_mode(self.spec.name, name).mode
@@ -737,11 +733,10 @@ class Cycle:
                 views.append(view)
                 continue
             views.append(replace(view, reachable=False))
-            self.reports[
-                view.name
-            ].detail = (
+            deferred = (
                 f"seed deferred to the next cycle: writers are held for {', '.join(held_for)}"
             )
+            self.reports[view.name].detail = deferred
         return Observed(tuple(views), observed.spool, observed.cap_bytes)
 
     def _await_stalled(

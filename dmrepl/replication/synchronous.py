@@ -19,17 +19,17 @@ on a status when suspended.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from dmrepl import dm, probe
 from dmrepl.config import SiteSpec
-from dmrepl.errors import DmreplError, ParseError
+from dmrepl.errors import DmreplError
 from dmrepl.executor import Runner
 from dmrepl.stack import Layer, StackSpec, mirror_target
 from dmrepl.status import Health, MirrorStatus, parse_mirror_status, parse_status_line
-from dmrepl.tables import Mirror, TableLine, parse_table, render_table
+from dmrepl.tables import TableLine, render_table
 
 
 class LegsState(StrEnum):
@@ -74,14 +74,6 @@ def _mirror_name(stack: StackSpec) -> str:
     return layer.name
 
 
-def running_legs(table: str) -> tuple[str, ...]:
-    """The legs (as MAJOR:MINOR) of a running mirror layer; () when it is a linear."""
-    lines = parse_table(table)
-    if len(lines) != 1 or not isinstance(lines[0].target, Mirror):
-        return ()
-    return tuple(device for device, _ in lines[0].target.legs)
-
-
 def mirror_status(runner: Runner, name: str) -> MirrorStatus | None:
     """The status of a mirror layer; None when it runs as a linear pass-through."""
     line = parse_status_line(runner.run(dm.status(name)).stdout)
@@ -120,6 +112,11 @@ def unsound(device: str, mirror: MirrorStatus) -> list[str]:
             f"{device}: mirror {mirror.in_sync_regions}/{mirror.regions} regions in sync"
         )
     return problems
+
+
+def mirror_problems(mirrors: Mapping[str, MirrorStatus | None]) -> list[str]:
+    """`unsound` of every mirror (a linear layer has nothing to trust)."""
+    return [p for device, m in mirrors.items() if m is not None for p in unsound(device, m)]
 
 
 def legs_in_mirrors(
@@ -161,24 +158,6 @@ def site_legs(site: SiteSpec, mirrors: Mapping[str, MirrorStatus | None]) -> Sit
     return legs_in_mirrors(site.name, numbers, mirrors)
 
 
-def joined_replicas(
-    stacks: tuple[StackSpec, ...], observed: Mapping[str, dm.ObservedDevice]
-) -> dict[str, tuple[str, ...]]:
-    """The synchronous replicas each device's mirror layer has as legs now."""
-    joined: dict[str, tuple[str, ...]] = {}
-    for stack in stacks:
-        layer = stack.get(Layer.MIRROR)
-        running = observed.get(layer.name) if layer else None
-        try:
-            legs = running_legs(running.table) if running else ()
-        except ParseError:
-            legs = ()
-        joined[stack.device.name] = tuple(
-            r for r in stack.device.sync_replicas if probe.dev_id_of(r) in legs
-        )
-    return joined
-
-
 def _reload(runner: Runner, stack: StackSpec, joined: tuple[str, ...]) -> None:
     """Load the mirror layer with `joined` as its synchronous legs; a suspend makes it live
     (flushing what is in flight on it) and the resume is run whatever happens."""
@@ -207,18 +186,23 @@ def join(
     runner: Runner,
     stacks: tuple[StackSpec, ...],
     observed: Mapping[str, dm.ObservedDevice],
-    joined: Mapping[str, tuple[str, ...]],
+    joining: Collection[str],
 ) -> str | None:
-    """Reload each mirror with the replicas `joined[device]` as legs, `nosync`; call with
-    writers held, once those replicas hold exactly what the origin holds. Returns why it
-    did not (None: joined): a mirror not sound now (a leg failed, regions out of sync)."""
+    """Reload each mirror, `nosync`, with the replicas `joining` as legs beside those it
+    has; call with writers held, once those replicas hold exactly what the origin holds.
+    Returns why it did not (None: joined): a mirror not sound now (a leg failed, regions
+    out of sync). The legs it has are read from the same statuses."""
     mirrors = read_mirrors(runner, stacks, observed)
-    problems = [p for device, m in mirrors.items() if m is not None for p in unsound(device, m)]
+    problems = mirror_problems(mirrors)
     if problems:
         return "; ".join(problems)
     for stack in stacks:
-        wanted = set(joined[stack.device.name])
-        _reload(runner, stack, tuple(r for r in stack.device.sync_replicas if r in wanted))
+        status = mirrors[stack.device.name]
+        legs = {leg.device for leg in status.legs} if status is not None else set()
+        joined = tuple(
+            r for r in stack.device.sync_replicas if r in joining or probe.dev_id_of(r) in legs
+        )
+        _reload(runner, stack, joined)
     return None
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dmrepl import probe
 from dmrepl.cut import cut_steps
 from dmrepl.errors import Interrupted
 from dmrepl.executor import CommandFailed, Runner
@@ -21,10 +22,10 @@ from dmrepl.replication import backlog as site_backlogs
 from dmrepl.replication.hold import writers_held
 from dmrepl.replication.loop import run_cycles
 from dmrepl.replication.plan import Observed, SiteView, finalize, plan_cycle
-from dmrepl.replication.synchronous import running_legs
+from dmrepl.replication.synchronous import join
 from dmrepl.stack import Layer, StackSpec, mirror_target, plan_stack
 from dmrepl.state import SiteMode, StateStore
-from dmrepl.tables import Linear, Mirror
+from dmrepl.tables import Linear, Mirror, TableLine, render_table
 from tests.unit.factories import device_spec
 from tests.unit.test_plan_cycle import spooled
 
@@ -116,8 +117,6 @@ def test_a_stack_with_a_joined_replica_is_still_as_configured() -> None:
     assert table_matches(mirror, running, ids.get)
     assert table_matches(mirror, "0 2097152 linear 254:1 0", ids.get)
     assert not table_matches(mirror, "0 2097152 mirror core 2 1024 nosync 2 254:1 0 7:0 0", ids.get)
-    assert running_legs(running) == ("254:1", "43:32")
-    assert running_legs("0 2097152 linear 254:1 0") == ()
 
 
 # --- the spool while a site drains --------------------------------------------------------
@@ -156,6 +155,42 @@ class RecordingRunner(Runner):
         with self.lock:
             self.ops.append(op.argv)
         return Result(op.argv, 0, "", "", 0.0)
+
+
+class MirrorRunner(RecordingRunner):
+    """Answers `dmsetup status` of a mirror layer with `status` (a mirror's status params)."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__()
+        self.status = status
+        self.loaded: list[str] = []  # the tables `dmsetup load` was given
+
+    def run(self, op: Op, *, ok_codes: Iterable[int] = (0,)) -> Result:
+        result = super().run(op, ok_codes=ok_codes)
+        if op.argv[:2] == ("dmsetup", "load"):
+            self.loaded.append(str(op.stdin))
+        if op.argv[:2] == ("dmsetup", "status"):
+            return Result(op.argv, 0, f"0 2097152 {self.status}\n", "", 0.0)
+        return result
+
+
+def test_a_join_keeps_the_legs_the_mirror_has_and_adds_the_new_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    device = device_spec(sync_replicas=("/dev/nbd0", "/dev/nbd1"))
+    stack = plan_stack(device, 2097152, 8192)
+    ids = {"/dev/vdb": "254:1", "/dev/nbd0": "43:0", "/dev/nbd1": "43:32"}
+    monkeypatch.setattr(probe, "dev_id_of", ids.get)
+    observed = {stack.require(Layer.MIRROR).name: None}
+    runner = MirrorRunner("mirror 2 254:1 43:32 1024/1024 1 AA 1 core")  # nbd1 joined
+    assert join(runner, (stack,), observed, {"/dev/nbd0"}) is None  # type: ignore[arg-type]
+    both = mirror_target(device, ("/dev/nbd0", "/dev/nbd1"))  # in configured order
+    assert runner.loaded == [render_table([TableLine(0, 2097152, both)])]
+    assert ("dmsetup", "load", "d-mirror") in runner.ops
+    failed = MirrorRunner("mirror 2 254:1 43:32 1000/1024 1 AD 1 core")
+    why = join(failed, (stack,), observed, {"/dev/nbd0"})  # type: ignore[arg-type]
+    assert why is not None and "leg 43:32 write failed" in why
+    assert failed.loaded == []
 
 
 def two_gates() -> tuple[StackSpec, ...]:
