@@ -39,10 +39,11 @@ from dmrepl.state import CutRecord, StateStore
 PIECE_SECTORS = 2048  # 1 MiB: what one digest covers at most
 
 
-class VerifyMismatch(DmreplError):
-    """A site's replicas differ from the cut they hold."""
+class SiteUnverified(DmreplError):
+    """The site could not be brought to the cut or hashed (down, broken): nothing was
+    compared, so nothing is said of its replicas (exit 17, as a site left behind)."""
 
-    exit_code = ExitCode.MISMATCH
+    exit_code = ExitCode.SITES_BEHIND
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ class _Comparison:
         try:
             theirs = receiver.digests(pieces)
         except SiteFailure as exc:
-            raise DmreplError(f"cannot verify site {self.site}: {exc.message}") from None
+            raise SiteUnverified(f"cannot verify site {self.site}: {exc.message}") from None
         found = differing(pieces, mine, theirs)
         result = VerifyResult(self.cycle.spec.name, self.site, seq, scope, total, found)
         if self.repair and found:
@@ -246,13 +247,13 @@ class _Comparison:
         cycle, name = self.cycle, self.site
         receiver = cycle.sites[name]
         if name in cycle.mirrored:
-            raise DmreplError(
+            raise InvalidInput(
                 f"cannot verify site {name}: its replicas are live mirror legs (synchronous), "
                 "which no cut can be compared with while writers run"
             )
         if cycle.cursors.get(name) != seq:
             report = cycle.reports[name]
-            raise DmreplError(
+            raise SiteUnverified(
                 f"cannot verify site {name}: it did not get cut {seq} "
                 f"({report.state}: {report.detail})"
             )
@@ -283,6 +284,6 @@ def _repair(
         pieces = pieces_of(extents, PIECE_SECTORS)
         theirs = site.digests(pieces)  # type: ignore[attr-defined]
     except (SiteFailure, delta.CorruptDelta) as exc:
-        raise DmreplError(f"repair of site {name} failed: {exc.message}") from None
+        raise SiteUnverified(f"repair of site {name} failed: {exc.message}") from None
     again = differing(pieces, image_digests(held, pieces, lambda _: None), theirs)
     return delivered.data_bytes, again
