@@ -170,7 +170,12 @@ def lock_holder(state_dir: Path, group: str) -> str | None:
     Opens an existing lock file read-only and creates nothing: no lock file (or no state
     directory) means nobody holds it.
     """
-    path = StateDir(state_dir).lock(group)
+    return holder_of(StateDir(state_dir).lock(group))
+
+
+def holder_of(path: Path) -> str | None:
+    """Who holds the lock file `path` now, or None if nobody does or it does not exist
+    (never blocks, creates nothing)."""
     try:
         fd = safefile.open_own(path, os.O_RDONLY, create=False)
     except FileNotFoundError:

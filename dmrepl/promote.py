@@ -12,18 +12,16 @@ taken back).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmrepl import builder, replica
+from dmrepl import builder, deltafiles, replica
 from dmrepl.config import Config
 from dmrepl.errors import DmreplError, InvalidInput
 from dmrepl.executor import Runner
-from dmrepl.lock import Busy, takeover_lock
+from dmrepl.lock import Busy, holder_of, takeover_lock
 from dmrepl.safefile import private_dir
 from dmrepl.signals import Say
 from dmrepl.sites.base import Delivery
@@ -63,17 +61,22 @@ def promote(
     replicas = replica.find(config, group, site)
     _check_group(config, group, replicas)
     if promoted_cut(config, group) is not None:
-        raise InvalidInput(f"group {group} was promoted on this host already")
+        raise InvalidInput(
+            f"group {group} was promoted on this host already",
+            hint=f"if its stack is not running (an interrupted promote), `dmrepl up {group}`",
+        )
     state = StateDir(config.state_dir)
     lock = state.receive_lock(group, site)
-    if not force and _delivering(lock):
+    holder = None if force else holder_of(lock)
+    if holder is not None:
         raise Busy(
-            f"the old primary is delivering to site {site} now: it still holds group {group}",
+            f"the old primary is delivering to site {site} now ({holder}): it still holds "
+            f"group {group}",
             hint="stop its cycles first (planned failover), or give --force if it is lost",
         )
     marker = state.promoted(group)
     private_dir(marker.parent, what="state_dir", strict_from=state.root)
-    marker.write_text(json.dumps({"group": group, "site": site, "time": time.time()}))
+    _record(marker, {"group": group, "site": site, "time": time.time()})
     try:
         with takeover_lock(lock, config.state_dir, "promote") as stopped:
             replayed, held = replica.replay(replicas)
@@ -86,7 +89,7 @@ def promote(
     except BaseException:
         marker.unlink(missing_ok=True)
         raise
-    marker.write_text(json.dumps({"group": group, "site": site, "cut": held, "time": time.time()}))
+    _record(marker, {"group": group, "site": site, "cut": held, "time": time.time()})
     builder.up(runner, config, group, say=say)
     store = StateStore(config.state_dir)
     try:
@@ -115,16 +118,7 @@ def _check_group(config: Config, group: str, replicas: replica.Replicas) -> None
         )
 
 
-def _delivering(lock: Path) -> bool:
-    """Whether a receiver session holds the site's lock now (never blocks, creates nothing)."""
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+def _record(marker: Path, record: dict[str, object]) -> None:
+    """Write the promotion record whole and durably (a crash leaves the old one or this)."""
+    text = json.dumps(record).encode()
+    deltafiles.write_durably(marker.parent, marker.name, lambda out: out.write(text))
