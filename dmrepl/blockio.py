@@ -7,8 +7,10 @@ descriptors and decide when to fsync.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+
+import xxhash
 
 from dmrepl.ranges import Extent
 
@@ -90,3 +92,22 @@ def compare_copy(
         if progress is not None:
             progress(want)
     return stats
+
+
+def piece_digests(
+    paths: Mapping[str, str], pieces: Iterable[tuple[str, int, int]], *, uncached: bool = False
+) -> Iterator[bytes]:
+    """The XXH3-64 digest of each piece (device, first sector, sectors) of the devices at
+    `paths`, in order. `uncached`: drop each device's page cache first, to hash what is on
+    it (a device the kernel wrote below the cache, a mirror leg)."""
+    fds: dict[str, int] = {}
+    try:
+        for device, start, sectors in pieces:
+            if device not in fds:
+                fds[device] = os.open(paths[device], os.O_RDONLY)
+                if uncached:
+                    os.posix_fadvise(fds[device], 0, 0, os.POSIX_FADV_DONTNEED)
+            yield xxhash.xxh3_64_digest(os.pread(fds[device], sectors * 512, start * 512))
+    finally:
+        for fd in fds.values():
+            os.close(fd)

@@ -12,15 +12,12 @@ journal as a delta of the same cut, and hashes them again.
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-
-from dmrepl import delta, deltafiles
+from dmrepl import blockio, delta, deltafiles
 from dmrepl.config import Config
 from dmrepl.cut import HeldCut
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
@@ -108,17 +105,10 @@ def image_digests(
     """Digests of the pieces of the cut's `-pit` images."""
     paths = {d.stack.device.name: d.pit.path for d in held.devices if d.pit is not None}
     found = []
-    fds: dict[str, int] = {}
-    try:
-        for device, start, sectors in pieces:
-            if device not in fds:
-                fds[device] = os.open(paths[device], os.O_RDONLY)
-            held.latch.check()
-            found.append(xxhash.xxh3_64_digest(os.pread(fds[device], sectors * 512, start * 512)))
-            progress(sectors * 512)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    for (_, _, sectors), digest in zip(pieces, blockio.piece_digests(paths, pieces), strict=True):
+        held.latch.check()
+        found.append(digest)
+        progress(sectors * 512)
     return found
 
 

@@ -230,24 +230,12 @@ class JournaledSite:
     def digests(self, pieces: Sequence[Piece]) -> list[bytes]:
         """XXH3-64 digests of pieces of the replicas (`Verifier`), read past the page cache:
         a synchronous site's mirror wrote the replicas below it."""
-        found: list[bytes] = []
-        fds: dict[str, int] = {}
         try:
-            for device, start, sectors in pieces:
-                if device not in fds:
-                    path = self._spec.replicas[device]
-                    fds[device] = os.open(path, os.O_RDONLY)
-                    os.posix_fadvise(fds[device], 0, 0, os.POSIX_FADV_DONTNEED)
-                data = os.pread(fds[device], sectors * 512, start * 512)
-                found.append(xxhash.xxh3_64_digest(data))
+            return list(blockio.piece_digests(self._spec.replicas, pieces, uncached=True))
         except OSError as exc:
             raise SiteDown(
                 f"site {self.name}: reading the replicas failed: {exc.strerror}"
             ) from None
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-        return found
 
     # -- receiving in chunks, resumable (the receiver of a remote site)
 
