@@ -32,6 +32,7 @@ class ExitCode(IntEnum):
     SITES_BEHIND = 17  # the cycle completed, but a site is down, behind or misconfigured
     NOT_RUNNING = 18  # the group's stacks are not running (run `dmrepl up`)
     MISMATCH = 19  # `verify`: a site's replicas differ from the cut they hold
+    NOT_PRIMARY = 20  # the group was demoted on this host: it is a site of the new primary
     INTERRUPTED = 130  # SIGINT/SIGTERM: what was done has been undone
 
 

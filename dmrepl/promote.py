@@ -8,24 +8,29 @@ primary still holds the group). Then the journal is replayed, so the replicas ar
 the last cut they received completely, and dmrepl's own stack is built over them, so change
 tracking starts at once. A replica with no whole cut is never promoted (the record is then
 taken back).
+
+The promotion starts a new history of the group on this host: its state keeps that cut
+alone (with the eras of a cut taken as the stack comes up), so its next cut follows it and
+everything it writes from now on is listed since it; what this host's state knew of the
+group before (an old primary promoted again after a failback) names another history and
+goes, with the spool. An old primary is placed as a site at that cut by `dmrepl reverse`.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from dmrepl import builder, deltafiles, replica
+from dmrepl import builder, replica, roles
 from dmrepl.config import Config
+from dmrepl.cut import held_cut
 from dmrepl.errors import DmreplError, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.lock import Busy, holder_of, takeover_lock
-from dmrepl.safefile import private_dir
 from dmrepl.signals import Say
 from dmrepl.sites.base import Delivery
-from dmrepl.state import StateStore
+from dmrepl.state import CutRecord, StateStore
 from dmrepl.statedir import StateDir
 
 
@@ -39,16 +44,6 @@ class Promotion:
     gates: dict[str, str]  # device -> the gate to mount
 
 
-def promoted_cut(config: Config, group: str) -> int | None:
-    """The cut at which `group` was promoted on this host, if it was."""
-    try:
-        record = json.loads(StateDir(config.state_dir).promoted(group).read_text())
-    except (OSError, ValueError):
-        return None
-    cut = record.get("cut") if isinstance(record, dict) else None
-    return cut if isinstance(cut, int) else None
-
-
 def promote(
     runner: Runner, config: Config, group: str, site: str, *, force: bool, say: Say = print
 ) -> Promotion:
@@ -60,7 +55,7 @@ def promote(
         )
     replicas = replica.find(config, group, site)
     _check_group(config, group, replicas)
-    if promoted_cut(config, group) is not None:
+    if roles.promoted_cut(config, group) is not None:
         raise InvalidInput(
             f"group {group} was promoted on this host already",
             hint=f"if its stack is not running (an interrupted promote), `dmrepl up {group}`",
@@ -75,8 +70,7 @@ def promote(
             hint="stop its cycles first (planned failover), or give --force if it is lost",
         )
     marker = state.promoted(group)
-    private_dir(marker.parent, what="state_dir", strict_from=state.root)
-    _record(marker, {"group": group, "site": site, "time": time.time()})
+    roles.write_record(state, marker, {"group": group, "site": site, "time": time.time()})
     try:
         with takeover_lock(lock, config.state_dir, "promote") as stopped:
             replayed, held = replica.replay(replicas)
@@ -89,13 +83,17 @@ def promote(
     except BaseException:
         marker.unlink(missing_ok=True)
         raise
-    _record(marker, {"group": group, "site": site, "cut": held, "time": time.time()})
+    roles.write_record(
+        state, marker, {"group": group, "site": site, "cut": held, "time": time.time()}
+    )
     builder.up(runner, config, group, say=say)
+    _new_history(runner, config, group, held, say)
     store = StateStore(config.state_dir)
     try:
         store.record(group, "", "promoted", f"replicas of site {site} at cut {held}")
     finally:
         store.close()
+    roles.remove_record(state.demoted(group))  # an old primary promoted again
     gates = {d.name: f"/dev/mapper/{d.name}" for d in config.groups[group].devices}
     return Promotion(group, site, held, replayed, stopped, gates)
 
@@ -118,7 +116,16 @@ def _check_group(config: Config, group: str, replicas: replica.Replicas) -> None
         )
 
 
-def _record(marker: Path, record: dict[str, object]) -> None:
-    """Write the promotion record whole and durably (a crash leaves the old one or this)."""
-    text = json.dumps(record).encode()
-    deltafiles.write_durably(marker.parent, marker.name, lambda out: out.write(text))
+def _new_history(runner: Runner, config: Config, group: str, cut: int, say: Say) -> None:
+    """Make cut `cut` the group's only cut here, with the eras of a cut taken now (nothing
+    has written to the new gates yet), and empty its spool."""
+    (spec,) = config.select(group)
+    found = builder.survey(runner, [spec], check=False)
+    with held_cut(runner, found.stacks, say=say) as taken:
+        baseline = CutRecord(group, cut, time.time(), taken.stall_s, taken.eras)
+    store = StateStore(config.state_dir)
+    try:
+        store.new_epoch(group, baseline)
+    finally:
+        store.close()
+    shutil.rmtree(StateDir(config.state_dir).spool(group), ignore_errors=True)

@@ -59,3 +59,8 @@ def blocks_to_sectors(
 
 def total_length(extents: Iterable[Extent]) -> int:
     return sum(extent.length for extent in extents)
+
+
+def union(*lists: Iterable[Extent]) -> list[Extent]:
+    """The extents covered by any of the lists, coalesced."""
+    return list(coalesce(sorted(extent for extents in lists for extent in extents)))

@@ -2,7 +2,8 @@
 
 Holds what must survive reboots that the kernel does not keep: a log of stack
 events (metadata formatted or reused, stacks built and removed), the cuts of each
-group, and each site's cursor (the last cut it applied durably) and health.
+group, and each site's cursor (the last cut it applied durably) and health, and the ranges
+a site placed by `dmrepl reverse` is still owed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from dmrepl import safefile
 from dmrepl.errors import DmreplError, ExitCode
 from dmrepl.policy import WriteCounters
+from dmrepl.ranges import Extent
 from dmrepl.statedir import StateDir
 
 SCHEMA = """
@@ -144,6 +146,17 @@ CREATE TABLE IF NOT EXISTS site_modes (
     released INTEGER NOT NULL DEFAULT 0,
     dropped INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (grp, site)
+);
+"""
+# Added with failback: the ranges a site placed at a cut by `dmrepl reverse` must still be
+# sent (what the old primary wrote after the cut its replicas were promoted at).
+FAILBACK_TABLES = """
+CREATE TABLE IF NOT EXISTS owed (
+    grp TEXT NOT NULL,
+    site TEXT NOT NULL,
+    device TEXT NOT NULL,
+    first_sector INTEGER NOT NULL,
+    end_sector INTEGER NOT NULL
 );
 """
 
@@ -295,7 +308,7 @@ class StateStore:
         db = sqlite3.connect(self.path)
         try:
             _quick_check(db)
-            db.executescript(SCHEMA + TRANSFERS + POLICY_TABLES)
+            db.executescript(SCHEMA + TRANSFERS + POLICY_TABLES + FAILBACK_TABLES)
         except BaseException:
             db.close()
             raise
@@ -479,6 +492,62 @@ class StateStore:
                 "VALUES (?, ?, NULL, NULL, ?, ?, ?) ON CONFLICT (grp, site) DO UPDATE SET "
                 "state = excluded.state, detail = excluded.detail, checked = excluded.checked",
                 (group, site, state, detail, time.time()),
+            )
+
+    def owe(self, group: str, site: str, ranges: Mapping[str, Iterable[Extent]]) -> None:
+        """Ranges (sectors, per device) the site must be sent besides what changed since its
+        cut, until it has applied one delta that carried them (replaces earlier ones)."""
+        with self.db:
+            self.db.execute("DELETE FROM owed WHERE grp = ? AND site = ?", (group, site))
+            self.db.executemany(
+                "INSERT INTO owed (grp, site, device, first_sector, end_sector) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(group, site, d, e.begin, e.end) for d, extents in ranges.items()
+                 for e in extents],
+            )  # fmt: skip
+
+    def owed(self, group: str, site: str) -> dict[str, list[Extent]]:
+        """What `owe` recorded for the site and no delivery has carried yet."""
+        try:
+            rows = self.db.execute(
+                "SELECT device, first_sector, end_sector FROM owed WHERE grp = ? AND site = ? "
+                "ORDER BY device, first_sector",
+                (group, site),
+            ).fetchall()
+        except sqlite3.OperationalError:  # a store from before the table (read-only)
+            return {}
+        owed: dict[str, list[Extent]] = {}
+        for device, begin, end in rows:
+            owed.setdefault(device, []).append(Extent(begin, end))
+        return owed
+
+    def paid(self, group: str, site: str) -> None:
+        """The site applied a delta carrying what it was owed."""
+        with self.db:
+            self.db.execute("DELETE FROM owed WHERE grp = ? AND site = ?", (group, site))
+
+    def new_epoch(self, group: str, baseline: CutRecord) -> None:
+        """The group became primary here at `baseline` (a promotion): the cuts, cursors and
+        owed ranges of its earlier life here name another history, so they go, and the
+        baseline becomes its only cut."""
+        with self.db:
+            for table in (
+                "cuts",
+                "cut_devices",
+                "cut_counters",
+                "sites",
+                "owed",
+                "site_modes",
+                "transfers",
+            ):
+                self.db.execute(f"DELETE FROM {table} WHERE grp = ?", (group,))
+            self.db.execute(
+                "INSERT INTO cuts (grp, seq, time, stall_s) VALUES (?, ?, ?, ?)",
+                (group, baseline.seq, baseline.time, baseline.stall_s),
+            )
+            self.db.executemany(
+                "INSERT INTO cut_devices (grp, seq, device, era) VALUES (?, ?, ?, ?)",
+                [(group, baseline.seq, device, era) for device, era in baseline.eras.items()],
             )
 
     def forget_cursor(self, group: str, site: str, why: str) -> None:

@@ -10,6 +10,9 @@
     <state>/journal/<group>.<site>.staging        a receiver's resume point of a cut-off transfer
     <state>/journal/<group>.<site>.nbd            the /dev/nbdN an nbd site has attached now
     <state>/cow/<group>.<device>.cow              a `-pit` image's COW file while a cut is held
+    <state>/promoted/<group>.json                 the group was promoted here (dmrepl.promote)
+    <state>/demoted/<group>.json                  the group was demoted here (dmrepl.failback)
+    <state>/discarded/<group>.after-cut-<K>/      what it wrote after cut K, as a delta file
 
 Names only: nothing here creates, opens or checks anything; whoever writes a path makes its
 directory (safefile.private_dir), and readers never do.
@@ -72,6 +75,16 @@ class StateDir:
     def promoted(self, group: str) -> Path:
         """On a receiver host: the record that `group` was promoted here (a primary now)."""
         return self.root / "promoted" / f"{group}.json"
+
+    def demoted(self, group: str) -> Path:
+        """On an old primary: the record that `group` was demoted here (a site now), with
+        what it wrote after the cut the new primary started from."""
+        return self.root / "demoted" / f"{group}.json"
+
+    def discarded(self, group: str, cut: int) -> Path:
+        """The delta files of what an old primary wrote after cut `cut` and the new primary
+        never received: kept, not silently dropped."""
+        return self.root / "discarded" / f"{group}.after-cut-{cut}"
 
     @property
     def cow(self) -> Path:

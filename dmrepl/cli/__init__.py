@@ -1,12 +1,13 @@
 """The `dmrepl` command line: parse options, make one library call, render the result.
 
 `app` (global options, error rendering, `main`) is in `cli.app`; the commands are in
-`cli.stacks` and `cli.replication`, and what they print in `cli.render`.
+`cli.stacks`, `cli.replication`, `cli.replicas` and `cli.failback`, and what they print
+in `cli.render`.
 """
 
 from __future__ import annotations
 
-from dmrepl.cli import replicas, replication, stacks
+from dmrepl.cli import failback, replicas, replication, stacks
 from dmrepl.cli.app import app, filesystem_error, main
 
 __all__ = ["app", "filesystem_error", "main"]
@@ -27,6 +28,9 @@ for _name, _command in (
     ("serve", replication.serve_command),
     ("replay", replicas.replay),
     ("promote", replicas.promote_command),
+    ("switchover", failback.switchover),
+    ("demote", failback.demote),
+    ("reverse", failback.reverse),
     ("size", stacks.size),
     ("import-table", stacks.import_table),
     ("export-table", stacks.export_table),

@@ -48,6 +48,7 @@ from dmrepl.probe import DeviceMissing, DeviceProblem, probe_block_device
 from dmrepl.replication.kernelview import observe_kernel
 from dmrepl.replication.status import ReplicationStatus, SiteStatus, replication_status
 from dmrepl.replicator_status import render_replicator_status, replicator_status
+from dmrepl.roles import require_primary
 from dmrepl.sizing import metadata_size
 from dmrepl.units import format_bytes, format_sectors, parse_size_sectors, sectors_to_bytes
 
@@ -95,6 +96,8 @@ def up(
     """Build the device stacks of GROUP (or all groups); rebuild them after a reboot."""
     require_root()
     loaded = config_for_kernel(config, group)
+    for spec in loaded.select(group):
+        require_primary(loaded, spec.name, "bring its stack up")
     plan = builder.up(Runner(), loaded, group, fresh=fresh, dry_run=dry_run, say=say)
     print_plan(plan, dry_run)
 

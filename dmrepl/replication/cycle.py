@@ -49,6 +49,7 @@ from dmrepl.errors import InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.lock import group_lock
 from dmrepl.policy import Policy
+from dmrepl.ranges import Extent, union
 from dmrepl.replication import backlog, capture, synchronous
 from dmrepl.replication.capture import ProgressFactory, no_progress
 from dmrepl.replication.hold import WriterHold, writers_held
@@ -64,6 +65,7 @@ from dmrepl.replication.plan import (
     prunable,
 )
 from dmrepl.replication.synchronous import LegsState
+from dmrepl.roles import require_primary
 from dmrepl.signals import Say
 from dmrepl.sites import (
     Delivery,
@@ -174,6 +176,7 @@ def _one_cycle(
 def checked_request(config: Config, group: str, seed_sites: tuple[str, ...]) -> GroupSpec:
     """The group of a `sync` or `seed`, once its sites and devices are known to be usable."""
     (spec,) = config.select(group)
+    require_primary(config, group, "replicate")
     if not spec.sites:
         raise InvalidInput(
             f"group {group} has no sites to replicate to",
@@ -214,6 +217,7 @@ class Cycle:
         self.cleanup = ExitStack()
         self.specs = {s.name: s for s in spec.sites}
         self.mirrored: set[str] = set()  # synchronous sites whose legs are joined and healthy
+        self.owed: dict[str, dict[str, list[Extent]]] = {}  # placed by `reverse`, not yet sent
 
     def run(
         self,
@@ -410,7 +414,15 @@ class Cycle:
             )
             self.store.set_site_state(self.spec.name, name, SiteState.NEEDS_SEED, report.detail)
             self.say(f"site {name}: {report.detail}")
-        return SiteView(name, True, held, known_cut, False, compare)
+        owed = self.store.owed(self.spec.name, name) if held is not None else {}
+        if owed:
+            self.owed[name] = owed
+            sectors = sum(e.length for extents in owed.values() for e in extents)
+            self.say(
+                f"site {name}: owed {sectors * 512} bytes the old primary wrote after cut "
+                f"{held} (`dmrepl reverse`): it resyncs with them"
+            )
+        return SiteView(name, True, held, known_cut, False, compare, owed=bool(owed))
 
     def _known(self, cut: int | None) -> bool:
         return cut is not None and self.store.cut(self.spec.name, cut) is not None
@@ -448,6 +460,8 @@ class Cycle:
         for name, cursor in final.resyncs.items():
             base = self._cut_record(cursor, bases)
             ranges = capture.changed_since(self.runner, held, base)
+            for device, extents in self.owed.get(name, {}).items():
+                ranges[device] = union(ranges.get(device, []), extents)
             self.say(
                 f"site {name}: resync from cut {cursor} ({capture.total_bytes(ranges)} bytes "
                 "changed)"
@@ -550,6 +564,8 @@ class Cycle:
             self._failed(site.name, SiteState.DOWN, str(exc))
             return False
         self.reports[site.name].delivered.append(delivery)
+        if self.owed.pop(site.name, None) is not None:
+            self.store.paid(self.spec.name, site.name)  # its resync carried them
         phases.reached("cursor")
         self._set_cursor(site.name, delivery.seq)
         moved = delivery.transfer

@@ -2,10 +2,11 @@
 
 `plan_cycle` runs before the cut: from each site's cursor, the spool's chain and the
 cap it decides whether a chain delta is captured (and from which cut), which sites
-need a delta of their own (the overflow ladder: a resync from their cursor), and which
-are seeded. `finalize` runs once the chain delta's size is known (its extents listed
-under the held cut, nothing read yet): which spooled deltas are evicted to fit it, and
-which sites thereby lose their chain and resync. `deliveries` says what a site is sent
+need a delta of their own (the overflow ladder: a resync from their cursor, and a site
+still owed ranges by `dmrepl reverse`), and which are seeded. `finalize` runs once the
+chain delta's size is known (its extents listed under the held cut, nothing read yet):
+which spooled deltas are evicted to fit it, and which sites thereby lose their chain and
+resync. `deliveries` says what a site is sent
 after the cut, and `prunable` what the spool no longer needs.
 """
 
@@ -28,6 +29,7 @@ class SiteView:
     cursor_known: bool = True  # the state store has that cut's eras (else: seed by compare)
     force_seed: bool = False  # `dmrepl seed --site` named it
     compare_seed: bool = False  # it can be seeded by comparing its replicas
+    owed: bool = False  # placed by `dmrepl reverse`: it resyncs, its delta carrying the owed
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ def plan_cycle(observed: Observed) -> CyclePlan:
         if s.cursor is not None and s.cursor_known and not s.force_seed
     }  # sites at a cut the store knows; the others are seeded (again)
     head = observed.spool[-1].seq if observed.spool else None
-    if head is None and placed:
-        head = max(placed.values())
+    chained = [placed[s.name] for s in observed.sites if s.name in placed and not s.owed]
+    if head is None and chained:
+        head = max(chained)
     followers: list[str] = []
     resyncs: dict[str, int] = {}
     seeds: dict[str, Seed] = {}
@@ -73,6 +76,10 @@ def plan_cycle(observed: Observed) -> CyclePlan:
         if cursor is None:
             if site.reachable:
                 seeds[site.name] = Seed.COMPARE if site.compare_seed else Seed.FULL
+            continue
+        if site.owed:
+            if site.reachable:
+                resyncs[site.name] = cursor
             continue
         if head is not None and chain(observed.spool, cursor, head) is not None:
             followers.append(site.name)

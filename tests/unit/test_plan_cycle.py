@@ -142,6 +142,23 @@ PLAN_CASES = [
         followers=("vault",),
     ),
     PlanCase(
+        "a site owed ranges (`reverse`) resyncs though the chain reaches it",
+        (up("back", 4, owed=True), up("near", 4)),
+        CHAIN_3_TO_5,
+        head=5,
+        followers=("near",),
+        resyncs={"back": 4},
+    ),
+    PlanCase(
+        "an owed site sets no chain head of its own",
+        (up("back", 7, owed=True), up("dr", 6)),
+        (),
+        head=6,
+        followers=("dr",),
+        resyncs={"back": 7},
+    ),
+    PlanCase("an owed site that is down waits", (down("back", 4, owed=True),), (), head=None),
+    PlanCase(
         "seed, resync and follower in one cycle",
         (up("new", None, compare_seed=True), up("far", 1), up("near", 4)),
         CHAIN_3_TO_5,

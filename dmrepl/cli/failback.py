@@ -1,0 +1,112 @@
+"""Commands that change which host is primary: switchover (planned), demote (an old
+primary back after a failover), reverse (the new primary takes the old one as its site)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dmrepl import failback
+from dmrepl.cli.app import ConfigOption, config_for_kernel, require_root
+from dmrepl.cli.render import out, say
+from dmrepl.config import DEFAULT_PATH
+from dmrepl.executor import Runner
+from dmrepl.roles import Demotion
+
+GroupName = Annotated[str, typer.Argument(help="Group name.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+SHOWN_RANGES = 20  # the rest are in the demotion record
+
+
+def switchover(
+    group: GroupName,
+    to: Annotated[str, typer.Option("--to", help="The site that becomes the primary.")],
+    config: ConfigOption = DEFAULT_PATH,
+) -> None:
+    """Planned switchover: ship the final cut to the site, then demote this host (unmount
+    the gates first). At the site, `dmrepl promote GROUP --site SITE` completes it."""
+    require_root()
+    loaded = config_for_kernel(config, group)
+    done = failback.switchover(Runner(), loaded, group, to, say)
+    out.print(
+        f"site {to} holds the final cut {done.cut}; group {group} is demoted on this host "
+        f"({done.seconds:.1f} s since the final cycle started)",
+        markup=False,
+    )
+    out.print(f"record: {done.record}", markup=False)
+    out.print(f"next, at site {to}: dmrepl promote {group} --site {to}", markup=False)
+
+
+def demote(
+    group: GroupName,
+    site: Annotated[str, typer.Option("--site", help="The site that became the primary.")],
+    config: ConfigOption = DEFAULT_PATH,
+    cut: Annotated[
+        int | None,
+        typer.Option(
+            "--cut", help="The cut the site was promoted at (default: the last it applied)."
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """On an old primary back after a failover: keep and list what it wrote after the cut
+    the new primary holds, record the demotion, and remove the group's stack."""
+    require_root()
+    loaded = config_for_kernel(config, group)
+    demoted, record = failback.demote(Runner(), loaded, group, site, cut=cut, say=say)
+    if as_json:
+        print(json.dumps(demoted.to_json() | {"record": str(record)}, indent=2))
+        return
+    _render_discarded(demoted)
+    out.print(f"group {group} is demoted on this host; record: {record}", markup=False)
+    out.print(
+        f"next, on the new primary: dmrepl reverse {group} --site NAME --from {record.name} "
+        "(a copy of the record; NAME: its site for this host)",
+        markup=False,
+    )
+
+
+def reverse(
+    group: GroupName,
+    site: Annotated[str, typer.Option("--site", help="The new primary's site for the old one.")],
+    source: Annotated[
+        Path, typer.Option("--from", help="The old primary's demotion record (a copy).")
+    ],
+    config: ConfigOption = DEFAULT_PATH,
+) -> None:
+    """On the new primary: place the old primary as SITE at the cut this host was promoted
+    at; the next cycle sends it what changed here and what it wrote after that cut."""
+    require_root()
+    loaded = config_for_kernel(config, group)
+    done = failback.reverse(Runner(), loaded, group, site, source, say)
+    out.print(
+        f"site {site} placed at cut {done.cut}, owed {done.owed_bytes} bytes the old primary "
+        f"wrote after it; `dmrepl sync {group}` sends them with what changed here",
+        markup=False,
+    )
+
+
+def _render_discarded(demoted: Demotion) -> None:
+    if not demoted.discarded:
+        out.print(f"nothing was written here after cut {demoted.cut}: nothing is discarded")
+        return
+    out.print(
+        f"DISCARDED: {demoted.discarded_bytes} bytes written here after cut {demoted.cut} "
+        f"never reached site {demoted.site}; their data is kept in {demoted.saved}",
+        markup=False,
+    )
+    shown = 0
+    for device, extents in demoted.discarded.items():
+        for extent in extents:
+            if shown < SHOWN_RANGES:
+                out.print(
+                    f"  {device}: sectors [{extent.begin}, {extent.end}) "
+                    f"({extent.length * 512} bytes)",
+                    markup=False,
+                )
+            shown += 1
+    if shown > SHOWN_RANGES:
+        out.print(f"  ... and {shown - SHOWN_RANGES} more ranges (all in the record)")

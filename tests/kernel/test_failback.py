@@ -1,0 +1,194 @@
+"""Switchover, failover and failback on the real kernel, with ext4: two "hosts" on one
+kernel (the bed's config as the primary, a second config over the replicas as the DR host),
+each direction shipping only what changed, and an old primary's late writes listed and kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dmrepl.config import load_config
+from dmrepl.executor import Runner
+from dmrepl.replication.cycle import sync
+from tests.clirun import run_cli_here
+from tests.kernel.stacks import Bed
+from tests.kernel.test_promote import write_files
+from tests.kernel.test_replica_access import as_receiver
+
+MiB = 2**20
+GATE = "/dev/mapper/fo"
+
+
+def dr_host(bed: Bed, replica: str, metadata: str, old_origin: str) -> Path:
+    """The DR host: a grant of the bed's site `dr`, the group over the replica (to promote
+    it), and a site `back` whose replica is the old primary's device (to fail back)."""
+    journal = bed.state_dir / "journal" / f"{bed.group}.dr.journal"
+    config = bed.workdir / "dr.toml"
+    config.write_text(
+        "\n".join([
+            "[dmrepl]", f'state_dir = "{bed.workdir / "dr-state"}"',
+            f"[receive.{bed.group}]", f'journal = "{journal}"',
+            f"[receive.{bed.group}.replica]", f'fo = "{replica}"',
+            f"[group.{bed.group}.device.fo]", f'origin = "{replica}"',
+            f'metadata = "{metadata}"', 'block_size = "64KiB"',
+            f"[group.{bed.group}.site.back]", 'transport = "blockdev"',
+            f"[group.{bed.group}.site.back.replica]", f'fo = "{old_origin}"',
+        ]) + "\n"
+    )  # fmt: skip
+    return config
+
+
+def old_primary_as_receiver(bed: Bed, origin: str) -> Path:
+    """The old primary's config plus a grant of the DR host's site `back` (its own device),
+    so that it can be promoted again."""
+    journal = bed.workdir / "dr-state" / "journal" / f"{bed.group}.back.journal"
+    config = bed.workdir / "primary-again.toml"
+    config.write_text(
+        bed.config.read_text()
+        + f'\n[receive.{bed.group}]\njournal = "{journal}"\n'
+        + f'[receive.{bed.group}.replica]\nfo = "{origin}"\n'
+    )
+    return config
+
+
+def shipped(config: Path, group: str, site: str) -> int:
+    """One cycle through the library; the data bytes `site` applied."""
+    result = sync(Runner(), load_config(config), group, say=lambda _line: None)
+    (report,) = [s for s in result.sites if s.site == site]
+    assert report.cursor == result.cut.seq, report
+    return sum(d.data_bytes for d in report.delivered)
+
+
+@contextmanager
+def mounted(device: str, where: Path, *options: str) -> Iterator[Path]:
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", *options, device, str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def digest(device: str) -> str:
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")  # read what the devices hold
+    with open(device, "rb") as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()
+
+
+def fsck_clean(device: str) -> None:
+    fsck = subprocess.run(["fsck.ext4", "-fn", device], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_switchover_and_back_ships_only_what_changed_and_loses_no_file(
+    bed: Bed, workdir: Path, make_loop: Callable[[str, int], str]
+) -> None:
+    bed.add_device("fo", origin_mib=48)
+    origin = str(bed.devices["fo"]["origin"])
+    replica = bed.add_site("dr")["fo"]
+    bed.cli("up")
+    subprocess.run(["mkfs.ext4", "-q", GATE], check=True)
+    mnt = workdir / "mnt"
+    with mounted(GATE, mnt):
+        files = write_files(mnt, "a")
+    bed.cli("sync", bed.group)  # the seed
+    with mounted(GATE, mnt):
+        written = write_files(mnt, "b")
+    files |= written
+    there = shipped(bed.config, bed.group, "dr")
+    assert sum(map(len, written.values())) <= there < 4 * MiB, there
+    with mounted(GATE, mnt):  # a switchover needs the gates closed
+        code, _, stderr = run_cli_here(
+            "switchover", bed.group, "--to", "dr", "--config", str(bed.config)
+        )
+        assert code == 12 and "unmount it" in stderr, stderr
+    switched = bed.cli("switchover", bed.group, "--to", "dr").stdout
+    assert "site dr holds the final cut 3" in switched, switched
+    assert not bed.owned()  # demoted: the gates are gone
+    refused = bed.cli("sync", bed.group, check=False)
+    assert refused.returncode == 20 and "demoted on this host" in refused.stderr, refused.stderr
+    assert bed.cli("up", check=False).returncode == 20
+
+    dr = dr_host(bed, replica, make_loop("dr-meta", 4 * MiB), origin)
+    promoted = as_receiver(dr, "promote", bed.group, "--site", "dr")
+    assert f"group {bed.group} promoted at cut 3" in promoted, promoted
+    with mounted(GATE, mnt):
+        assert {name: (mnt / name).read_bytes() for name in files} == files
+        written = write_files(mnt, "c")
+    files |= written
+    record = bed.state_dir / "demoted" / f"{bed.group}.json"
+    reversed_in = as_receiver(dr, "reverse", bed.group, "--site", "back", "--from", str(record))
+    assert "site back placed at cut 3, owed 0 bytes" in reversed_in, reversed_in
+    back = shipped(dr, bed.group, "back")  # only what changed since the promotion
+    assert sum(map(len, written.values())) <= back < 4 * MiB, back
+    switched = as_receiver(dr, "switchover", bed.group, "--to", "back")
+    assert "site back holds the final cut 5" in switched, switched
+    assert digest(origin) == digest(replica)  # the two "hosts" equal, byte for byte
+
+    again = old_primary_as_receiver(bed, origin)
+    promoted = as_receiver(again, "promote", bed.group, "--site", "back")
+    assert f"group {bed.group} promoted at cut 5" in promoted, promoted
+    fsck_clean(GATE)
+    with mounted(GATE, mnt):
+        assert {name: (mnt / name).read_bytes() for name in files} == files
+
+
+def test_unplanned_failover_then_failback_lists_and_keeps_the_late_writes(
+    bed: Bed, workdir: Path, make_loop: Callable[[str, int], str]
+) -> None:
+    bed.add_device("fo", origin_mib=48)
+    origin = str(bed.devices["fo"]["origin"])
+    replica = bed.add_site("dr")["fo"]
+    bed.cli("up")
+    subprocess.run(["mkfs.ext4", "-q", GATE], check=True)
+    mnt = workdir / "mnt"
+    with mounted(GATE, mnt):
+        kept = write_files(mnt, "a")
+    bed.cli("sync", bed.group)  # cut 1 reaches the site
+    with mounted(GATE, mnt):
+        late = write_files(mnt, "b")
+    bed.killed_at("journal-write", "sync", bed.group)  # cut 2 never does
+    with mounted(GATE, mnt):
+        late |= write_files(mnt, "c")  # and these were never cut
+    bed.cli("down")  # the primary is lost
+
+    dr = dr_host(bed, replica, make_loop("dr-meta", 4 * MiB), origin)
+    promoted = as_receiver(dr, "promote", bed.group, "--site", "dr", "--force")
+    assert f"group {bed.group} promoted at cut 1" in promoted, promoted
+    fsck_clean(GATE)
+    with mounted(GATE, mnt):
+        assert {name: (mnt / name).read_bytes() for name in kept} == kept
+        assert not [name for name in late if (mnt / name).exists()]
+        new = write_files(mnt, "d")
+
+    # Both "hosts" share one kernel, so their stacks' dm names would collide: the new
+    # primary's stack is down while the old primary's comes up to list its late writes.
+    as_receiver(dr, "down", bed.group)
+    demoted = json.loads(bed.cli("demote", bed.group, "--site", "dr", "--json").stdout)
+    assert demoted["cut"] == 1 and demoted["reason"] == "failover", demoted
+    assert demoted["discarded_bytes"] >= sum(map(len, late.values())), demoted
+    assert not bed.owned()
+    saved = list(Path(demoted["saved"]).iterdir())
+    assert len(saved) == 1 and saved[0].stat().st_size > demoted["discarded_bytes"], saved
+    listed = bed.cli("demote", bed.group, "--site", "dr", check=False)
+    assert listed.returncode == 10 and "demoted on this host already" in listed.stderr
+
+    as_receiver(dr, "up", bed.group)
+    record = Path(demoted["record"])
+    reversed_in = as_receiver(dr, "reverse", bed.group, "--site", "back", "--from", str(record))
+    assert f"owed {demoted['discarded_bytes']} bytes" in reversed_in, reversed_in
+    back = shipped(dr, bed.group, "back")
+    assert demoted["discarded_bytes"] <= back < 8 * MiB, back  # not the 48 MiB device
+    verified = as_receiver(dr, "verify", bed.group, "--site", "back", "--full")
+    assert "differs" not in verified, verified  # and it exited 0
+    as_receiver(dr, "down", bed.group)
+    assert digest(origin) == digest(replica)
+    fsck_clean(origin)
+    with mounted(origin, mnt, "-o", "ro,noload"):
+        assert {name: (mnt / name).read_bytes() for name in kept | new} == kept | new
+        assert not [name for name in late if (mnt / name).exists()]
