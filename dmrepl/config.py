@@ -186,13 +186,42 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class SshAddress:
+    """How OpenSSH reaches another host: an ssh site's receiver, or a DR host's primary."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    identity: str | None = None
+    options: tuple[str, ...] = ()
+    program: str = "ssh"  # the OpenSSH client to run
+
+    def argv(self, *remote: str) -> list[str]:
+        """`ssh -T -o BatchMode=yes [-p][-i][-l] OPTIONS HOST REMOTE...` (a forced command
+        on the other side may replace REMOTE)."""
+        argv = [self.program, "-T", "-o", "BatchMode=yes"]
+        if self.port is not None:
+            argv += ["-p", str(self.port)]
+        if self.identity is not None:
+            argv += ["-i", self.identity]
+        if self.user is not None:
+            argv += ["-l", self.user]
+        return [*argv, *self.options, self.host, *remote]
+
+
+SSH_ADDRESS_KEYS = frozenset({"host", "user", "port", "identity", "ssh_options", "ssh"})
+
+
+@dataclass(frozen=True)
 class ReceiveGrant:
     """`[receive.GROUP]`: what this host's receiver (`dmrepl serve`) lets a primary write for
-    one group: exactly these replicas, through this journal."""
+    one group: exactly these replicas, through this journal; and how to ask that primary
+    whether it still holds the group (`dmrepl promote`)."""
 
     group: str
     replicas: dict[str, str]  # group device name -> replica device path on this host
     journal: str | None  # None: a file in this host's state directory
+    primary: SshAddress | None = None  # `[receive.GROUP.primary]`
 
     @property
     def key(self) -> str:
@@ -536,8 +565,11 @@ class FieldReader:
             if not isinstance(table, dict):
                 self.problem(key, "must be a table")
                 continue
-            self.unknown(table, {"replica", "journal"}, key)
+            self.unknown(table, {"replica", "journal", "primary"}, key)
             journal = self.path(table, "journal", key, required=False)
+            primary = None
+            if "primary" in table:
+                primary = self.ssh_address(table["primary"], f"{key}.primary")
             replicas_raw = table.get("replica")
             if not isinstance(replicas_raw, dict) or not replicas_raw:
                 self.problem(f"{key}.replica", "missing: a table naming each device's replica")
@@ -548,8 +580,34 @@ class FieldReader:
                     path = self.path(replicas_raw, device, f"{key}.replica", required=True)
                     if path is not None:
                         replicas[device] = path
-            grants[group] = ReceiveGrant(group, replicas, journal)
+            grants[group] = ReceiveGrant(group, replicas, journal, primary)
         return grants
+
+    def ssh_address(self, raw: Any, key: str, *, alone: bool = True) -> SshAddress | None:
+        """host, user, port, identity, ssh_options and ssh of a table (`alone`: the table
+        holds nothing else, so any other key is a problem)."""
+        if not isinstance(raw, dict):
+            self.problem(key, "must be a table (host, user, port, identity, ssh_options, ssh)")
+            return None
+        if alone:
+            self.unknown(raw, set(SSH_ADDRESS_KEYS), key)
+        host = self.string(raw, "host", key)
+        if host is None and "host" not in raw:
+            self.problem(f"{key}.host", "missing (the host to reach)")
+        user = self.string(raw, "user", key)
+        port = raw.get("port")
+        if port is not None and (not isinstance(port, int) or not 0 < port < 65536):
+            self.problem(f"{key}.port", f"{port!r} is not a TCP port")
+            port = None
+        identity = self.path(raw, "identity", key, required=False)
+        options = raw.get("ssh_options", [])
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            self.problem(f"{key}.ssh_options", 'must be a list of strings, like ["-4"]')
+            options = []
+        program = self.string(raw, "ssh", key) or "ssh"
+        if host is None:
+            return None
+        return SshAddress(host, user, port, identity, tuple(options), program)
 
     def device(
         self, group: str, name: str, raw: Any, default_block: int | None

@@ -4,7 +4,8 @@ dm-era answers "what changed since era N" for any N, so both directions ship onl
 
 - `switchover` (on the primary, planned): one last cycle ships the final cut to the site,
   the group is checked untouched since (its gates closed, nothing written after the cut),
-  then demoted here. The site then runs `dmrepl promote`.
+  then demoted here; an ssh site's host is then asked to take over (`dmrepl promote` runs
+  there by hand for other transports).
 - `demote` (on an old primary back after an unplanned failover): lists, from its own era
   metadata, what it wrote after the last cut the site is known to hold, keeps those writes
   as a delta file under `<state>/discarded/`, and records its demotion with their ranges.
@@ -38,6 +39,7 @@ from dmrepl.roles import Demotion
 from dmrepl.safefile import private_dir
 from dmrepl.signals import Say
 from dmrepl.sites import SiteContext, SiteFailure, open_site
+from dmrepl.sites.base import Promoter
 from dmrepl.spool import Spool
 from dmrepl.stack import Layer, StackSpec
 from dmrepl.state import CutRecord, StateStore
@@ -61,9 +63,12 @@ class Switchover:
     group: str
     site: str
     cut: int  # the final cut, which the site holds
-    seconds: float  # from the start of the final cycle to the stack removed here
+    seconds: float  # from the start of the final cycle to the site promoted (or this
+    # host demoted, when the site is promoted by hand)
     demotion: Demotion
     record: Path
+    promoted: int | None = None  # the cut the site's host took over at, when it was asked
+    problem: str | None = None  # why the site's host did not take over when asked
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,27 @@ def switchover(runner: Runner, config: Config, group: str, site: str, say: Say) 
     demoted, record = demote(
         runner, config, group, site, cut=result.cut.seq, reason="switchover", say=say
     )
-    return Switchover(group, site, result.cut.seq, time.monotonic() - started, demoted, record)
+    promoted, problem = _promote_there(config, spec, found.stacks, site, say)
+    seconds = time.monotonic() - started
+    return Switchover(group, site, result.cut.seq, seconds, demoted, record, promoted, problem)
+
+
+def _promote_there(
+    config: Config, spec: GroupSpec, stacks: tuple[StackSpec, ...], site: str, say: Say
+) -> tuple[int | None, str | None]:
+    """Ask the site's host to take over, if it runs dmrepl (an ssh site); (the cut it was
+    promoted at, or why not). A failure leaves it to be promoted there by hand: this host
+    is demoted either way, so there is never a second primary."""
+    receiver = open_site(spec.site(site), SiteContext.of(stacks, StateDir(config.state_dir)))
+    try:
+        if not isinstance(receiver, Promoter):
+            return None, None
+        say(f"asking site {site} to take over")
+        return receiver.promote(), None
+    except SiteFailure as exc:
+        return None, exc.message
+    finally:
+        receiver.close()
 
 
 def demote(

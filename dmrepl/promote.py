@@ -1,10 +1,14 @@
 """`dmrepl promote`: at a receiver (DR) host, its replicas of a group become the group's
 devices (failover).
 
+Without `--force` the old primary must have let go: no session of it may be delivering,
+and where `[receive.GROUP.primary]` says how to reach it over ssh, it is asked
+(`dmrepl role --json`) and must answer that it was demoted. `dmrepl switchover` asks for the
+promotion itself, over its own session, once it has demoted its host (`promote_in_session`).
+
 Order matters. The promotion is recorded first (`<state>/promoted/<group>.json`), so that the
-receiver refuses every new session of the old primary from then on; a session still
-delivering is stopped (with `--force`; without it, promotion refuses while one runs: the old
-primary still holds the group). Then the journal is replayed, so the replicas are whole at
+receiver refuses every new session of the old primary from then on; with `--force` a
+session still delivering is stopped. Then the journal is replayed, so the replicas are whole at
 the last cut they received completely, and dmrepl's own stack is built over them, so change
 tracking starts at once. A replica with no whole cut is never promoted (the record is then
 taken back).
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from dmrepl import builder, replica, roles
@@ -42,12 +48,50 @@ class Promotion:
     replayed: Delivery | None  # a committed delivery finished first
     stopped: list[int]  # pids of a receiver session that was still delivering
     gates: dict[str, str]  # device -> the gate to mount
+    asked: str  # what the old primary answered, or why it was not asked
 
 
 def promote(
     runner: Runner, config: Config, group: str, site: str, *, force: bool, say: Say = print
 ) -> Promotion:
-    """Make this host's replicas of `group` (received for `site`) the group's devices."""
+    """Make this host's replicas of `group` (received for `site`) the group's devices.
+
+    Without `force`, refused while the old primary delivers to this host, and, when
+    `[receive.GROUP.primary]` says how to reach it, unless it answers that it no longer
+    holds the group (it was demoted)."""
+    replicas = _promotable(config, group, site)
+    state = StateDir(config.state_dir)
+    lock = state.receive_lock(group, site)
+    holder = None if force else holder_of(lock)
+    if holder is not None:
+        raise Busy(
+            f"the old primary is delivering to site {site} now ({holder}): it still holds "
+            f"group {group}",
+            hint="stop its cycles first (planned failover), or give --force if it is lost",
+        )
+    asked = "not asked (--force)" if force else _ask_old_primary(config, group)
+    with (
+        _promotion_recorded(state, group, site) as record,
+        takeover_lock(lock, config.state_dir, "promote") as stopped,
+    ):
+        replayed, held = record(replica.replay(replicas))
+    return _become_primary(runner, config, group, site, held, replayed, stopped, asked, say)
+
+
+def promote_in_session(
+    runner: Runner, config: Config, group: str, site: str, say: Say
+) -> Promotion:
+    """A promotion the primary asks for over its own receiver session (`dmrepl switchover`,
+    once it has demoted itself): the session already holds the receiver's lock."""
+    replicas = _promotable(config, group, site)
+    with _promotion_recorded(StateDir(config.state_dir), group, site) as record:
+        replayed, held = record(replica.replay(replicas))
+    asked = "asked for by the old primary, demoted (switchover)"
+    return _become_primary(runner, config, group, site, held, replayed, [], asked, say)
+
+
+def _promotable(config: Config, group: str, site: str) -> replica.Replicas:
+    """This host's replicas of `group` from `site`, if they can become its devices."""
     if group not in config.receive:
         raise InvalidInput(
             f"{config.path} grants no replicas of group {group} ([receive.{group}])",
@@ -60,42 +104,93 @@ def promote(
             f"group {group} was promoted on this host already",
             hint=f"if its stack is not running (an interrupted promote), `dmrepl up {group}`",
         )
-    state = StateDir(config.state_dir)
-    lock = state.receive_lock(group, site)
-    holder = None if force else holder_of(lock)
-    if holder is not None:
-        raise Busy(
-            f"the old primary is delivering to site {site} now ({holder}): it still holds "
-            f"group {group}",
-            hint="stop its cycles first (planned failover), or give --force if it is lost",
+    return replicas
+
+
+def _ask_old_primary(config: Config, group: str) -> str:
+    """What the old primary answered (refused if it still holds the group or cannot be
+    asked), or why it was not asked."""
+    address = config.receive[group].primary
+    if address is None:
+        return (
+            f"not asked: [receive.{group}.primary] does not say how to reach it (only this "
+            "receiver's lock was checked)"
         )
+    try:
+        answer = roles.ask(address, group)
+    except roles.PrimaryUnreachable as exc:
+        raise Busy(
+            f"cannot ask the old primary whether it still holds group {group}: {exc.message}",
+            hint="if it is lost, give --force (an unplanned failover)",
+        ) from None
+    said = f"the old primary ({answer.host}) answered: {answer.describe()}"
+    if answer.holds_group:
+        raise Busy(
+            f"{said}: it still holds group {group}",
+            hint=f"switch over from it (`dmrepl switchover {group} --to SITE` there), or give "
+            "--force to fail over anyway",
+        )
+    return said
+
+
+Replayed = tuple[Delivery | None, int | None]
+
+
+@contextmanager
+def _promotion_recorded(
+    state: StateDir, group: str, site: str
+) -> Iterator[Callable[[Replayed], tuple[Delivery | None, int]]]:
+    """Record the promotion first (the receiver then refuses the old primary), and take it
+    back if the replay fails or leaves no whole cut; the body passes the replay through."""
     marker = state.promoted(group)
     roles.write_record(state, marker, {"group": group, "site": site, "time": time.time()})
-    try:
-        with takeover_lock(lock, config.state_dir, "promote") as stopped:
-            replayed, held = replica.replay(replicas)
+
+    def whole(replayed: Replayed) -> tuple[Delivery | None, int]:
+        delivery, held = replayed
         if held is None:
             raise DmreplError(
                 f"the replicas of {group} hold no whole cut (never seeded, or a seed was cut "
                 "short): nothing was promoted",
                 hint="a replica is promoted only at a cut",
             )
+        return delivery, held
+
+    try:
+        yield whole
     except BaseException:
         marker.unlink(missing_ok=True)
         raise
+
+
+def _become_primary(
+    runner: Runner,
+    config: Config,
+    group: str,
+    site: str,
+    held: int,
+    replayed: Delivery | None,
+    stopped: list[int],
+    asked: str,
+    say: Say,
+) -> Promotion:
+    """The replicas hold cut `held`: record it, build the stack over them, start the
+    group's new history here."""
+    state = StateDir(config.state_dir)
     roles.write_record(
-        state, marker, {"group": group, "site": site, "cut": held, "time": time.time()}
+        state,
+        state.promoted(group),
+        {"group": group, "site": site, "cut": held, "time": time.time()},
     )
     builder.up(runner, config, group, say=say)
     _new_history(runner, config, group, held, say)
     store = StateStore(config.state_dir)
     try:
-        store.record(group, "", "promoted", f"replicas of site {site} at cut {held}")
+        store.record(group, "", "promoted", f"replicas of site {site} at cut {held}; {asked}")
     finally:
         store.close()
     roles.remove_record(state.demoted(group))  # an old primary promoted again
     gates = {d.name: f"/dev/mapper/{d.name}" for d in config.groups[group].devices}
-    return Promotion(group, site, held, replayed, stopped, gates)
+    return Promotion(group, site, held, replayed, stopped, gates, asked)
 
 
 def _check_group(config: Config, group: str, replicas: replica.Replicas) -> None:

@@ -11,17 +11,25 @@ new one.
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmrepl import deltafiles
-from dmrepl.config import Config
+from dmrepl import deltafiles, dm
+from dmrepl.config import Config, SshAddress
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
+from dmrepl.executor import Runner
+from dmrepl.lock import lock_holder
 from dmrepl.ranges import Extent
 from dmrepl.safefile import private_dir
+from dmrepl.stack import Layer, layer_name
+from dmrepl.state import StateStore
 from dmrepl.statedir import StateDir
+
+ASK_TIMEOUT_S = 30.0  # for the whole `ssh ... dmrepl role` exchange
 
 
 class NotPrimary(DmreplError):
@@ -145,3 +153,90 @@ def require_primary(config: Config, group: str, doing: str) -> None:
         hint=f"make this host primary again with `dmrepl promote {group} --site SITE` once "
         "the new primary has switched back to it (docs/replication.md, Failback)",
     )
+
+
+@dataclass(frozen=True)
+class RoleReport:
+    """What `dmrepl role` says of a group on its host (and a DR host asks its old primary)."""
+
+    group: str
+    host: str
+    role: str  # primary, promoted, demoted, receiver, or unknown (neither configured)
+    cut: int | None  # the cut it was promoted or demoted at
+    stack_up: bool  # the group's gates exist
+    last_cut: int | None  # the newest cut the state store records
+    busy: str | None  # who holds the group's lock (a cycle running), if anyone
+
+    @property
+    def holds_group(self) -> bool:
+        """Whether this host still counts itself the group's primary."""
+        return self.role in ("primary", "promoted")
+
+    def describe(self) -> str:
+        role = self.role if self.cut is None else f"{self.role} at cut {self.cut}"
+        text = f"{role}, stack {'up' if self.stack_up else 'down'}"
+        if self.last_cut is not None:
+            text += f", last cut {self.last_cut}"
+        return text + (f", busy: {self.busy}" if self.busy else "")
+
+
+def report(runner: Runner, config: Config, group: str) -> RoleReport:
+    """This host's role for `group` (reads the records, the kernel's devices and the store)."""
+    demoted, promoted = demotion(config, group), promoted_cut(config, group)
+    spec = config.groups.get(group)
+    if demoted is not None:
+        role, cut = "demoted", demoted.cut
+    elif promoted is not None:
+        role, cut = "promoted", promoted
+    elif spec is not None:
+        role, cut = "primary", None
+    else:
+        role, cut = ("receiver" if group in config.receive else "unknown"), None
+    gates = [layer_name(d.name, Layer.GATE) for d in spec.devices] if spec else []
+    names = dm.observe(runner).names if gates else {}
+    last = None
+    store = StateStore.open_readonly(config.state_dir)
+    if store is not None:
+        try:
+            newest = store.cuts(group, limit=1)
+            last = newest[0].seq if newest else None
+        finally:
+            store.close()
+    return RoleReport(
+        group, socket.gethostname(), role, cut, bool(gates) and all(g in names for g in gates),
+        last, lock_holder(config.state_dir, group),
+    )  # fmt: skip
+
+
+class PrimaryUnreachable(DmreplError):
+    """The old primary could not be asked (ssh failed, or it answered nonsense)."""
+
+
+def ask(address: SshAddress, group: str) -> RoleReport:
+    """Ask the host at `address` for its role of `group` (`dmrepl role --json GROUP`, which
+    its authorized_keys may force)."""
+    argv = address.argv("dmrepl", "role", "--json", group)
+    argv[1:1] = ["-o", f"ConnectTimeout={int(ASK_TIMEOUT_S / 2)}"]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=ASK_TIMEOUT_S, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PrimaryUnreachable(f"ssh to {address.host}: {exc}") from None
+    if done.returncode != 0:
+        said = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise PrimaryUnreachable(f"ssh to {address.host} failed: {said}")
+    try:
+        doc = json.loads(done.stdout)
+        answer = RoleReport(**{k: doc[k] for k in RoleReport.__dataclass_fields__})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PrimaryUnreachable(
+            f"{address.host} answered something that is not `dmrepl role --json` ({exc})"
+        ) from None
+    if answer.group != group:
+        raise PrimaryUnreachable(f"{address.host} answered for group {answer.group}, not {group}")
+    return answer
+
+
+def to_json(answer: RoleReport) -> dict[str, Any]:
+    return asdict(answer) | {"holds_group": answer.holds_group}

@@ -22,7 +22,9 @@ from typing import Any, BinaryIO
 from dmrepl import delta, phases, wire
 from dmrepl.config import Config, ReceiveGrant
 from dmrepl.errors import DmreplError
+from dmrepl.executor import Runner
 from dmrepl.lock import takeover_lock
+from dmrepl.promote import promote_in_session
 from dmrepl.sites import Delivery, RecordUnreadable, SiteContext, SiteFailure, SiteState
 from dmrepl.sites.journaled import BlockdevSiteSpec, JournaledSite
 from dmrepl.statedir import StateDir
@@ -63,9 +65,25 @@ def serve(reader: BinaryIO, writer: BinaryIO, config: Config, groups: tuple[str,
                 channel.send({"ok": True})
                 break
             with _keepalive(channel):
-                reply = _answer(site, request, channel)
+                if request.get("op") == "promote":
+                    reply = _promote(site, config)
+                else:
+                    reply = _answer(site, request, channel)
             channel.send(reply)
     return 0
+
+
+def _promote(site: JournaledSite, config: Config) -> dict[str, Any]:
+    """The primary demoted itself (`dmrepl switchover`) and asks this host to take over:
+    its replicas become the group's devices, if this host configures the group over them."""
+    group = site.spec.group
+    try:
+        done = promote_in_session(Runner(), config, group, site.name, say=progress_log.info)
+    except DmreplError as exc:
+        return {"ok": False, "state": str(SiteState.MISCONFIGURED), "transient": False,
+                "message": f"promotion refused: {exc.message}", "hint": exc.hint}  # fmt: skip
+    progress_log.info("group %s promoted at cut %d (switchover)", group, done.cut)
+    return {"ok": True, "cut": done.cut, "gates": done.gates, "receiver": socket.gethostname()}
 
 
 def _accept(hello: dict[str, Any], config: Config, groups: tuple[str, ...]) -> JournaledSite:

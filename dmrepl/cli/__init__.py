@@ -31,6 +31,7 @@ for _name, _command in (
     ("switchover", failback.switchover),
     ("demote", failback.demote),
     ("reverse", failback.reverse),
+    ("role", failback.role),
     ("size", stacks.size),
     ("import-table", stacks.import_table),
     ("export-table", stacks.export_table),

@@ -9,10 +9,11 @@ from typing import Annotated
 
 import typer
 
-from dmrepl import failback
-from dmrepl.cli.app import ConfigOption, config_for_kernel, require_root
+from dmrepl import failback, roles
+from dmrepl.cli.app import ConfigOption, config_for_kernel, require_device_mapper, require_root
 from dmrepl.cli.render import out, say
-from dmrepl.config import DEFAULT_PATH
+from dmrepl.config import DEFAULT_PATH, load_config
+from dmrepl.errors import ExitCode
 from dmrepl.executor import Runner
 from dmrepl.roles import Demotion
 
@@ -33,11 +34,21 @@ def switchover(
     done = failback.switchover(Runner(), loaded, group, to, say)
     out.print(
         f"site {to} holds the final cut {done.cut}; group {group} is demoted on this host "
-        f"({done.seconds:.1f} s since the final cycle started)",
+        f"(record: {done.record})",
         markup=False,
     )
-    out.print(f"record: {done.record}", markup=False)
+    if done.promoted is not None:
+        out.print(
+            f"site {to} took over at cut {done.promoted}: the switchover took "
+            f"{done.seconds:.1f} s from the final cycle's start",
+            markup=False,
+        )
+        return
+    if done.problem is not None:
+        out.print(f"site {to} did not take over: {done.problem}", markup=False)
     out.print(f"next, at site {to}: dmrepl promote {group} --site {to}", markup=False)
+    if done.problem is not None:
+        raise typer.Exit(int(ExitCode.SITES_BEHIND))
 
 
 def demote(
@@ -110,3 +121,20 @@ def _render_discarded(demoted: Demotion) -> None:
             shown += 1
     if shown > SHOWN_RANGES:
         out.print(f"  ... and {shown - SHOWN_RANGES} more ranges (all in the record)")
+
+
+def role(
+    group: GroupName,
+    config: ConfigOption = DEFAULT_PATH,
+    as_json: JsonOption = False,
+) -> None:
+    """This host's role for GROUP: primary, promoted, demoted or receiver, with its stack and
+    last cut (what a DR host's `promote` asks its old primary, over ssh)."""
+    require_root()
+    loaded = load_config(config)
+    require_device_mapper()
+    answer = roles.report(Runner(), loaded, group)
+    if as_json:
+        print(json.dumps(roles.to_json(answer)))
+        return
+    out.print(f"{group} on {answer.host}: {answer.describe()}", markup=False)

@@ -87,6 +87,7 @@ def promote_command(
         out.print(f"finished applying cut {done.replayed.seq} from the journal", markup=False)
     for pid in done.stopped:
         out.print(f"stopped the receiver session still delivering (pid {pid})", markup=False)
+    out.print(done.asked, markup=False)
     out.print(f"group {group} promoted at cut {done.cut}: this host is its primary", markup=False)
     for device, gate in done.gates.items():
         out.print(f"  {device}: {gate}", markup=False)

@@ -142,6 +142,16 @@ class Verifier(Protocol):
         ...
 
 
+@runtime_checkable
+class Promoter(Protocol):
+    """A site whose host runs dmrepl and can be asked to take over (`dmrepl switchover`)."""
+
+    def promote(self) -> int:
+        """Ask the site's host to make its replicas the group's devices (this host was
+        demoted first); the cut they hold. Raises SiteFailure if it refuses or fails."""
+        ...
+
+
 class Receiver(Protocol):
     """A site as the cycle sees it. Every method raises SiteFailure for the site's own
     problems; `receive` raises delta.CorruptDelta when the stream fails its checks."""

@@ -26,7 +26,7 @@ from typing import IO, Any, BinaryIO, ClassVar
 import xxhash
 
 from dmrepl import blockio, delta, wire
-from dmrepl.config import FieldReader, SiteSpec
+from dmrepl.config import FieldReader, SiteSpec, SshAddress
 from dmrepl.sites.base import (
     CompareSeeder,
     Delivery,
@@ -60,12 +60,7 @@ class SshSiteSpec(SiteSpec):
          "rate", "stall_timeout"}
     )  # fmt: skip
 
-    host: str
-    user: str | None
-    port: int | None
-    identity: str | None
-    ssh_options: tuple[str, ...]
-    ssh: str  # the OpenSSH client to run
+    address: SshAddress  # how OpenSSH reaches the receiver
     replicas: dict[str, str]  # group device name -> replica path on the remote host
     codec: wire.Codec
     level: int
@@ -77,43 +72,26 @@ class SshSiteSpec(SiteSpec):
         cls, reader: FieldReader, spec: SiteSpec, raw: dict[str, Any], devices: list[str]
     ) -> SiteSpec | None:
         key = spec.key
-        host = reader.string(raw, "host", key)
-        if host is None and "host" not in raw:
-            reader.problem(f"{key}.host", "missing (the host running `dmrepl serve`)")
-        user = reader.string(raw, "user", key)
-        port = raw.get("port")
-        if port is not None and (not isinstance(port, int) or not 0 < port < 65536):
-            reader.problem(f"{key}.port", f"{port!r} is not a TCP port")
-        identity = reader.path(raw, "identity", key, required=False)
-        options = raw.get("ssh_options", [])
-        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-            reader.problem(f"{key}.ssh_options", 'must be a list of strings, like ["-4"]')
-            options = []
-        program = reader.string(raw, "ssh", key) or "ssh"
+        address = reader.ssh_address(raw, key, alone=False)
         codec, level = _compression(reader, raw, key)
         rate = reader.size(raw, "rate", key)
         stall = reader.duration(raw, "stall_timeout", key)
         replicas = _replicas(reader, raw.get("replica"), f"{key}.replica", devices)
-        if host is None:
+        if address is None:
             return None
         return cls(
-            spec.group, spec.name, spec.transport, spec.policy, host, user,
-            port if isinstance(port, int) else None, identity, tuple(options), program,
+            spec.group, spec.name, spec.transport, spec.policy, address,
             replicas, codec, level, None if rate is None else rate * 512,
             DEFAULT_STALL_S if stall is None else stall,
         )  # fmt: skip
 
+    @property
+    def host(self) -> str:
+        return self.address.host
+
     def argv(self) -> list[str]:
         """The ssh command that reaches the receiver (its forced command may replace ours)."""
-        argv = [self.ssh, "-T", "-o", "BatchMode=yes"]
-        if self.port is not None:
-            argv += ["-p", str(self.port)]
-        if self.identity is not None:
-            argv += ["-i", self.identity]
-        if self.user is not None:
-            argv += ["-l", self.user]
-        return [*argv, *self.ssh_options, self.host, "dmrepl", "serve", "--stdio",
-                "--group", self.group]  # fmt: skip
+        return self.address.argv("dmrepl", "serve", "--stdio", "--group", self.group)
 
 
 def _compression(reader: FieldReader, raw: dict[str, Any], key: str) -> tuple[wire.Codec, int]:
@@ -270,7 +248,9 @@ class RemoteSite:
             try:
                 self._session = _Session(self._spec, self.devices)
             except OSError as exc:
-                raise SiteDown(f"site {self.name}: cannot run {self._spec.ssh}: {exc}") from None
+                raise SiteDown(
+                    f"site {self.name}: cannot run {self._spec.address.program}: {exc}"
+                ) from None
         return self._session
 
     def _request(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -391,6 +371,13 @@ class RemoteSite:
 
     def mark_seeded(self, seq: int) -> None:
         self._request({"op": "mark_seeded", "seq": seq})
+
+    def promote(self) -> int:
+        """The receiver's host takes over the group (`Promoter`); the cut it holds."""
+        cut = self._request({"op": "promote"}).get("cut")
+        if not isinstance(cut, int):
+            raise SiteDown(f"site {self.name}: the receiver's promotion answered no cut")
+        return cut
 
     def _bucket(self, session: _Session) -> wire.TokenBucket | None:
         rate = self._spec.rate_bytes

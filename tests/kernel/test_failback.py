@@ -1,13 +1,16 @@
 """Switchover, failover and failback on the real kernel, with ext4: two "hosts" on one
 kernel (the bed's config as the primary, a second config over the replicas as the DR host),
-each direction shipping only what changed, and an old primary's late writes listed and kept.
+each direction shipping only what changed, and an old primary's late writes listed and kept;
+and a switchover over ssh (tests/kernel/netlab.py), whose DR host takes over by itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +19,11 @@ from dmrepl.config import load_config
 from dmrepl.executor import Runner
 from dmrepl.replication.cycle import sync
 from tests.clirun import run_cli_here
+from tests.kernel.netlab import DR_IP, NetLab
 from tests.kernel.stacks import Bed
 from tests.kernel.test_promote import write_files
 from tests.kernel.test_replica_access import as_receiver
+from tests.kernel.test_ssh_site import ROOT, remote
 
 MiB = 2**20
 GATE = "/dev/mapper/fo"
@@ -192,3 +197,53 @@ def test_unplanned_failover_then_failback_lists_and_keeps_the_late_writes(
     with mounted(origin, mnt, "-o", "ro,noload"):
         assert {name: (mnt / name).read_bytes() for name in kept | new} == kept | new
         assert not [name for name in late if (mnt / name).exists()]
+
+
+def dmrepl_command(*args: str) -> str:
+    """A forced command running this checkout's dmrepl (udev is not running in the guest)."""
+    argv = [sys.executable, "-m", "dmrepl", *args]
+    return f"cd {shlex.quote(str(ROOT))} && DM_DISABLE_UDEV=1 exec {shlex.join(argv)}"
+
+
+def test_switchover_over_ssh_promotes_the_dr_host_whose_own_promote_asks_the_old_primary(
+    bed: Bed, netlab: NetLab, workdir: Path, make_loop: Callable[[str, int], str]
+) -> None:
+    dr = remote(bed, netlab, make_loop, {"fo": 48})
+    serving = dr.sshd.authorize(
+        dmrepl_command("serve", "--stdio", "--group", bed.group, "--config", str(dr.config))
+    )
+    dr.use(serving)
+    asking = dr.sshd.authorize(
+        dmrepl_command("role", "--json", bed.group, "--config", str(bed.config))
+    )
+    with dr.config.open("a") as config:  # the DR host can promote, and ask its old primary
+        config.write(
+            "\n".join([
+                f"[group.{bed.group}.device.fo]", f'origin = "{dr.replicas["fo"]}"',
+                f'metadata = "{make_loop("dr-meta", 4 * MiB)}"', 'block_size = "64KiB"',
+                f"[receive.{bed.group}.primary]", f'host = "{DR_IP}"', 'user = "root"',
+                f"ssh_options = {json.dumps(asking.options)}",
+            ]) + "\n"
+        )  # fmt: skip
+    subprocess.run(["mkfs.ext4", "-q", GATE], check=True)
+    mnt = workdir / "mnt"
+    with mounted(GATE, mnt):
+        files = write_files(mnt, "a")
+    bed.cli("sync", bed.group)  # the seed, over ssh
+    with mounted(GATE, mnt):
+        files |= write_files(mnt, "b")
+
+    code, _, stderr = run_cli_here("promote", bed.group, "--site", "dr", "--config", str(dr.config))
+    assert code == 7 and "answered: primary, stack up, last cut 1" in stderr, stderr
+    assert "it still holds group" in stderr
+
+    switched = bed.cli("switchover", bed.group, "--to", "dr").stdout
+    assert "site dr took over at cut 2" in switched, switched
+    print("switchover:", switched.strip().splitlines()[-1])
+    assert json.loads(bed.cli("role", bed.group, "--json").stdout)["role"] == "demoted"
+    fsck_clean(GATE)  # the DR host's gate now, over its replica
+    with mounted(GATE, mnt):
+        assert {name: (mnt / name).read_bytes() for name in files} == files
+    answer = json.loads(run_cli_here("role", bed.group, "--json", "--config", str(dr.config))[1])
+    assert (answer["role"], answer["cut"], answer["stack_up"]) == ("promoted", 2, True), answer
+    as_receiver(dr.config, "down", bed.group)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dmrepl import delta, serve, wire
-from dmrepl.config import ConfigError, load_config, parse_config
+from dmrepl.config import ConfigError, SshAddress, load_config, parse_config
 from dmrepl.replication.status import replication_status
 from dmrepl.sites import ReplicaMismatch, SiteContext, SiteDown
 from dmrepl.sites.remote import RemoteSite, SshSiteSpec
@@ -53,10 +53,13 @@ class Host:
         self.ssh.write_text(f"#!/bin/sh\n{body or forced}\n")
         self.ssh.chmod(0o755)
 
-    def site(self, tmp_path: Path, **changes: object) -> RemoteSite:
+    def site(
+        self, tmp_path: Path, address: dict[str, object] | None = None, **changes: object
+    ) -> RemoteSite:
+        """A site reaching this host; `address`: SshAddress fields besides host and ssh."""
         fields: dict[str, object] = dict(
-            group="g", name="dr", transport="ssh", policy="asynchronous", host="drhost",
-            user=None, port=None, identity=None, ssh_options=(), ssh=str(self.ssh),
+            group="g", name="dr", transport="ssh", policy="asynchronous",
+            address=SshAddress("drhost", program=str(self.ssh), **(address or {})),  # type: ignore[arg-type]
             replicas={"d": str(self.replica)}, codec=wire.Codec.ZSTD, level=3,
             rate_bytes=None, stall_s=30.0,
         )  # fmt: skip
@@ -194,7 +197,8 @@ def test_ssh_failing_is_down_with_what_ssh_said(tmp_path: Path) -> None:
 
 def test_the_ssh_command_line(host: Host, tmp_path: Path) -> None:
     spec = host.site(
-        tmp_path, user="repl", port=2222, identity="/root/.ssh/dr", ssh_options=("-4",)
+        tmp_path,
+        address={"user": "repl", "port": 2222, "identity": "/root/.ssh/dr", "options": ("-4",)},
     ).spec
     assert spec.argv() == [
         str(host.ssh), "-T", "-o", "BatchMode=yes", "-p", "2222", "-i", "/root/.ssh/dr",
