@@ -151,8 +151,8 @@ def next_step(files: Sequence[DeltaFile], times: Mapping[int, float], grid: Grid
 
     `times` holds the creation time of every cut the files reach from a full image.
     Deletes come first (they free space before a merge writes), the latest first. Only
-    files the full images reach are touched: a delta beyond a gap in the chain is left where it is. Of
-    the merges, the smallest goes first, so a full image is merged last, once.
+    files the full images reach are touched: a delta beyond a gap in the chain is left
+    where it is. Of the merges, the smallest goes first, so a full image is merged last.
     """
     routes = deltafiles.routes(files)
     reached = routes.cuts

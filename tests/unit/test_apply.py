@@ -191,9 +191,7 @@ def test_a_merged_delta_beside_the_two_it_replaces_takes_the_shortest_route(
     assert target.read_bytes()[8192:8704] == bytes(512)
 
 
-def test_a_cut_no_longer_held_is_refused_with_the_cuts_there_are(
-    vault: Path, target: Path
-) -> None:
+def test_a_cut_no_longer_held_is_refused_with_the_cuts_there_are(vault: Path, target: Path) -> None:
     (vault / delta_file_name("g", 2, 1)).unlink()
     (vault / delta_file_name("g", 3, 2)).unlink()
     put(vault, 3, 1, make_delta(3, 1, [(8, b"2" * 512)], eras=(11, 30)))
