@@ -157,6 +157,30 @@ def _copy_records(path: Path, header: delta.DeltaHeader, writer: delta.DeltaWrit
             writer.add(record.device, record.offset, record.data)
 
 
+@dataclass(frozen=True)
+class HeldCut:
+    """A cut a `dir` site can restore: when it was taken and the files `apply` uses."""
+
+    seq: int
+    created: float  # Unix time, from the delta header
+    files: tuple[str, ...]  # names, in the order they are applied
+    full: bool  # a full image of this very cut is among the files
+
+
+def held_cuts(directory: Path, group: str) -> list[HeldCut]:
+    """Every cut of `group` the files in `directory` restore, oldest first (reads headers
+    only; `dmrepl verify` checks the files end to end)."""
+    files = deltafiles.list_files(directory, group)
+    found = deltafiles.routes(files)
+    times = creation_times([f for f in files if f.seq in found.last], {})
+    held = []
+    for cut in found.cuts:
+        route = found.to(cut) or []
+        full = any(f.seq == cut and f.base_seq is None for f in files)
+        held.append(HeldCut(cut, times[cut], tuple(f.path.name for f in route), full))
+    return held
+
+
 def delete(path: Path) -> None:
     """Delete a delta file and make that durable."""
     path.unlink()
