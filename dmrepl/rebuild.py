@@ -132,10 +132,12 @@ def _plan(directory: Path, group: str, from_cut: int | None, to_cut: int | None)
         raise InvalidInput(f"{directory} holds no delta files of group {group}")
     if from_cut is None:
         if not any(f.base_seq is None and (to_cut is None or f.seq <= to_cut) for f in files):
+            restorable = deltafiles.routes(files).cuts
             raise InvalidInput(
                 f"{directory} holds no full image of group {group}"
                 + (f" at or before cut {to_cut}" if to_cut is not None else ""),
-                hint="give --from-cut with the cut the targets already hold",
+                hint=(f"cuts it can restore: {describe_cuts(restorable)}; " if restorable else "")
+                + "give --from-cut with the cut the targets already hold",
             )
     elif to_cut != from_cut and not any(f.base_seq == from_cut for f in files):
         starts = sorted({f.base_seq for f in files if f.base_seq is not None})
