@@ -25,6 +25,7 @@
     stall_limit = "60s"                    # longest writers are held for this site
     journal = "/dev/vdh"                   # blockdev: optional; default a file in the state dir
     path = "/srv/dr"                       # dir: where delta files go (instead of replicas)
+    keep = "1h:24, 1d:7"                   # dir: optional retention grid (default: keep all)
     [group.db.site.dr.replica]
     data = "/dev/nbd0"                     # blockdev: one replica per group device
     [group.db.site.dr.export]

@@ -98,6 +98,58 @@ def chain(files: Iterable[DeltaFile], cursor: int, target: int) -> list[DeltaFil
     return steps if reached == target else None
 
 
+@dataclass(frozen=True)
+class Routes:
+    """The shortest way to each cut a directory's files reach (see `routes`)."""
+
+    start: int | None  # None: routes begin with a full image
+    last: Mapping[int, DeltaFile | None]  # per cut reached, its route's last file
+
+    @property
+    def cuts(self) -> list[int]:
+        """Every cut reached, oldest first (with a start cut, it is among them)."""
+        return sorted(self.last)
+
+    def to(self, cut: int) -> list[DeltaFile] | None:
+        """The files that bring a replica to `cut`, in order; None if it is not reached."""
+        if cut not in self.last:
+            return None
+        steps: list[DeltaFile] = []
+        file = self.last[cut]
+        while file is not None:
+            steps.append(file)
+            file = None if file.base_seq is None else self.last[file.base_seq]
+        return steps[::-1]
+
+
+def routes(files: Iterable[DeltaFile], start: int | None = None) -> Routes:
+    """The shortest route to every cut the files reach: from a full image (`start` None) or
+    from a replica that holds cut `start` (by deltas only).
+
+    Shortest is fewest files, then fewest bytes. Several files may start at one cut (the
+    two deltas a merge replaced and the merged one, until they are deleted): each cut
+    still has exactly one shortest route.
+    """
+    cost: dict[int, tuple[int, int]] = {}
+    last: dict[int, DeltaFile | None] = {}
+    if start is not None:
+        cost[start], last[start] = (0, 0), None
+    # By seq: every file that ends at a cut comes before those that start there.
+    for file in sorted(files, key=lambda f: (f.seq, f.path.name)):
+        if file.base_seq is None:
+            if start is not None:
+                continue
+            candidate = (1, file.size)
+        elif file.base_seq in cost and file.base_seq < file.seq:
+            steps, size = cost[file.base_seq]
+            candidate = (steps + 1, size + file.size)
+        else:
+            continue
+        if file.seq not in cost or candidate < cost[file.seq]:
+            cost[file.seq], last[file.seq] = candidate, file
+    return Routes(start, last)
+
+
 def partial_path(final: Path) -> Path:
     """Where `final` is written before it is published (a dot-name: never listed)."""
     return final.with_name(f".{final.name}.partial")
@@ -109,12 +161,16 @@ def publish(partial: Path, final: Path) -> None:
     fsync_directory(final.parent)
 
 
-def write_durably(directory: Path, name: str, fill: Callable[[BinaryIO], object]) -> Path:
-    """Write a file via a temporary name, fsync it, rename it into place, fsync the directory."""
+def write_durably(
+    directory: Path, name: str, fill: Callable[[BinaryIO], object], *, buffering: int = -1
+) -> Path:
+    """Write a file via a temporary name, fsync it, rename it into place, fsync the directory.
+
+    If `fill` raises, the temporary file is removed and nothing is renamed."""
     final = directory / name
     partial = partial_path(final)
     try:
-        with safefile.open_new(partial) as out:
+        with safefile.open_new(partial, buffering=buffering) as out:
             fill(out)
             out.flush()
             os.fsync(out.fileno())

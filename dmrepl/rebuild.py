@@ -123,46 +123,57 @@ def _check_directory(directory: Path) -> None:
 
 
 def _plan(directory: Path, group: str, from_cut: int | None, to_cut: int | None) -> list[DeltaFile]:
-    """The files of the chain, picked and linked by their names (checked against headers later)."""
+    """The files of the chain, picked and linked by their names (checked against headers later).
+
+    The shortest route (deltafiles.routes): a compacted directory may hold a merged delta
+    beside the two it replaces, until its next prune deletes them."""
     files = deltafiles.list_files(directory, group)
     if not files:
         raise InvalidInput(f"{directory} holds no delta files of group {group}")
-    starts: dict[int, DeltaFile] = {}
-    for file in files:
-        if file.base_seq is None:
-            continue
-        if file.base_seq in starts:
-            raise ChainMismatch(
-                f"{directory}: two deltas start at cut {file.base_seq} "
-                f"({starts[file.base_seq].path.name} and {file.path.name})",
-                hint="keep the one that belongs to this group's chain and move the other away; "
-                + _NOTHING_WRITTEN,
-            )
-        starts[file.base_seq] = file
-    steps: list[DeltaFile] = []
     if from_cut is None:
-        fulls = [f for f in files if f.base_seq is None and (to_cut is None or f.seq <= to_cut)]
-        if not fulls:
+        if not any(f.base_seq is None and (to_cut is None or f.seq <= to_cut) for f in files):
+            restorable = deltafiles.routes(files).cuts
             raise InvalidInput(
                 f"{directory} holds no full image of group {group}"
                 + (f" at or before cut {to_cut}" if to_cut is not None else ""),
-                hint="give --from-cut with the cut the targets already hold",
+                hint=(f"cuts it can restore: {describe_cuts(restorable)}; " if restorable else "")
+                + "give --from-cut with the cut the targets already hold",
             )
-        steps.append(fulls[-1])
-        at = fulls[-1].seq
-    else:
-        at = from_cut
-        if at not in starts and to_cut != at:
-            known = ", ".join(str(b) for b in sorted(starts)) or "none"
-            raise InvalidInput(
-                f"{directory} holds no delta of group {group} from cut {from_cut}",
-                hint=f"deltas there start at cuts: {known}; give the cut the targets hold",
-            )
-    steps += deltafiles.walk(files, at, to_cut)
-    at = steps[-1].seq if steps else at
-    if to_cut is not None and at != to_cut:
-        raise InvalidInput(f"the deltas in {directory} do not reach cut {to_cut} (stop at {at})")
-    return steps
+    elif to_cut != from_cut and not any(f.base_seq == from_cut for f in files):
+        starts = sorted({f.base_seq for f in files if f.base_seq is not None})
+        known = ", ".join(str(b) for b in starts) or "none"
+        raise InvalidInput(
+            f"{directory} holds no delta of group {group} from cut {from_cut}",
+            hint=f"deltas there start at cuts: {known}; give the cut the targets hold",
+        )
+    found = deltafiles.routes(files, from_cut)
+    reached = found.cuts
+    target = reached[-1] if to_cut is None else to_cut
+    steps = found.to(target)
+    if steps is not None:
+        return steps
+    below = [cut for cut in reached if cut < target]
+    available = f"cuts it can restore{'' if from_cut is None else f' from cut {from_cut}'}: "
+    hint = available + describe_cuts(reached)
+    if not reached or target > reached[-1]:
+        stop = f" (stop at {below[-1]})" if below else ""
+        raise InvalidInput(f"the deltas in {directory} do not reach cut {target}{stop}", hint=hint)
+    raise InvalidInput(
+        f"{directory} cannot restore cut {target} of group {group}: no chain of delta files "
+        "ends there (the site's keep grid no longer keeps it, or it was never delivered)",
+        hint=hint,
+    )
+
+
+def describe_cuts(cuts: list[int]) -> str:
+    """Sorted cuts for a message, runs shortened: `1-4, 7, 9-12` (`none` for none)."""
+    runs: list[list[int]] = []
+    for cut in cuts:
+        if runs and cut == runs[-1][-1] + 1:
+            runs[-1].append(cut)
+        else:
+            runs.append([cut])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"
 
 
 def _note_unreachable(directory: Path, group: str, reached: int | None, say: Say) -> None:

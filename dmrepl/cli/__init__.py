@@ -25,6 +25,7 @@ for _name, _command in (
     ("run", replication.run),
     ("verify", replication.verify_command),
     ("apply", replication.apply_deltas),
+    ("cuts", replication.cuts_command),
     ("serve", replication.serve_command),
     ("replay", replicas.replay),
     ("promote", replicas.promote_command),

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from dmrepl import builder
 from dmrepl import changes as changes_api
+from dmrepl.compact import HeldCut
 from dmrepl.demo import DemoResult
 from dmrepl.plan import Plan
 from dmrepl.replica import ReceivedState
@@ -367,3 +368,35 @@ def render_received(state: ReceivedState) -> None:
     else:
         text = f"{where}: holds no whole cut"
     out.print(text, markup=False)
+
+
+def render_cuts(
+    group: str,
+    site: str,
+    transport: str,
+    *,
+    held: int | None,
+    cuts: list[HeldCut] | None,
+    keep: str | None = None,
+    as_json: bool,
+) -> None:
+    """What `dmrepl cuts` found: a `dir` site's restorable cuts, or the cut a site holds."""
+    if as_json:
+        doc = {"group": group, "site": site, "transport": transport, "held": held, "keep": keep}
+        listed = None if cuts is None else [asdict(cut) for cut in cuts]
+        print(json.dumps(doc | {"cuts": listed}, indent=2))
+        return
+    if cuts is None:
+        what = "holds no whole cut" if held is None else f"holds cut {held}"
+        out.print(f"site {site} of {group} ({transport}): {what}", markup=False)
+        return
+    count = f"{len(cuts)} cut" + ("" if len(cuts) == 1 else "s")
+    kept = f"keep {keep}" if keep else "keeps every cut"
+    out.print(f"site {site} of {group} ({transport}, {kept}): {count} to restore", markup=False)
+    for cut in cuts:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cut.created))
+        if cut.full:
+            how = f"full image {cut.files[-1]}"
+        else:
+            how = f"{cut.files[-1]} ({len(cut.files)} files from {cut.files[0]})"
+        out.print(f"  cut {cut.seq}  {when}  {how}", markup=False)

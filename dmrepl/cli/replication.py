@@ -13,10 +13,12 @@ from typing import Annotated
 
 import typer
 
+from dmrepl import compact, retention
 from dmrepl.cli.app import (
     USER_ERRORS,
     ConfigOption,
     GroupArg,
+    JsonOption,
     Options,
     as_user_error,
     render_error,
@@ -27,6 +29,7 @@ from dmrepl.cli.render import (
     CliProgress,
     err,
     out,
+    render_cuts,
     render_preview,
     render_sync,
     render_verify,
@@ -42,6 +45,9 @@ from dmrepl.replication.dryrun import preview
 from dmrepl.replication.loop import parse_interval, run_cycles
 from dmrepl.replication.verify import verify
 from dmrepl.serve import serve
+from dmrepl.sites import SiteContext, open_site
+from dmrepl.sites.archive import DirSiteSpec
+from dmrepl.statedir import StateDir
 from dmrepl.units import format_bytes
 
 
@@ -283,3 +289,31 @@ def apply_deltas(
         f"{format_bytes(result.data_bytes)})",
         markup=False,
     )
+
+
+def cuts_command(
+    group: Annotated[str, typer.Argument(help="Group name.")],
+    site: Annotated[str, typer.Option("--site", help="The site whose cuts are listed.")],
+    config: ConfigOption = DEFAULT_PATH,
+    as_json: JsonOption = False,
+) -> None:
+    """The cuts SITE holds: each one a `dir` site can restore (its files), else the one cut."""
+    loaded = load_config(config)
+    spec = loaded.select(group)[0].site(site)
+    if isinstance(spec, DirSiteSpec):
+        directory = Path(spec.path)
+        if not directory.is_dir():
+            raise InvalidInput(
+                f"site {site}: {directory} is not a directory", hint="is the site's store mounted?"
+            )
+        cuts = compact.held_cuts(directory, group)
+        held = cuts[-1].seq if cuts else None
+        keep = retention.describe(spec.keep) or None
+        render_cuts(group, site, spec.transport, held=held, cuts=cuts, keep=keep, as_json=as_json)
+        return
+    receiver = open_site(spec, SiteContext({}, StateDir(loaded.state_dir)))
+    try:
+        held = receiver.held()
+    finally:
+        receiver.close()
+    render_cuts(group, site, spec.transport, held=held, cuts=None, as_json=as_json)

@@ -208,7 +208,7 @@ class Cycle:
         require_running(self.stacks, self.observed)
         state_dir = StateDir(config.state_dir)
         self.spool = Spool(state_dir, spec.name, spec.spool_bytes)
-        context = SiteContext.of(self.stacks, state_dir)
+        context = SiteContext.of(self.stacks, state_dir, say)
         self.sites = {s.name: open_site(s, context) for s in spec.sites}
         self.reports = {
             s.name: SiteReport(s.name, s.transport, SiteState.UNKNOWN, None) for s in spec.sites

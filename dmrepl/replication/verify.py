@@ -166,13 +166,9 @@ def verify_chain(group: str, site: DirSiteSpec) -> VerifyResult:
         except OSError as exc:
             problems.append(f"{found.path.name}: {exc.strerror}")
     newest = files[-1].seq if files else None
-    images = [f for f in files if f.base_seq is None]
     if newest is None:
         problems.append(f"{directory} holds no delta of group {group}")
-    elif not any(
-        image.seq == newest or deltafiles.chain(files, image.seq, newest) is not None
-        for image in images
-    ):
+    elif deltafiles.routes(files).to(newest) is None:
         problems.append(
             f"no full image is followed by deltas up to cut {newest}: `dmrepl apply` cannot "
             "rebuild it (a missing or misnamed file)"

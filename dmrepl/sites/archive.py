@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from dmrepl import delta, deltafiles, phases, safefile
+from dmrepl import compact, delta, deltafiles, phases, retention, safefile
 from dmrepl.config import FieldReader, SiteSpec, inside
+from dmrepl.errors import DmreplError
 from dmrepl.sites.base import (
     CompareSeeder,
     Delivery,
@@ -29,20 +30,28 @@ from dmrepl.sites.base import (
 class DirSiteSpec(SiteSpec):
     """`transport = "dir"`: the directory receiving delta files."""
 
-    KEYS: ClassVar[frozenset[str]] = frozenset({"path"})
+    KEYS: ClassVar[frozenset[str]] = frozenset({"path", "keep"})
 
     path: str
+    keep: retention.Grid = ()  # empty: every file is kept
 
     @classmethod
     def parse(
         cls, reader: FieldReader, spec: SiteSpec, raw: dict[str, Any], devices: list[str]
     ) -> SiteSpec | None:
         path = reader.path(raw, "path", spec.key, required=False)
+        if path is None and "path" not in raw:
+            reader.problem(f"{spec.key}.path", "missing (the directory receiving delta files)")
+        keep: retention.Grid = ()
+        if "keep" in raw:
+            try:
+                keep = retention.parse_grid(raw["keep"])
+            except retention.GridError as exc:
+                reader.problem(f"{spec.key}.keep", str(exc))
+                return None
         if path is None:
-            if "path" not in raw:
-                reader.problem(f"{spec.key}.path", "missing (the directory receiving delta files)")
             return None
-        return cls(spec.group, spec.name, spec.transport, spec.policy, path)
+        return cls(spec.group, spec.name, spec.transport, spec.policy, path, keep)
 
     def state_dir_problems(self, state_dir: Path) -> list[str]:
         if not inside(Path(self.path), state_dir):
@@ -64,6 +73,7 @@ class ArchiveSite:
     def __init__(self, spec: DirSiteSpec, context: SiteContext):
         self._spec = spec
         self.directory = Path(spec.path)
+        self._say = context.say
 
     @property
     def name(self) -> str:
@@ -123,4 +133,23 @@ class ArchiveSite:
         finally:
             partial.unlink(missing_ok=True)
         phases.reached("applied")
+        if self._spec.keep:
+            self.prune()
         return Delivery(header.seq, header.base_seq, summary.data_bytes)
+
+    def prune(self) -> None:
+        """Compact the directory to the cuts `keep` keeps (dmrepl.compact). A failure is
+        said and leaves every kept cut restorable; the delivery stands, and the next one
+        tries again."""
+        say = self._say
+        try:
+            compact.prune(
+                self.directory, self._spec.group, self._spec.keep,
+                lambda line: say(f"site {self.name}: {line}"),
+            )  # fmt: skip
+        except (OSError, DmreplError) as exc:
+            reason = exc.message if isinstance(exc, DmreplError) else exc.strerror or str(exc)
+            say(
+                f"site {self.name}: warning: pruning {self.directory} stopped: {reason}; "
+                "every kept cut is still restorable, and the next delivery tries again"
+            )

@@ -11,13 +11,14 @@ cannot simply returns None.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 from dmrepl import blockio
 from dmrepl.config import SiteSpec
 from dmrepl.errors import DmreplError, ExitCode
+from dmrepl.signals import Say
 from dmrepl.statedir import StateDir
 
 if TYPE_CHECKING:
@@ -104,15 +105,20 @@ class Transfer:
 @dataclass(frozen=True)
 class SiteContext:
     """What every site is opened with: the group's devices (name -> size in sectors, in
-    the group's order) and the state directory."""
+    the group's order), the state directory, and where a site's own progress lines go
+    (what a `dir` site's pruning did)."""
 
     devices: Mapping[str, int]
     state_dir: StateDir
+    say: Say = field(default=lambda _line: None, compare=False)
 
     @classmethod
-    def of(cls, stacks: Iterable[StackSpec], state_dir: StateDir) -> SiteContext:
+    def of(
+        cls, stacks: Iterable[StackSpec], state_dir: StateDir, say: Say | None = None
+    ) -> SiteContext:
         """The context of a group whose stacks were derived (their origin sizes probed)."""
-        return cls({s.device.name: s.origin_sectors for s in stacks}, state_dir)
+        devices = {s.device.name: s.origin_sectors for s in stacks}
+        return cls(devices, state_dir) if say is None else cls(devices, state_dir, say)
 
 
 class CompareSeeder(Protocol):

@@ -176,12 +176,31 @@ def test_d15_a_corrupt_delta_later_in_the_chain_leaves_the_target_untouched(
     )  # fmt: skip
 
 
-def test_two_deltas_from_the_same_cut_are_refused(vault: Path, target: Path) -> None:
-    put(vault, 4, 2, make_delta(4, 2))
-    refused(
-        rebuild.ChainMismatch, ExitCode.CORRUPT, "two deltas start at cut 2", [target],
-        directory=vault, group="g", targets={"d": str(target)},
+def test_a_merged_delta_beside_the_two_it_replaces_takes_the_shortest_route(
+    vault: Path, target: Path
+) -> None:
+    """What a prune leaves if it is killed between publishing a merge and deleting its
+    inputs: two deltas start at cut 1; each cut still has one route."""
+    put(vault, 3, 1, make_delta(3, 1, [(8, b"2" * 512), (16, b"3" * 512)], eras=(11, 30)))
+    newest = apply_dir(vault, "g", {"d": str(target)}, say=quiet)
+    assert (newest.applied, newest.cut) == ([1, 3], 3)
+    image = target.read_bytes()
+    older = apply_dir(vault, "g", {"d": str(target)}, to_cut=2, say=quiet)
+    assert (older.applied, older.cut) == ([1, 2], 2)
+    assert target.read_bytes()[:8192] == image[:8192]
+    assert target.read_bytes()[8192:8704] == bytes(512)
+
+
+def test_a_cut_no_longer_held_is_refused_with_the_cuts_there_are(vault: Path, target: Path) -> None:
+    (vault / delta_file_name("g", 2, 1)).unlink()
+    (vault / delta_file_name("g", 3, 2)).unlink()
+    put(vault, 3, 1, make_delta(3, 1, [(8, b"2" * 512)], eras=(11, 30)))
+    put(vault, 4, 3, make_delta(4, 3))
+    error = refused(
+        rebuild.InvalidInput, ExitCode.INVALID_INPUT, "cannot restore cut 2 of group g", [target],
+        directory=vault, group="g", targets={"d": str(target)}, to_cut=2,
     )  # fmt: skip
+    assert error.hint == "cuts it can restore: 1, 3-4"
 
 
 @pytest.mark.parametrize("alias", ["same", "symlink", "hardlink"])
