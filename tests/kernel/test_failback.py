@@ -106,6 +106,10 @@ def test_switchover_and_back_ships_only_what_changed_and_loses_no_file(
         written = write_files(mnt, "b")
     files |= written
     there = shipped(bed.config, bed.group, "dr")
+    print(
+        f"failback: primary -> dr shipped {there} bytes for "
+        f"{sum(map(len, written.values()))} of files"
+    )
     assert sum(map(len, written.values())) <= there < 4 * MiB, there
     with mounted(GATE, mnt):  # a switchover needs the gates closed
         code, _, stderr = run_cli_here(
@@ -130,6 +134,9 @@ def test_switchover_and_back_ships_only_what_changed_and_loses_no_file(
     reversed_in = as_receiver(dr, "reverse", bed.group, "--site", "back", "--from", str(record))
     assert "site back placed at cut 3, owed 0 bytes" in reversed_in, reversed_in
     back = shipped(dr, bed.group, "back")  # only what changed since the promotion
+    print(
+        f"failback: dr -> back shipped {back} bytes for {sum(map(len, written.values()))} of files"
+    )
     assert sum(map(len, written.values())) <= back < 4 * MiB, back
     switched = as_receiver(dr, "switchover", bed.group, "--to", "back")
     assert "site back holds the final cut 5" in switched, switched
@@ -188,6 +195,10 @@ def test_unplanned_failover_then_failback_lists_and_keeps_the_late_writes(
     reversed_in = as_receiver(dr, "reverse", bed.group, "--site", "back", "--from", str(record))
     assert f"owed {demoted['discarded_bytes']} bytes" in reversed_in, reversed_in
     back = shipped(dr, bed.group, "back")
+    print(
+        f"failback: {sum(map(len, late.values()))} bytes of late files, "
+        f"{demoted['discarded_bytes']} bytes discarded, reverse shipped {back} bytes"
+    )
     assert demoted["discarded_bytes"] <= back < 8 * MiB, back  # not the 48 MiB device
     verified = as_receiver(dr, "verify", bed.group, "--site", "back", "--full")
     assert "differs" not in verified, verified  # and it exited 0
