@@ -6,7 +6,6 @@ and a switchover over ssh (tests/kernel/netlab.py), whose DR host takes over by 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import subprocess
@@ -23,6 +22,7 @@ from tests.kernel.netlab import DR_IP, NetLab
 from tests.kernel.stacks import Bed
 from tests.kernel.test_promote import write_files
 from tests.kernel.test_replica_access import as_receiver
+from tests.kernel.test_replicate import digest
 from tests.kernel.test_ssh_site import ROOT, remote
 
 MiB = 2**20
@@ -77,12 +77,6 @@ def mounted(device: str, where: Path, *options: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", str(where)], check=True)
-
-
-def digest(device: str) -> str:
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")  # read what the devices hold
-    with open(device, "rb") as source:
-        return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 def fsck_clean(device: str) -> None:

@@ -11,8 +11,10 @@ from pathlib import Path
 from tests.clirun import run_cli_here
 from tests.kernel.stacks import Bed
 from tests.kernel.test_replica_access import as_receiver
+from tests.kernel.test_replicate import digest, write_raw
 
 MiB = 2**20
+GATE = "/dev/mapper/fo"
 
 
 def dr_config(bed: Bed, replica: str, metadata: str) -> Path:
@@ -76,3 +78,24 @@ def test_unplanned_failover_promotes_the_last_whole_cut_and_ext4_is_clean(
     assert "era" in status  # the promoted stack runs: changes are tracked from now on
     code, _, stderr = run_cli_here("promote", bed.group, "--site", "dr", "--config", str(config))
     assert code == 10 and "promoted on this host already" in stderr, stderr
+
+
+def test_promote_finishes_an_apply_killed_midway_and_exposes_exactly_the_cut(
+    bed: Bed, make_loop: Callable[[str, int], str]
+) -> None:
+    bed.add_device("fo", origin_mib=16)
+    replica = bed.add_site("dr")["fo"]
+    bed.cli("up")
+    bed.cli("sync", bed.group)
+    write_raw(GATE, [1, 7, 100, 200])
+    cut = digest(GATE)  # nothing writes until the cut is taken: it is this
+    bed.killed_at("apply", "sync", bed.group)  # the replica is between two cuts now
+    assert digest(replica) != cut
+    bed.cli("down")
+    config = dr_config(bed, replica, make_loop("dr-meta", 4 * MiB))
+    promoted = as_receiver(config, "promote", bed.group, "--site", "dr")
+    assert "finished applying cut 2 from the journal" in promoted, promoted
+    assert f"group {bed.group} promoted at cut 2" in promoted, promoted
+    assert "not asked" in promoted  # no [receive.G.primary]: the lock alone was checked
+    assert digest(GATE) == cut
+    as_receiver(config, "down", bed.group)
