@@ -346,3 +346,21 @@ def test_a_failed_sync_still_publishes_the_metrics_file(
     assert values[("dmrepl_cycles_total", at(group="db", result="failed"))] == 2
     last_success = values[("dmrepl_last_success_timestamp_seconds", at(group="db"))]
     assert 0 < last_success < values[("dmrepl_last_cycle_timestamp_seconds", at(group="db"))]
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+
+
+def test_the_doc_lists_every_metric_and_its_rules_pass_promtool(tmp_path: Path) -> None:
+    config = loaded(tmp_path)
+    fabricate(StateDir(config.state_dir))
+    text = DOC.read_text()
+    for family in text_string_to_metric_families(exposed(config, [device_state()])):
+        shown = family.name + ("_total" if family.type == "counter" else "")
+        assert f"| `{shown}` | {family.type} |" in text
+    if shutil.which("promtool") is None:
+        return  # the rules are checked where promtool is (bin/setup installs it)
+    rules = tmp_path / "dmrepl.rules.yml"
+    rules.write_text(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    checked = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
