@@ -2,6 +2,7 @@
 
     [dmrepl]
     state_dir = "/var/lib/dmrepl"          # optional
+    metrics_file = "/var/lib/prometheus/node-exporter/dmrepl.prom"   # optional (docs/metrics.md)
 
     [group.db]
     block_size = "2MiB"                    # optional default for the group's devices
@@ -235,6 +236,9 @@ class Config:
     state_dir: Path
     groups: dict[str, GroupSpec]
     receive: dict[str, ReceiveGrant] = dataclasses.field(default_factory=dict)
+    # Where `sync` and `run` publish the metrics after each cycle (node_exporter's textfile
+    # collector); None: nowhere.
+    metrics_file: Path | None = None
 
     def select(self, group: str | None) -> list[GroupSpec]:
         """The named group, or all groups when `group` is None."""
@@ -280,11 +284,12 @@ def parse_config(text: str, path: Path) -> Config:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
     reader = FieldReader()
     top = raw.get("dmrepl", {})
-    reader.unknown(top, {"state_dir"}, "dmrepl")
+    reader.unknown(top, {"state_dir", "metrics_file"}, "dmrepl")
     unknown_top = set(raw) - {"dmrepl", "group", "receive"}
     for key in sorted(unknown_top):
         reader.problem(key, "unknown section (expected [dmrepl], [group.NAME] or [receive.NAME])")
     state_dir = Path(reader.path(top, "state_dir", "dmrepl", required=False) or DEFAULT_STATE_DIR)
+    metrics_file = reader.metrics_file(top, state_dir)
     groups: dict[str, GroupSpec] = {}
     grants = reader.grants(raw.get("receive", {}))
     raw_groups = raw.get("group", {})
@@ -303,7 +308,9 @@ def parse_config(text: str, path: Path) -> Config:
             reader.claim([(grant.key, "journal", grant.journal)], seen)
     if reader.problems:
         raise ConfigError(path, reader.problems)
-    return Config(path=path, state_dir=state_dir, groups=groups, receive=grants)
+    return Config(
+        path=path, state_dir=state_dir, groups=groups, receive=grants, metrics_file=metrics_file
+    )
 
 
 def _with_sync_legs(device: DeviceSpec, sites: list[SiteSpec]) -> DeviceSpec:
@@ -373,6 +380,20 @@ class FieldReader:
             )
             return None
         return value
+
+    def metrics_file(self, top: dict[str, Any], state_dir: Path) -> Path | None:
+        """`[dmrepl] metrics_file`: an absolute `*.prom` path outside the state directory."""
+        value = self.path(top, "metrics_file", "dmrepl", required=False)
+        if value is None:
+            return None
+        key = "dmrepl.metrics_file"
+        if not value.endswith(".prom") or value.endswith("/.prom"):
+            self.problem(key, f"{value!r} must end in .prom (node_exporter reads only those)")
+            return None
+        if inside(Path(value), state_dir):
+            self.problem(key, f"{value} is inside state_dir {state_dir}, which only root may read")
+            return None
+        return Path(value)
 
     def size(
         self, table: dict[str, Any], field: str, where: str, *, zero_ok: bool = False

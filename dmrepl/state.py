@@ -159,6 +159,17 @@ CREATE TABLE IF NOT EXISTS owed (
     end_sector INTEGER NOT NULL
 );
 """
+# Added with the metrics (dmrepl.metrics): running totals and last times that outlive a
+# process, such as cycles by result or bytes shipped to a site; site '' holds a group's own.
+TALLIES = """
+CREATE TABLE IF NOT EXISTS tallies (
+    grp TEXT NOT NULL,
+    site TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (grp, site, name)
+);
+"""
 
 
 class SiteMode(StrEnum):
@@ -308,7 +319,7 @@ class StateStore:
         db = sqlite3.connect(self.path)
         try:
             _quick_check(db)
-            db.executescript(SCHEMA + TRANSFERS + POLICY_TABLES + FAILBACK_TABLES)
+            db.executescript(SCHEMA + TRANSFERS + POLICY_TABLES + FAILBACK_TABLES + TALLIES)
         except BaseException:
             db.close()
             raise
@@ -483,6 +494,50 @@ class StateStore:
         except sqlite3.OperationalError:  # a store from before the table (read-only)
             return None
         return None if row is None else TransferRecord(*row)
+
+    def tally(
+        self,
+        group: str,
+        site: str,
+        add: Mapping[str, float],
+        stamp: Mapping[str, float] | None = None,
+    ) -> None:
+        """Add `add` to the named running totals of a group (`site` '') or site, and set the
+        names in `stamp` (last times) to their values."""
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO tallies (grp, site, name, value) VALUES (?, ?, ?, ?) ON CONFLICT "
+                "(grp, site, name) DO UPDATE SET value = value + excluded.value",
+                [(group, site, name, amount) for name, amount in add.items()],
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO tallies (grp, site, name, value) VALUES (?, ?, ?, ?)",
+                [(group, site, name, value) for name, value in (stamp or {}).items()],
+            )
+
+    def tallies(self, group: str) -> dict[tuple[str, str], float]:
+        """The group's running totals and last times: (site, name) -> value."""
+        try:
+            rows = self.db.execute(
+                "SELECT site, name, value FROM tallies WHERE grp = ?", (group,)
+            ).fetchall()
+        except sqlite3.OperationalError:  # a store from before the table (read-only)
+            return {}
+        return {(site, name): value for site, name, value in rows}
+
+    def stall_histogram(
+        self, group: str, bounds: Iterable[float]
+    ) -> tuple[list[tuple[float, int]], int, float]:
+        """How long the group's recorded cuts held writers: (each bound, cuts that held
+        them at most that long), the number of cuts, and their sum of seconds."""
+        bounds = sorted(bounds)
+        counts = ", ".join("COALESCE(SUM(stall_s <= ?), 0)" for _ in bounds)
+        row = self.db.execute(
+            f"SELECT COUNT(*), COALESCE(SUM(stall_s), 0){', ' if counts else ''}{counts} "
+            "FROM cuts WHERE grp = ?",
+            (*bounds, group),
+        ).fetchone()
+        return list(zip(bounds, row[2:], strict=True)), row[0], row[1]
 
     def set_site_state(self, group: str, site: str, state: str, detail: str = "") -> None:
         """How the last attempt to reach the site went (its cursor is unchanged)."""

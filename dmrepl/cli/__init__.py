@@ -1,13 +1,13 @@
 """The `dmrepl` command line: parse options, make one library call, render the result.
 
 `app` (global options, error rendering, `main`) is in `cli.app`; the commands are in
-`cli.stacks`, `cli.replication`, `cli.replicas` and `cli.failback`, and what they print
-in `cli.render`.
+`cli.stacks`, `cli.replication`, `cli.replicas`, `cli.failback` and `cli.metrics`, and what
+they print in `cli.render`.
 """
 
 from __future__ import annotations
 
-from dmrepl.cli import failback, replicas, replication, stacks
+from dmrepl.cli import failback, metrics, replicas, replication, stacks
 from dmrepl.cli.app import app, filesystem_error, main
 
 __all__ = ["app", "filesystem_error", "main"]
@@ -20,6 +20,7 @@ for _name, _command in (
     ("check-config", stacks.check_config),
     ("status", stacks.show_status),
     ("changes", stacks.show_changes),
+    ("metrics", metrics.show_metrics),
     ("sync", replication.sync),
     ("seed", replication.seed),
     ("run", replication.run),

@@ -25,6 +25,7 @@ from dmrepl.cli.app import (
     require_device_mapper,
     require_root,
 )
+from dmrepl.cli.metrics import publish_metrics
 from dmrepl.cli.render import (
     CliProgress,
     err,
@@ -67,6 +68,14 @@ def _sync_once(config: Path, group: str | None, seed_sites: tuple[str, ...], zer
         for site in seed_sites:
             spec.site(site)  # an unknown site is exit 10 before the kernel is looked at
     require_device_mapper()
+    try:
+        return _cycles(loaded, groups, seed_sites, zeroed)
+    finally:  # also after a failed cycle: its metrics say so, and the last success stays put
+        publish_metrics(loaded)
+
+
+def _cycles(loaded: Config, groups: list[str], seed_sites: tuple[str, ...], zeroed: bool) -> int:
+    """One cycle of each of `groups`; the exit code for the worst outcome."""
     worst, failed = ExitCode.OK, None
     for name in groups:
         progress = CliProgress()

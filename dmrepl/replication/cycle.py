@@ -27,10 +27,12 @@ joins its mirror at the end of such a cycle (`sync` runs it right after the catc
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 
 from dmrepl import blockio, builder, delta, phases
@@ -130,14 +132,34 @@ def sync(
                 runner, config, spec, store, say, progress, seed_sites, target_zeroed
             )
             joining = tuple(site.site for site in result.sites if site.joinable)
-            if not joining:
-                return result
-            # Caught up: one more cut, shipped while writers are held, then the mirror.
-            say(f"{', '.join(joining)} caught up: joining the mirror with writers held")
-            joined = _one_cycle(runner, config, spec, store, say, progress, (), False, joining)
-            return _both(result, joined)
+            if joining:
+                # Caught up: one more cut, shipped while writers are held, then the mirror.
+                say(f"{', '.join(joining)} caught up: joining the mirror with writers held")
+                joined = _one_cycle(runner, config, spec, store, say, progress, (), False, joining)
+                result = _both(result, joined)
+        except Exception:
+            with suppress(sqlite3.Error, OSError):  # the cycle's own error is the one to show
+                count_cycle(store, group, CycleResult.FAILED)
+            raise
+        else:
+            behind = any(site.state != SiteState.IN_SYNC for site in result.sites)
+            count_cycle(store, group, CycleResult.SITES_BEHIND if behind else CycleResult.OK)
+            return result
         finally:
             store.close()
+
+
+class CycleResult(StrEnum):
+    """How a `sync` of a group ended, as `dmrepl_cycles_total` counts it."""
+
+    OK = "ok"  # a cut, and every site holds it (exit 0)
+    SITES_BEHIND = "sites_behind"  # a cut, which some site did not get
+    FAILED = "failed"  # an error: no cut, or one not shipped
+
+
+def count_cycle(store: StateStore, group: str, result: CycleResult) -> None:
+    """Count a cycle's result and note when it ended (dmrepl.metrics reads both)."""
+    store.tally(group, "", {f"cycles_{result}": 1}, stamp={f"last_{result}": time.time()})
 
 
 def _both(first: SyncResult, then: SyncResult) -> SyncResult:
@@ -497,7 +519,7 @@ class Cycle:
                 continue
             self._start_seed(name, seq)
             try:
-                self.reports[name].seeded = seeder.seed(
+                seeded = seeder.seed(
                     images,
                     target_zeroed=target_zeroed,
                     progress=self.progress(f"seed {name}", total),
@@ -505,6 +527,8 @@ class Cycle:
             except SiteFailure as exc:
                 self._site_failed(name, exc)
                 continue
+            self.reports[name].seeded = seeded
+            self.store.tally(self.spec.name, name, {"applied_bytes": seeded.written})
             marks[name] = seeder.mark_seeded
 
     def _start_seed(self, name: str, seq: int) -> None:
@@ -549,6 +573,7 @@ class Cycle:
     def _deliver(self, site: Receiver, path: Path) -> bool:
         """Send one spooled delta; False (and the site reported) if it failed."""
         try:
+            size = path.stat().st_size
             with path.open("rb", buffering=blockio.CHUNK_BYTES) as source:
                 delivery = site.receive(source)
         except delta.CorruptDelta as exc:
@@ -569,6 +594,12 @@ class Cycle:
         phases.reached("cursor")
         self._set_cursor(site.name, delivery.seq)
         moved = delivery.transfer
+        shipped = size if moved is None else moved.stream_bytes
+        self.store.tally(
+            self.spec.name,
+            site.name,
+            {"shipped_bytes": shipped, "applied_bytes": delivery.data_bytes, "deliveries": 1},
+        )
         if moved is not None:
             self.store.record_transfer(
                 self.spec.name,

@@ -28,6 +28,7 @@ class Bed:
     origin_mib: dict[str, int] = field(default_factory=dict)
     group_fields: dict[str, object] = field(default_factory=dict)
     sites: dict[str, dict[str, object]] = field(default_factory=dict)
+    settings: dict[str, object] = field(default_factory=dict)  # more [dmrepl] keys
 
     @property
     def config(self) -> Path:
@@ -69,7 +70,7 @@ class Bed:
         return self.workdir / "state"
 
     def write(self) -> None:
-        lines = ["[dmrepl]", f'state_dir = "{self.state_dir}"', ""]
+        lines = _table("dmrepl", {"state_dir": str(self.state_dir), **self.settings})
         lines += _table(f"group.{self.group}", self.group_fields)
         for name, fields in self.devices.items():
             lines += _table(f"group.{self.group}.device.{name}", fields)
