@@ -42,7 +42,9 @@ import dataclasses
 import os
 import re
 import tomllib
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -69,6 +71,8 @@ MAX_DEVICE_SECTORS = 2**63 // 512  # sector_t: the largest device the kernel add
 # addresses 255 bitmaps of 16320 blocks of 4 KiB (just under 16 GiB).
 MAX_METADATA_SECTORS = 255 * 16320 * 8
 
+# The keys each table takes (a test checks that `dmrepl config example` sets every one).
+_DMREPL_KEYS = frozenset({"state_dir", "metrics_file"})
 _GROUP_KEYS = {"block_size", "device", "site", "spool_size"}
 # Every transport's own keys come on top of these.
 _SITE_KEYS = frozenset({"transport", "policy", "fall_behind", "stall_limit"})
@@ -76,6 +80,8 @@ _DEVICE_KEYS = {
     "origin", "metadata", "metadata_offset", "metadata_size", "block_size", "cow", "cow_size",
     "mirror_legs", "mirror_log", "mirror_log_device", "mirror_region_size",
 }  # fmt: skip
+_FALL_BEHIND_KEYS = frozenset({"ios", "size", "timeout"})
+_RECEIVE_KEYS = frozenset({"replica", "journal", "primary"})
 
 
 class ConfigError(DmreplError):
@@ -252,6 +258,11 @@ class Config:
         return [self.groups[group]]
 
 
+def example_text() -> str:
+    """The commented configuration `dmrepl config example` prints (dmrepl/example.toml)."""
+    return resources.files("dmrepl").joinpath("example.toml").read_text(encoding="utf-8")
+
+
 def load_config(path: Path) -> Config:
     """Read and validate a configuration file (and that no dir site's path is a file)."""
     try:
@@ -284,7 +295,7 @@ def parse_config(text: str, path: Path) -> Config:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
     reader = FieldReader()
     top = raw.get("dmrepl", {})
-    reader.unknown(top, {"state_dir", "metrics_file"}, "dmrepl")
+    reader.unknown(top, _DMREPL_KEYS, "dmrepl")
     unknown_top = set(raw) - {"dmrepl", "group", "receive"}
     for key in sorted(unknown_top):
         reader.problem(key, "unknown section (expected [dmrepl], [group.NAME] or [receive.NAME])")
@@ -341,7 +352,7 @@ class FieldReader:
     def problem(self, key: str, text: str) -> None:
         self.problems.append(f"{key}: {text}")
 
-    def unknown(self, table: dict[str, Any], allowed: set[str], where: str) -> None:
+    def unknown(self, table: dict[str, Any], allowed: AbstractSet[str], where: str) -> None:
         for key in sorted(set(table) - allowed):
             self.problem(f"{where}.{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
@@ -542,7 +553,7 @@ class FieldReader:
                 where, 'must be a table like { ios = 1000, size = "64MiB", timeout = "30s" }'
             )
             return FallBehind()
-        self.unknown(table, {"ios", "size", "timeout"}, where)
+        self.unknown(table, _FALL_BEHIND_KEYS, where)
         ios = table.get("ios")
         if ios is not None and (isinstance(ios, bool) or not isinstance(ios, int) or ios < 0):
             self.problem(f"{where}.ios", f"{ios!r} is not a count of writes (0 or more)")
@@ -587,7 +598,7 @@ class FieldReader:
             if not isinstance(table, dict):
                 self.problem(key, "must be a table")
                 continue
-            self.unknown(table, {"replica", "journal", "primary"}, key)
+            self.unknown(table, _RECEIVE_KEYS, key)
             journal = self.path(table, "journal", key, required=False)
             primary = None
             if "primary" in table:

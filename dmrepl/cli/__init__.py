@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dmrepl.cli import failback, metrics, replicas, replication, stacks
 from dmrepl.cli.app import app, filesystem_error, main
+from dmrepl.cli.configfile import config_app
 
 __all__ = ["app", "filesystem_error", "main"]
 
@@ -41,3 +42,4 @@ for _name, _command in (
     app.command(_name)(_command)
 
 app.add_typer(replicas.replica_app, name="replica")
+app.add_typer(config_app, name="config")

@@ -25,7 +25,7 @@ app = typer.Typer(
     name="dmrepl",
     help="Replicate block devices to remote sites with mainline device-mapper targets.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -151,7 +151,7 @@ def main() -> None:
     """Console-script entry point. Usage errors are click's (exit 2); ours are rendered here."""
     os.umask(safefile.PRIVATE_UMASK)  # whatever dmrepl creates holds replicated data
     try:
-        app()
+        app(prog_name="dmrepl")  # also as `python -m dmrepl`: completion asks for this name
     except USER_ERRORS as caught:
         error = as_user_error(caught)
         if error is None or Options.debug:
