@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from dmrepl import builder, dm
 from dmrepl.config import Config
-from dmrepl.cut import held_cut, list_changes, recover
+from dmrepl.cut import cut_steps, held_cut, list_changes, recover
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
 from dmrepl.executor import Runner
+from dmrepl.ops import Op
 from dmrepl.ranges import Extent
 from dmrepl.signals import Say
 from dmrepl.sites import Receiver, RecordUnreadable, SiteContext, open_site
@@ -110,6 +111,37 @@ def changes(
         for s in stacks
     ]
     return ChangesResult(group, record, label, recovered, devices)
+
+
+def preview(
+    runner: Runner,
+    config: Config,
+    group: str,
+    *,
+    since_cut: int | None = None,
+    since_era: int | None = None,
+) -> tuple[str, list[Op]]:
+    """`changes --dry-run`: what the list would be relative to, and the cut's commands
+    (reads only: the state store read-only, nothing cut or recorded)."""
+    validate_since(since_cut, since_era)
+    (spec,) = config.select(group)
+    builder.require_devices(spec, "take a cut of", config.path)
+    found = builder.survey(runner, [spec], check=False)
+    builder.require_surveyed(spec, found, "take a cut of", config.path)
+    require_running(found.stacks, found.observed)
+    store = StateStore.open_readonly(config.state_dir)
+    devices = [s.device.name for s in found.stacks]
+    try:
+        if store is None:
+            if since_cut is not None:
+                raise InvalidInput(f"group {group} has no cut {since_cut} (no state store yet)")
+            label = f"era {since_era}" if since_era is not None else "tracking began"
+        else:
+            label = _since(store, group, devices, since_cut, since_era)[1]
+    finally:
+        if store is not None:
+            store.close()
+    return label, [step.op for step in cut_steps(found.stacks, None)]
 
 
 def _since(

@@ -32,9 +32,11 @@ from dmrepl.dm import observe
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.lock import group_lock
+from dmrepl.plan import Plan
 from dmrepl.ranges import Extent
 from dmrepl.replication import capture
 from dmrepl.replication.cycle import sync
+from dmrepl.replication.dryrun import Preview, preview
 from dmrepl.roles import Demotion
 from dmrepl.safefile import private_dir
 from dmrepl.signals import Say
@@ -137,13 +139,7 @@ def demote(
     holds, record the demotion, remove the group's stack. A switchover demotes only a
     group nothing wrote to after its final cut."""
     spec = _group(config, group, site)
-    earlier = roles.demotion(config, group)
-    if earlier is not None:
-        raise InvalidInput(
-            f"group {group} was demoted on this host already (at cut {earlier.cut})",
-            hint=f"give {StateDir(config.state_dir).demoted(group)} to `dmrepl reverse` on "
-            "the new primary",
-        )
+    _not_demoted_yet(config, group)
     builder.require_devices(spec, "demote", config.path)
     with group_lock(config.state_dir, group, "demote"):
         store = StateStore(config.state_dir)
@@ -170,11 +166,92 @@ def demote(
     return demoted, record
 
 
+@dataclass(frozen=True)
+class DemotionPreview:
+    """What `demote --dry-run` found and what `demote` would do."""
+
+    group: str
+    site: str
+    cut: int  # the cut the site holds, after which writes are listed and kept
+    since: dict[str, int]  # device -> the first era that would be listed
+    up: Plan | None  # the stack is down: it would be brought up over its metadata first
+    down: Plan  # removing the stack (when it runs now)
+    record: Path
+    kept_in: Path
+
+
+def demote_preview(
+    runner: Runner, config: Config, group: str, site: str, *, cut: int | None = None
+) -> DemotionPreview:
+    """Every check `demote` makes, and what it would do; reads only (no lock, no cut)."""
+    spec = _group(config, group, site)
+    _not_demoted_yet(config, group)
+    builder.require_devices(spec, "demote", config.path)
+    store = StateStore.open_readonly(config.state_dir)
+    if store is None:
+        raise InvalidInput(
+            f"this host has no state store: it knows no cut of group {group}",
+            hint="run demote on the old primary, with its configuration",
+        )
+    try:
+        base = _base_cut(store, group, site, cut, latest=False)
+    finally:
+        store.close()
+    found = builder.survey(runner, [spec], check=False)
+    builder.require_surveyed(spec, found, "demote", config.path)
+    running = all(layer.name in found.observed for s in found.stacks for layer in s.layers)
+    if running:
+        _require_closed(runner, found.stacks, "failover")
+    state = StateDir(config.state_dir)
+    return DemotionPreview(
+        group, site, base.seq,
+        {s.device.name: base.eras.get(s.device.name, FIRST_ERA - 1) + 1 for s in found.stacks},
+        None if running else builder.up(runner, config, group, dry_run=True),
+        builder.down(runner, config, group, dry_run=True),
+        state.demoted(group), state.discarded(group, base.seq),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SwitchoverPreview:
+    """What `switchover --dry-run` found: the final cycle, the stack's removal, and whether
+    the site's host would be asked to take over."""
+
+    cycle: Preview
+    down: Plan
+    site_takes_over: bool
+
+
+def switchover_preview(runner: Runner, config: Config, group: str, site: str) -> SwitchoverPreview:
+    """Every check `switchover` makes before its final cycle, and what it would do."""
+    spec = _group(config, group, site)
+    roles.require_primary(config, group, "switch it over")
+    found = builder.survey(runner, [spec], check=False)
+    builder.require_surveyed(spec, found, "switch over", config.path)
+    require_running(found.stacks, found.observed)
+    _require_closed(runner, found.stacks, "switchover")
+    cycle = preview(runner, config, group)
+    receiver = open_site(spec.site(site), SiteContext.of(found.stacks, StateDir(config.state_dir)))
+    try:
+        takes_over = isinstance(receiver, Promoter)
+    finally:
+        receiver.close()
+    return SwitchoverPreview(cycle, builder.down(runner, config, group, dry_run=True), takes_over)
+
+
 def reverse(
-    runner: Runner, config: Config, group: str, site: str, source: Path, say: Say
+    runner: Runner,
+    config: Config,
+    group: str,
+    site: str,
+    source: Path,
+    say: Say,
+    *,
+    dry_run: bool = False,
 ) -> Reversal:
     """On the new primary: place the old primary (site `site`) at the promotion's cut,
-    owed what its demotion record lists; the next cycle sends it the rest."""
+    owed what its demotion record lists; the next cycle sends it the rest. `dry_run`:
+    every check (the site asked too), nothing marked or recorded."""
     spec = _group(config, group, site)
     promoted = roles.promoted_cut(config, group)
     if promoted is None:
@@ -190,15 +267,19 @@ def reverse(
     found = builder.survey(runner, [spec], check=False)
     builder.require_surveyed(spec, found, "reverse", config.path)
     _check_record(demoted, group, promoted, {s.device.name: s.origin_sectors for s in found.stacks})
+    if dry_run:
+        known = StateStore.open_readonly(config.state_dir)
+        try:
+            _require_cut(known, group, site, promoted)
+            _place(config, spec, found.stacks, site, promoted, None, say)
+        finally:
+            if known is not None:
+                known.close()
+        return Reversal(group, site, promoted, demoted.discarded_bytes)
     with group_lock(config.state_dir, group, "reverse"):
         store = StateStore(config.state_dir)
         try:
-            if store.cut(group, promoted) is None:
-                raise InvalidInput(
-                    f"the state store has no record of cut {promoted}, at which {group} was "
-                    "promoted here",
-                    hint=f"seed site {site} instead (`dmrepl seed {group} --site {site}`)",
-                )
+            _require_cut(store, group, site, promoted)
             _place(config, spec, found.stacks, site, promoted, store, say)
             store.owe(group, site, demoted.discarded)
             store.record(
@@ -209,6 +290,24 @@ def reverse(
         finally:
             store.close()
     return Reversal(group, site, promoted, demoted.discarded_bytes)
+
+
+def _not_demoted_yet(config: Config, group: str) -> None:
+    earlier = roles.demotion(config, group)
+    if earlier is not None:
+        raise InvalidInput(
+            f"group {group} was demoted on this host already (at cut {earlier.cut})",
+            hint=f"give {StateDir(config.state_dir).demoted(group)} to `dmrepl reverse` on "
+            "the new primary",
+        )
+
+
+def _require_cut(store: StateStore | None, group: str, site: str, cut: int) -> None:
+    if store is None or store.cut(group, cut) is None:
+        raise InvalidInput(
+            f"the state store has no record of cut {cut}, at which {group} was promoted here",
+            hint=f"seed site {site} instead (`dmrepl seed {group} --site {site}`)",
+        )
 
 
 def _group(config: Config, group: str, site: str) -> GroupSpec:
@@ -348,11 +447,12 @@ def _place(
     stacks: tuple[StackSpec, ...],
     site: str,
     cut: int,
-    store: StateStore,
+    store: StateStore | None,
     say: Say,
 ) -> None:
     """Mark the site's own record as holding `cut` (its replicas are the old primary's
-    devices), dropping any delta still waiting for it."""
+    devices), dropping any delta still waiting for it. Without a store (a dry run): only
+    check that the site can be placed."""
     state = StateDir(config.state_dir)
     receiver = open_site(spec.site(site), SiteContext.of(stacks, state))
     try:
@@ -365,6 +465,8 @@ def _place(
             )
         try:
             receiver.check()
+            if store is None:
+                return
             receiver.recover()
             Spool.delete(Spool(state, spec.name, spec.spool_bytes).own_deltas(site))
             seeder.mark_seeded(cut)

@@ -34,6 +34,7 @@ from dmrepl.cut import held_cut
 from dmrepl.errors import DmreplError, InvalidInput
 from dmrepl.executor import Runner
 from dmrepl.lock import Busy, holder_of, takeover_lock
+from dmrepl.plan import Plan
 from dmrepl.signals import Say
 from dmrepl.sites.base import Delivery
 from dmrepl.state import CutRecord, StateStore
@@ -62,20 +63,46 @@ def promote(
     replicas = _promotable(config, group, site)
     state = StateDir(config.state_dir)
     lock = state.receive_lock(group, site)
-    holder = None if force else holder_of(lock)
-    if holder is not None:
-        raise Busy(
-            f"the old primary is delivering to site {site} now ({holder}): it still holds "
-            f"group {group}",
-            hint="stop its cycles first (planned failover), or give --force if it is lost",
-        )
-    asked = "not asked (--force)" if force else _ask_old_primary(config, group)
+    asked = "not asked (--force)" if force else _old_primary_let_go(config, group, site)
     with (
         _promotion_recorded(state, group, site) as record,
         takeover_lock(lock, config.state_dir, "promote") as stopped,
     ):
         replayed, held = record(replica.replay(replicas))
     return _become_primary(runner, config, group, site, held, replayed, stopped, asked, say)
+
+
+@dataclass(frozen=True)
+class PromotionPreview:
+    """What `promote --dry-run` found: the cut the replicas would hold (after the replay
+    of `pending`), the old primary's answer, and the stack that `up` would build."""
+
+    group: str
+    site: str
+    cut: int
+    pending: int | None
+    asked: str
+    up: Plan
+
+
+def preview(
+    runner: Runner, config: Config, group: str, site: str, *, force: bool
+) -> PromotionPreview:
+    """Every check `promote` makes (the old primary asked too), and what it would do; reads
+    only: the journal is not replayed, nothing is recorded or built."""
+    replicas = _promotable(config, group, site)
+    asked = "not asked (--force)" if force else _old_primary_let_go(config, group, site)
+    journal = replica.journal_state(replicas)
+    if journal.detail:
+        raise DmreplError(f"the journal of site {site} cannot be read: {journal.detail}")
+    cut = journal.pending if journal.pending is not None else journal.held
+    if cut is None:
+        raise DmreplError(
+            f"the replicas of {group} hold no whole cut (never seeded, or a seed was cut "
+            "short): promote would refuse them",
+        )
+    plan = builder.up(runner, config, group, dry_run=True)
+    return PromotionPreview(group, site, cut, journal.pending, asked, plan)
 
 
 def promote_in_session(
@@ -105,6 +132,19 @@ def _promotable(config: Config, group: str, site: str) -> replica.Replicas:
             hint=f"if its stack is not running (an interrupted promote), `dmrepl up {group}`",
         )
     return replicas
+
+
+def _old_primary_let_go(config: Config, group: str, site: str) -> str:
+    """Refuse while the old primary delivers to this host or says it holds the group; what
+    it answered (or why it was not asked)."""
+    holder = holder_of(StateDir(config.state_dir).receive_lock(group, site))
+    if holder is not None:
+        raise Busy(
+            f"the old primary is delivering to site {site} now ({holder}): it still holds "
+            f"group {group}",
+            hint="stop its cycles first (planned failover), or give --force if it is lost",
+        )
+    return _ask_old_primary(config, group)
 
 
 def _ask_old_primary(config: Config, group: str) -> str:

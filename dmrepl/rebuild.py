@@ -86,12 +86,14 @@ def apply_dir(
     *,
     from_cut: int | None = None,
     to_cut: int | None = None,
+    dry_run: bool = False,
     say: Say = print,
 ) -> ApplyResult:
     """Bring `targets` (device name -> path) to cut `to_cut` (default: the newest reachable).
 
     From a full image, or, with `from_cut`, from targets that already hold that cut.
     Checks everything first (see the module docstring); raises before writing a byte.
+    `dry_run`: every check, then what would be applied, and nothing written.
     """
     for option, value in (("--from-cut", from_cut), ("--cut", to_cut)):
         if value is not None and value < 0:
@@ -112,6 +114,13 @@ def apply_dir(
         steps = _verified_chain(planned, group)
         for step in steps:
             _check_devices(step, targets, opened)
+        if dry_run:
+            applied = [step.header.seq for step in steps]
+            data = sum(step.summary.data_bytes for step in steps)
+            for step in steps:
+                say(f"would apply cut {step.header.seq} from {step.path.name} "
+                    f"({step.summary.data_bytes} bytes)")  # fmt: skip
+            return ApplyResult(applied, applied[-1] if applied else from_cut or 0, data)
         return _write_chain(steps, opened, from_cut, say, record=(group, targets))
 
 

@@ -20,6 +20,7 @@ from dmrepl import dm
 from dmrepl.config import Config
 from dmrepl.errors import DmreplError, InvalidInput
 from dmrepl.executor import Runner
+from dmrepl.ops import Op
 from dmrepl.probe import REPLICA_VIEW_PREFIX as PREFIX
 from dmrepl.probe import DeviceProblem, probe_block_device
 from dmrepl.sites import SiteContext, SiteFailure
@@ -107,22 +108,12 @@ def open_replicas(runner: Runner, replicas: Replicas) -> tuple[int, dict[str, st
             "(never seeded, or a seed was cut short)",
             hint="seed the site from the primary; nothing was opened",
         )
-    for device, path in replicas.paths.items():
-        holders = probe_block_device(path, role=f"replica of {device}").holders
-        if holders:
-            raise DmreplError(
-                f"replica {path} of {device} is held by {', '.join(holders)} (a mirror leg of a "
-                "synchronous site, or open already): it is not a cut",
-                hint="only an asynchronous site's replicas, or a detached one's, can be opened",
-            )
+    views = read_only_views(replicas)
     done: dict[str, str] = {}
     try:
-        for device, path in replicas.paths.items():
-            sectors = probe_block_device(path, role=f"replica of {device}").size_sectors
-            name = names[device]
-            table = render_table([TableLine(0, sectors, Linear(path, 0))])
-            runner.run(dm.create_readonly(name, table, f"{UUID_TAG}{name[len(PREFIX) :]}"))
-            done[device] = dm.mapper_path(name)
+        for device, op in views.items():
+            runner.run(op)
+            done[device] = dm.mapper_path(names[device])
     except BaseException:
         for device in done:
             runner.run_best_effort(dm.remove(names[device]))
@@ -130,15 +121,37 @@ def open_replicas(runner: Runner, replicas: Replicas) -> tuple[int, dict[str, st
     return held, done
 
 
+def read_only_views(replicas: Replicas) -> dict[str, Op]:
+    """The command creating each replica's read-only view; refused for a replica held by
+    something (a live mirror leg is no cut). Runs nothing."""
+    names = replicas.names()
+    views = {}
+    for device, path in replicas.paths.items():
+        found = probe_block_device(path, role=f"replica of {device}")
+        if found.holders:
+            raise DmreplError(
+                f"replica {path} of {device} is held by {', '.join(found.holders)} (a mirror "
+                "leg of a synchronous site, or open already): it is not a cut",
+                hint="only an asynchronous site's replicas, or a detached one's, can be opened",
+            )
+        name = names[device]
+        table = render_table([TableLine(0, found.size_sectors, Linear(path, 0))])
+        views[device] = dm.create_readonly(name, table, f"{UUID_TAG}{name[len(PREFIX) :]}")
+    return views
+
+
 def close_replicas(runner: Runner, replicas: Replicas) -> list[str]:
     """Remove the read-only views; returns the names removed."""
-    opened = dm.observe(runner).names
-    removed = []
-    for name in replicas.names().values():
-        if name in opened:
-            runner.run(dm.remove(name))
-            removed.append(name)
+    removed = opened_views(runner, replicas)
+    for name in removed:
+        runner.run(dm.remove(name))
     return removed
+
+
+def opened_views(runner: Runner, replicas: Replicas) -> list[str]:
+    """The dm names of the replicas' read-only views that exist now."""
+    opened = dm.observe(runner).names
+    return [name for name in replicas.names().values() if name in opened]
 
 
 @dataclass(frozen=True)
@@ -175,17 +188,19 @@ def received(config: Config) -> list[ReceivedState]:
             )
         for site in sites:
             replicas = Replicas(group, site, dict(grant.replicas), grant.journal, config.state_dir)
-            spec = BlockdevSiteSpec(group, site, "blockdev", "asynchronous", replicas.paths,
-                                    replicas.journal)  # fmt: skip
-            reader = JournaledSite(spec, SiteContext({}, StateDir(config.state_dir)))
-            try:
-                held, recorded = reader.held(), reader.recorded()
-            except (SiteFailure, RecordUnreadable) as exc:
-                found.append(ReceivedState(group, site, None, None, str(exc)))
-                continue
-            pending = recorded if recorded is not None and recorded != held else None
-            found.append(ReceivedState(group, site, held, pending))
+            found.append(journal_state(replicas))
     return found
+
+
+def journal_state(replicas: Replicas) -> ReceivedState:
+    """What the replicas' journal says: the cut held and any replay pending (reads only)."""
+    try:
+        reader = journaled(replicas)
+        held, recorded = reader.held(), reader.recorded()
+    except (DmreplError, RecordUnreadable) as exc:
+        return ReceivedState(replicas.group, replicas.site, None, None, str(exc))
+    pending = recorded if recorded is not None and recorded != held else None
+    return ReceivedState(replicas.group, replicas.site, held, pending)
 
 
 @dataclass(frozen=True)

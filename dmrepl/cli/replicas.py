@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from dmrepl import replica
-from dmrepl.cli.app import ConfigOption, require_device_mapper, require_root
-from dmrepl.cli.render import out, say
+from dmrepl import dm, replica
+from dmrepl.cli.app import ConfigOption, DryRunOption, require_device_mapper, require_root
+from dmrepl.cli.render import out, print_plan, say
 from dmrepl.config import DEFAULT_PATH, load_config
 from dmrepl.executor import Runner
-from dmrepl.promote import promote
+from dmrepl.promote import preview, promote
 
 replica_app = typer.Typer(
     help="Replicas at the site that holds them: open read-only, close.", no_args_is_help=True
@@ -24,12 +24,24 @@ SiteName = Annotated[
 
 
 @replica_app.command("open")
-def open_command(group: GroupName, site: SiteName, config: ConfigOption = DEFAULT_PATH) -> None:
+def open_command(
+    group: GroupName, site: SiteName, config: ConfigOption = DEFAULT_PATH,
+    dry_run: DryRunOption = False,
+) -> None:  # fmt: skip
     """Finish a committed journal, then expose the replicas as read-only dm devices (never
     mount a raw replica: it may be between two cuts while a delivery is applied)."""
     require_root()
     replicas = replica.find(load_config(config), group, site)
     require_device_mapper()
+    if dry_run:
+        journal = replica.journal_state(replicas)
+        line(f"dry run: the journal of site {site}: {journal.state}" + (
+            f" ({journal.detail})" if journal.detail else ""))  # fmt: skip
+        if journal.pending is not None:
+            line(f"would finish applying cut {journal.pending} from the journal first")
+        for op in replica.read_only_views(replicas).values():
+            line(op.render())
+        return
     held, paths = replica.open_replicas(Runner(), replicas)
     out.print(f"replicas of {group} at site {site}: cut {held}, read-only:", markup=False)
     for device, path in paths.items():
@@ -41,19 +53,35 @@ def open_command(group: GroupName, site: SiteName, config: ConfigOption = DEFAUL
 
 
 @replica_app.command("close")
-def close_command(group: GroupName, site: SiteName, config: ConfigOption = DEFAULT_PATH) -> None:
+def close_command(
+    group: GroupName, site: SiteName, config: ConfigOption = DEFAULT_PATH,
+    dry_run: DryRunOption = False,
+) -> None:  # fmt: skip
     """Remove the read-only views; deliveries to the site go on."""
     require_root()
     replicas = replica.find(load_config(config), group, site)
     require_device_mapper()
+    if dry_run:
+        opened = replica.opened_views(Runner(), replicas)
+        for name in opened:
+            line(dm.remove(name).render())
+        line("dry run: " + ("nothing is open" if not opened else "nothing was removed"))
+        return
     removed = replica.close_replicas(Runner(), replicas)
     out.print(f"removed {', '.join(removed)}" if removed else "nothing was open", markup=False)
 
 
-def replay(config: ConfigOption = DEFAULT_PATH) -> None:
+def replay(config: ConfigOption = DEFAULT_PATH, dry_run: DryRunOption = False) -> None:
     """Finish every committed journal of this host's receive grants (run at boot on
     a receiver host, before anything reads a replica)."""
     require_root()
+    if dry_run:
+        pending = [r for r in replica.received(load_config(config)) if r.pending is not None]
+        for state in pending:
+            line(f"would finish applying cut {state.pending} of {state.group} at site "
+                 f"{state.site} (it holds cut {state.held})")  # fmt: skip
+        line("dry run: " + ("no journal is waiting" if not pending else "nothing was applied"))
+        return
     done = replica.replay_all(load_config(config))
     failed = False
     for outcome in done:
@@ -76,12 +104,23 @@ def promote_command(
         bool,
         typer.Option("--force", help="The old primary is lost: stop a delivery still running."),
     ] = False,
+    dry_run: DryRunOption = False,
 ) -> None:
     """At a DR host: this host's replicas of GROUP become its devices (failover), at the last
     cut they hold whole; change tracking starts at once (the group's stack is built)."""
     require_root()
     loaded = load_config(config)
     require_device_mapper()
+    if dry_run:
+        planned = preview(Runner(), loaded, group, site, force=force)
+        line(planned.asked)
+        if planned.pending is not None:
+            line(f"would finish applying cut {planned.pending} from the journal")
+        line(f"would record the promotion at cut {planned.cut} and build the stack:")
+        print_plan(planned.up, True)
+        line(f"then take a cut to start the group's history here at cut {planned.cut}")
+        line("dry run: nothing was changed")
+        return
     done = promote(Runner(), loaded, group, site, force=force, say=say)
     if done.replayed is not None:
         out.print(f"finished applying cut {done.replayed.seq} from the journal", markup=False)
@@ -91,3 +130,7 @@ def promote_command(
     out.print(f"group {group} promoted at cut {done.cut}: this host is its primary", markup=False)
     for device, gate in done.gates.items():
         out.print(f"  {device}: {gate}", markup=False)
+
+
+def line(text: str) -> None:
+    out.print(text, markup=False)

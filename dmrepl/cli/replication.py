@@ -151,10 +151,16 @@ def run(
     interval: Annotated[
         str, typer.Option("--interval", help="Time between cycles: 30s, 5m, 1h.")
     ] = "30s",
+    dry_run: DryRunOption = False,
 ) -> None:
     """Run `sync` every INTERVAL until SIGTERM or SIGINT (finishes the cycle in progress)."""
     require_root()
     seconds = parse_interval(interval)
+    if dry_run:
+        code = _dry_run(config, group, ())
+        out.print(f"run would repeat this every {seconds:g} s (sooner for a site over its "
+                  "fall-behind limit)", markup=False)  # fmt: skip
+        raise typer.Exit(code)
 
     def one_cycle() -> int:
         """`sync` once; a full filesystem or failing state store becomes a DmreplError."""
@@ -196,6 +202,7 @@ def verify_command(
         bool, typer.Option("--repair", help="Send the differing ranges through the journal.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    dry_run: DryRunOption = False,
 ) -> None:
     """Compare SITE's replicas with a fresh cut they are brought to (never the live device).
 
@@ -206,6 +213,13 @@ def verify_command(
     loaded = load_config(config)
     loaded.select(group)[0].site(site)
     require_device_mapper()
+    if dry_run:
+        render_preview(preview(Runner(), loaded, group))
+        scope = "every block" if since_cut is None else f"the blocks written since cut {since_cut}"
+        then = "; differing ranges would be sent through its journal" if repair else ""
+        out.print(f"then: site {site}'s replicas would be hashed ({scope}) against the cut, "
+                  f"held meanwhile{then}", markup=False)  # fmt: skip
+        raise typer.Exit(int(ExitCode.OK))
     progress = CliProgress()
     try:
         result = verify(
@@ -279,6 +293,12 @@ def apply_deltas(
         int | None, typer.Option("--from-cut", help="The cut the targets already hold.")
     ] = None,
     to_cut: Annotated[int | None, typer.Option("--cut", help="Stop at this cut.")] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Check everything, say what would be applied, write nothing."
+        ),
+    ] = False,
 ) -> None:
     """Rebuild devices from a dir site's deltas (or roll them forward with --from-cut)."""
     targets: dict[str, str] = {}
@@ -292,7 +312,17 @@ def apply_deltas(
                 hint="give one target per device; nothing was written",
             )
         targets[name] = path
-    result = apply_dir(directory, group, targets, from_cut=from_cut, to_cut=to_cut, say=say)
+    result = apply_dir(
+        directory, group, targets, from_cut=from_cut, to_cut=to_cut, dry_run=dry_run, say=say
+    )
+    if dry_run:
+        out.print(
+            f"dry run: the targets would hold cut {result.cut} of {group} "
+            f"({len(result.applied)} deltas, {format_bytes(result.data_bytes)}); nothing was "
+            "written",
+            markup=False,
+        )
+        return
     out.print(
         f"targets hold cut {result.cut} of {group} ({len(result.applied)} deltas, "
         f"{format_bytes(result.data_bytes)})",

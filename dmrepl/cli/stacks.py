@@ -249,11 +249,21 @@ def show_changes(
         int | None, typer.Option("--since-era", help="List changes since this era.")
     ] = None,
     as_json: JsonOption = False,
+    dry_run: DryRunOption = False,
 ) -> None:
     """Take a cut of GROUP and list the ranges written since a cut (default: the last one)."""
     require_root()
     changes_api.validate_since(since_cut, since_era)
     loaded = config_for_kernel(config, group)
+    if dry_run:
+        label, ops = changes_api.preview(
+            Runner(), loaded, group, since_cut=since_cut, since_era=since_era
+        )
+        out.print(f"dry run: would take a cut of {group} and list the changes since {label}, "
+                  "then record the cut:", markup=False)  # fmt: skip
+        for op in ops:
+            out.print(op.render(), markup=False)
+        return
     result = changes_api.changes(
         Runner(), loaded, group, since_cut=since_cut, since_era=since_era,
         say=(lambda _: None) if as_json else say,
