@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from dmrepl import safefile
 from dmrepl.errors import DmreplError, ExitCode
@@ -393,30 +394,29 @@ class StateStore:
             )
         return record
 
+    def _added_later(self, query: str, args: tuple[object, ...]) -> list[Any]:
+        """The rows of a query on a table added after the first release: none from a store
+        opened read-only that predates it (a writer creates it on opening)."""
+        try:
+            return self.db.execute(query, args).fetchall()
+        except sqlite3.OperationalError:
+            return []
+
     def cut_counters(self, group: str, seq: int) -> dict[str, WriteCounters]:
         """Each gate's write counters at cut `seq` (empty: not recorded)."""
-        try:
-            rows = self.db.execute(
-                "SELECT device, write_ios, write_sectors FROM cut_counters "
-                "WHERE grp = ? AND seq = ?",
-                (group, seq),
-            ).fetchall()
-        except sqlite3.OperationalError:  # a store from before the table (read-only)
-            return {}
+        rows = self._added_later(
+            "SELECT device, write_ios, write_sectors FROM cut_counters WHERE grp = ? AND seq = ?",
+            (group, seq),
+        )
         return {device: WriteCounters(ios, sectors) for device, ios, sectors in rows}
 
     def site_mode(self, group: str, site: str) -> SiteModeRecord:
-        try:
-            row = self.db.execute(
-                "SELECT mode, since, reason, enforced, released, dropped FROM site_modes "
-                "WHERE grp = ? AND site = ?",
-                (group, site),
-            ).fetchone()
-        except sqlite3.OperationalError:  # a store from before the table (read-only)
-            return NORMAL_MODE
-        if row is None:
-            return NORMAL_MODE
-        return SiteModeRecord(SiteMode(row[0]), *row[1:])
+        rows = self._added_later(
+            "SELECT mode, since, reason, enforced, released, dropped FROM site_modes "
+            "WHERE grp = ? AND site = ?",
+            (group, site),
+        )
+        return SiteModeRecord(SiteMode(rows[0][0]), *rows[0][1:]) if rows else NORMAL_MODE
 
     def switch_mode(self, group: str, site: str, mode: SiteMode, reason: str) -> None:
         """Record a site's switch to `mode` (and count it)."""
@@ -485,15 +485,12 @@ class StateStore:
             )  # fmt: skip
 
     def last_transfer(self, group: str, site: str) -> TransferRecord | None:
-        try:
-            row = self.db.execute(
-                "SELECT time, seq, resumed_from, stream_bytes, wire_bytes, seconds "
-                "FROM transfers WHERE grp = ? AND site = ?",
-                (group, site),
-            ).fetchone()
-        except sqlite3.OperationalError:  # a store from before the table (read-only)
-            return None
-        return None if row is None else TransferRecord(*row)
+        rows = self._added_later(
+            "SELECT time, seq, resumed_from, stream_bytes, wire_bytes, seconds "
+            "FROM transfers WHERE grp = ? AND site = ?",
+            (group, site),
+        )
+        return TransferRecord(*rows[0]) if rows else None
 
     def tally(
         self,
@@ -517,12 +514,7 @@ class StateStore:
 
     def tallies(self, group: str) -> dict[tuple[str, str], float]:
         """The group's running totals and last times: (site, name) -> value."""
-        try:
-            rows = self.db.execute(
-                "SELECT site, name, value FROM tallies WHERE grp = ?", (group,)
-            ).fetchall()
-        except sqlite3.OperationalError:  # a store from before the table (read-only)
-            return {}
+        rows = self._added_later("SELECT site, name, value FROM tallies WHERE grp = ?", (group,))
         return {(site, name): value for site, name, value in rows}
 
     def stall_histogram(
@@ -563,14 +555,11 @@ class StateStore:
 
     def owed(self, group: str, site: str) -> dict[str, list[Extent]]:
         """What `owe` recorded for the site and no delivery has carried yet."""
-        try:
-            rows = self.db.execute(
-                "SELECT device, first_sector, end_sector FROM owed WHERE grp = ? AND site = ? "
-                "ORDER BY device, first_sector",
-                (group, site),
-            ).fetchall()
-        except sqlite3.OperationalError:  # a store from before the table (read-only)
-            return {}
+        rows = self._added_later(
+            "SELECT device, first_sector, end_sector FROM owed WHERE grp = ? AND site = ? "
+            "ORDER BY device, first_sector",
+            (group, site),
+        )
         owed: dict[str, list[Extent]] = {}
         for device, begin, end in rows:
             owed.setdefault(device, []).append(Extent(begin, end))

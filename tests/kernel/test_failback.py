@@ -20,7 +20,7 @@ from dmrepl.replication.cycle import sync
 from tests.clirun import run_cli_here
 from tests.kernel.netlab import DR_IP, NetLab
 from tests.kernel.stacks import Bed
-from tests.kernel.test_promote import write_files
+from tests.kernel.test_promote import dr_config, write_files
 from tests.kernel.test_replica_access import as_receiver
 from tests.kernel.test_replicate import digest
 from tests.kernel.test_ssh_site import ROOT, remote
@@ -30,22 +30,33 @@ GATE = "/dev/mapper/fo"
 
 
 def dr_host(bed: Bed, replica: str, metadata: str, old_origin: str) -> Path:
-    """The DR host: a grant of the bed's site `dr`, the group over the replica (to promote
-    it), and a site `back` whose replica is the old primary's device (to fail back)."""
-    journal = bed.state_dir / "journal" / f"{bed.group}.dr.journal"
-    config = bed.workdir / "dr.toml"
-    config.write_text(
-        "\n".join([
-            "[dmrepl]", f'state_dir = "{bed.workdir / "dr-state"}"',
-            f"[receive.{bed.group}]", f'journal = "{journal}"',
-            f"[receive.{bed.group}.replica]", f'fo = "{replica}"',
-            f"[group.{bed.group}.device.fo]", f'origin = "{replica}"',
-            f'metadata = "{metadata}"', 'block_size = "64KiB"',
-            f"[group.{bed.group}.site.back]", 'transport = "blockdev"',
-            f"[group.{bed.group}.site.back.replica]", f'fo = "{old_origin}"',
-        ]) + "\n"
-    )  # fmt: skip
-    return config
+    """The DR host (`dr_config`), with a site `back` whose replica is the old primary's
+    device (to fail back)."""
+    back = f"[group.{bed.group}.site.back]"
+    return dr_config(
+        bed,
+        replica,
+        metadata,
+        back,
+        'transport = "blockdev"',
+        f"{back[:-1]}.replica]",
+        f'fo = "{old_origin}"',
+    )
+
+
+def ext4_seeded(bed: Bed, workdir: Path) -> tuple[str, str, Path, dict[str, bytes]]:
+    """Device `fo` with ext4 and files on it, seeded to a blockdev site `dr`; (the origin,
+    the replica, a mount point, the files)."""
+    bed.add_device("fo", origin_mib=48)
+    origin = str(bed.devices["fo"]["origin"])
+    replica = bed.add_site("dr")["fo"]
+    bed.cli("up")
+    subprocess.run(["mkfs.ext4", "-q", GATE], check=True)
+    mnt = workdir / "mnt"
+    with mounted(GATE, mnt):
+        files = write_files(mnt, "a")
+    bed.cli("sync", bed.group)  # cut 1, the seed
+    return origin, replica, mnt, files
 
 
 def old_primary_as_receiver(bed: Bed, origin: str) -> Path:
@@ -87,15 +98,7 @@ def fsck_clean(device: str) -> None:
 def test_switchover_and_back_ships_only_what_changed_and_loses_no_file(
     bed: Bed, workdir: Path, make_loop: Callable[[str, int], str]
 ) -> None:
-    bed.add_device("fo", origin_mib=48)
-    origin = str(bed.devices["fo"]["origin"])
-    replica = bed.add_site("dr")["fo"]
-    bed.cli("up")
-    subprocess.run(["mkfs.ext4", "-q", GATE], check=True)
-    mnt = workdir / "mnt"
-    with mounted(GATE, mnt):
-        files = write_files(mnt, "a")
-    bed.cli("sync", bed.group)  # the seed
+    origin, replica, mnt, files = ext4_seeded(bed, workdir)
     with mounted(GATE, mnt):
         written = write_files(mnt, "b")
     files |= written
@@ -147,15 +150,7 @@ def test_switchover_and_back_ships_only_what_changed_and_loses_no_file(
 def test_unplanned_failover_then_failback_lists_and_keeps_the_late_writes(
     bed: Bed, workdir: Path, make_loop: Callable[[str, int], str]
 ) -> None:
-    bed.add_device("fo", origin_mib=48)
-    origin = str(bed.devices["fo"]["origin"])
-    replica = bed.add_site("dr")["fo"]
-    bed.cli("up")
-    subprocess.run(["mkfs.ext4", "-q", GATE], check=True)
-    mnt = workdir / "mnt"
-    with mounted(GATE, mnt):
-        kept = write_files(mnt, "a")
-    bed.cli("sync", bed.group)  # cut 1 reaches the site
+    origin, replica, mnt, kept = ext4_seeded(bed, workdir)  # cut 1 reaches the site
     with mounted(GATE, mnt):
         late = write_files(mnt, "b")
     bed.killed_at("journal-write", "sync", bed.group)  # cut 2 never does

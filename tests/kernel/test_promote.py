@@ -17,9 +17,10 @@ MiB = 2**20
 GATE = "/dev/mapper/fo"
 
 
-def dr_config(bed: Bed, replica: str, metadata: str) -> Path:
+def dr_config(bed: Bed, replica: str, metadata: str, *more: str) -> Path:
     """The DR host: a grant of the bed's site `dr` (its journal where the primary's blockdev
-    site keeps it) and the group configured over the replica, for promotion."""
+    site keeps it) and the group configured over the replica, for promotion; `more` lines
+    are added (another site of the group there, say)."""
     journal = bed.state_dir / "journal" / f"{bed.group}.dr.journal"
     config = bed.workdir / "dr.toml"
     config.write_text(
@@ -28,7 +29,7 @@ def dr_config(bed: Bed, replica: str, metadata: str) -> Path:
             f"[receive.{bed.group}]", f'journal = "{journal}"',
             f"[receive.{bed.group}.replica]", f'fo = "{replica}"',
             f"[group.{bed.group}.device.fo]", f'origin = "{replica}"',
-            f'metadata = "{metadata}"', 'block_size = "64KiB"',
+            f'metadata = "{metadata}"', 'block_size = "64KiB"', *more,
         ]) + "\n"
     )  # fmt: skip
     return config
