@@ -83,12 +83,7 @@ class Reversal:
 
 def switchover(runner: Runner, config: Config, group: str, site: str, say: Say) -> Switchover:
     """Planned: ship the final cut to `site`, then demote this host (see the module doc)."""
-    spec = _group(config, group, site)
-    roles.require_primary(config, group, "switch it over")
-    found = builder.survey(runner, [spec], check=False)
-    builder.require_surveyed(spec, found, "switch over", config.path)
-    require_running(found.stacks, found.observed)
-    _require_closed(runner, found.stacks, "switchover")
+    spec, stacks = _switchable(runner, config, group, site)
     started = time.monotonic()
     result = sync(runner, config, group, say=say)
     (report,) = [r for r in result.sites if r.site == site]
@@ -102,7 +97,7 @@ def switchover(runner: Runner, config: Config, group: str, site: str, say: Say) 
     demoted, record = demote(
         runner, config, group, site, cut=result.cut.seq, reason="switchover", say=say
     )
-    promoted, problem = _promote_there(config, spec, found.stacks, site, say)
+    promoted, problem = _promote_there(config, spec, stacks, site, say)
     seconds = time.monotonic() - started
     return Switchover(group, site, result.cut.seq, seconds, demoted, record, promoted, problem)
 
@@ -224,14 +219,9 @@ class SwitchoverPreview:
 
 def switchover_preview(runner: Runner, config: Config, group: str, site: str) -> SwitchoverPreview:
     """Every check `switchover` makes before its final cycle, and what it would do."""
-    spec = _group(config, group, site)
-    roles.require_primary(config, group, "switch it over")
-    found = builder.survey(runner, [spec], check=False)
-    builder.require_surveyed(spec, found, "switch over", config.path)
-    require_running(found.stacks, found.observed)
-    _require_closed(runner, found.stacks, "switchover")
+    spec, stacks = _switchable(runner, config, group, site)
     cycle = preview(runner, config, group)
-    receiver = open_site(spec.site(site), SiteContext.of(found.stacks, StateDir(config.state_dir)))
+    receiver = open_site(spec.site(site), SiteContext.of(stacks, StateDir(config.state_dir)))
     try:
         takes_over = isinstance(receiver, Promoter)
     finally:
@@ -290,6 +280,19 @@ def reverse(
         finally:
             store.close()
     return Reversal(group, site, promoted, demoted.discarded_bytes)
+
+
+def _switchable(
+    runner: Runner, config: Config, group: str, site: str
+) -> tuple[GroupSpec, tuple[StackSpec, ...]]:
+    """The group and its stacks, if it is primary here, running, and quiet (gates closed)."""
+    spec = _group(config, group, site)
+    roles.require_primary(config, group, "switch it over")
+    found = builder.survey(runner, [spec], check=False)
+    builder.require_surveyed(spec, found, "switch over", config.path)
+    require_running(found.stacks, found.observed)
+    _require_closed(runner, found.stacks, "switchover")
+    return spec, found.stacks
 
 
 def _not_demoted_yet(config: Config, group: str) -> None:
