@@ -91,16 +91,26 @@ def written_since(
     `DMREPL_ERA_LIST` chooses (`LIST_MODES`).
     """
     mode = list_mode()
+    if mode == "auto" and not erameta.FAST_CHECKSUMS:
+        _warn_once("the crc32c module is not installed: change lists use era_invalidate")
+        mode = "tool"
     if metadata_snapshot and mode != "tool":
         try:
-            if mode == "auto" and not erameta.FAST_CHECKSUMS:
-                raise MetadataDoubt("the crc32c module is not installed")
             return erareader.written_since(access_device, era)
         except (MetadataDoubt, OSError) as exc:
             if mode == "reader":
                 raise
             log.warning("era metadata of %s: %s; listing with era_invalidate", access_device, exc)
     return _tool_written_since(runner, access_device, era, metadata_snapshot=metadata_snapshot)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def list_mode() -> str:

@@ -195,7 +195,7 @@ def _snapshot(rig: EraRig, rng: random.Random, capture: Path | None) -> None:
 
 @pytest.mark.parametrize(
     ("nr_blocks", "steps"),
-    [(5_000, 30), (300_003, 20)],  # 5 era-array blocks; 295 (a btree with an internal node)
+    [(5_000, 30), (300_003, 40)],  # 5 era-array blocks; 295 (a btree with an internal node)
     ids=["small", "large"],
 )
 def test_reader_matches_era_invalidate(
