@@ -1,6 +1,6 @@
 """Benchmark: what a cut and its change list cost, as the device grows and as changes grow.
 
-    .venv/bin/python -m bench.cut_cost [--grid full|quick] [--json PATH]
+    .venv/bin/python -m bench.cut_cost [--grid full|quick|goal3] [--json PATH]
 
 Each point builds dmrepl's own stack (`plan_stack`: meta, access, snapshot-origin,
 era, gate) over a `zero` origin (reads return zeros, writes are discarded, but
@@ -12,6 +12,10 @@ the code `dmrepl changes` runs (without `-pit` images).
 - by size: 1 GiB .. 16 TiB; before each cut a few blocks spread over the device
   are written, then the cut is taken (gates suspended, metadata snapshot taken,
   gates resumed), the change list since the previous cut read, the cut released.
+- both list paths: while each cut is held its changes are listed twice, by
+  dmrepl's own metadata reader (`DMREPL_ERA_LIST=reader`, the default path) and
+  by era_invalidate (`DMREPL_ERA_LIST=tool`), in alternating order, and the two
+  lists must be equal. "cut + list" is take + list + release for each path.
 - by changes: one device; N distinct era blocks (never adjacent, so N ranges) are
   written with buffered 4 KiB writes and one fsync, then cuts list the changes
   since the era the writes began in.
@@ -37,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.vmrun import run_guest_half
-from dmrepl import dm, loop
+from dmrepl import dm, era, loop
 from dmrepl.config import DeviceSpec
 from dmrepl.cut import held_cut, list_changes
 from dmrepl.executor import CommandFailed, Runner
@@ -75,6 +79,15 @@ GRIDS = {
         changes_size=1 * TiB,
         changes=(0, 100, 1_000, 10_000, 100_000),
         cuts_per_change=3,
+        write_budget_s=600.0,
+    ),
+    "goal3": Grid(  # issue 20, goal 3: 16 changed era blocks, 1 GiB against 16 TiB
+        sizes=(1 * GiB, 16 * TiB),
+        cuts_per_size=5,
+        blocks_between_cuts=16,
+        changes_size=1 * TiB,
+        changes=(),
+        cuts_per_change=0,
         write_budget_s=600.0,
     ),
     "quick": Grid(
@@ -200,32 +213,50 @@ def spread(count: int, era_blocks: int) -> range:
 
 
 def timed_cut(
-    runner: TimedRunner, stack: StackSpec, since: int | None, say: Callable[[str], object]
+    runner: TimedRunner,
+    stack: StackSpec,
+    since: int | None,
+    say: Callable[[str], object],
+    reader_first: bool = True,
 ) -> dict[str, Any]:
     """Take one cut, list changes since era `since` (None: since the era before the cut).
 
-    Returns the cut's timings, the commands it ran and what the list held.
+    The list is made by both paths (`reader_first` says which goes first), which
+    must agree. Returns the cut's timings, the commands it ran and what the list held.
     """
     name = stack.device.name
     mark = runner.mark()
     started = time.monotonic()
+    lists: dict[str, list[Any]] = {}
+    list_s: dict[str, float] = {}
     with held_cut(runner, (stack,), say=lambda _: None) as held:
         taken = time.monotonic()
         in_take = runner.since(mark)
         first = held.eras[name] if since is None else since
-        listed = list_changes(runner, held, {name: first})[name]
-        done_listing = time.monotonic()
-        stall, era = held.stall_s, held.eras[name]
+        for mode in ("reader", "tool") if reader_first else ("tool", "reader"):
+            os.environ[era.LIST_ENV] = mode
+            begun = time.monotonic()
+            lists[mode] = list_changes(runner, held, {name: first})[name]
+            list_s[mode] = time.monotonic() - begun
+        os.environ.pop(era.LIST_ENV)
+        stall, cut_era = held.stall_s, held.eras[name]
+        release_started = time.monotonic()
     released = time.monotonic()
+    if lists["reader"] != lists["tool"]:
+        raise AssertionError(f"era {cut_era} since {first}: the reader and era_invalidate differ")
+    listed = lists["reader"]
     commands = runner.since(mark)
+    take_s, release_s = taken - started, released - release_started
     record = {
-        "era": era,
+        "era": cut_era,
         "since": first,
-        "take_s": taken - started,
+        "take_s": take_s,
         "stall_s": stall,
-        "list_s": done_listing - taken,
-        "release_s": released - done_listing,
-        "total_s": released - started,
+        "list_s": list_s["reader"],
+        "list_tool_s": list_s["tool"],
+        "release_s": release_s,
+        "total_s": take_s + list_s["reader"] + release_s,
+        "total_tool_s": take_s + list_s["tool"] + release_s,
         "era_invalidate_s": sum(s for label, s in commands if label == "era_invalidate"),
         "take_message_s": sum(s for label, s in in_take if label == "dmsetup message"),
         "take_commands": in_take,
@@ -234,8 +265,9 @@ def timed_cut(
         "changed_sectors": total_length(listed),
     }
     say(
-        f"  cut era {era}: take {record['take_s']:.2f} s (stall {stall:.2f} s), list "
-        f"{record['list_s']:.2f} s ({record['ranges']} ranges), release {record['release_s']:.2f} s"
+        f"  cut era {cut_era}: take {take_s:.2f} s (stall {stall:.2f} s), list "
+        f"{list_s['reader']:.3f} s by the reader, {list_s['tool']:.2f} s by era_invalidate "
+        f"({record['ranges']} ranges), release {release_s:.2f} s"
     )
     return record
 
@@ -256,9 +288,10 @@ def measure_size(
         gate = stack.require(Layer.GATE).path
         cuts = []
         previous: int | None = None
-        for _ in range(grid.cuts_per_size):
+        for index in range(grid.cuts_per_size):
             write_blocks(gate, blocks, time.monotonic() + grid.write_budget_s)
-            cut = timed_cut(runner, stack, None if previous is None else previous + 1, say)
+            since = None if previous is None else previous + 1
+            cut = timed_cut(runner, stack, since, say, reader_first=index % 2 == 0)
             previous = cut["era"]
             cuts.append(cut)
     return {
@@ -276,7 +309,9 @@ def measure_changes(
     runner: TimedRunner, workdir: Path, grid: Grid, say: Callable[[str], object]
 ) -> list[dict[str, Any]]:
     """Change lists of N changed era blocks on one device."""
-    points = []
+    points: list[dict[str, Any]] = []
+    if not grid.changes:
+        return points
     era_blocks = -(-grid.changes_size // BLOCK_SECTORS)
     with bench_stack(runner, workdir, f"cc{os.getpid()}n", grid.changes_size) as stack:
         gate = stack.require(Layer.GATE).path
@@ -351,12 +386,15 @@ def _median(cuts: list[dict[str, Any]], key: str) -> float:
 
 def render_tables(payload: dict[str, Any]) -> str:
     """The Markdown tables of docs/cuts.md (seconds, medians over a point's cuts)."""
-    keys = ("stall_s", "take_message_s", "list_s", "era_invalidate_s", "release_s", "total_s")
+    keys = (
+        "stall_s", "take_message_s", "list_s", "list_tool_s", "release_s", "total_s",
+        "total_tool_s",
+    )  # fmt: skip
     lines = [
         "| origin | era blocks | metadata | cuts | commands per cut | writer stall"
-        " | of which `take_metadata_snap` | list | of which era_invalidate | release"
-        " | cut + list |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | of which `take_metadata_snap` | list (reader) | list (era_invalidate) | release"
+        " | cut + list (reader) | cut + list (era_invalidate) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     sizes = payload["sizes"]
     for p in sizes:
@@ -366,7 +404,7 @@ def render_tables(payload: dict[str, Any]) -> str:
             _size(p["metadata_sectors"]),
             str(len(p["cuts"])),
             "/".join(str(n) for n in sorted({cut["commands"] for cut in p["cuts"]})),
-            *(f"{_median(p['cuts'], key):.2f}" for key in keys),
+            *(f"{_median(p['cuts'], key):.3f}" for key in keys),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if len(sizes) > 1:
@@ -379,12 +417,14 @@ def render_tables(payload: dict[str, Any]) -> str:
             cells.append(f"{_median(large['cuts'], key) / low:.2f}x" if low > 0 else "")
         lines.append("| " + " | ".join(cells) + " |")
 
+    if not payload["changes"]:
+        return "\n".join(lines)
     lines += [
         "",
         f"Change lists on a {_size(payload['changes_origin_sectors'])} device:",
         "",
-        "| changed era blocks | written in | cuts | ranges listed | list"
-        " | of which era_invalidate | writer stall |",
+        "| changed era blocks | written in | cuts | ranges listed | list (reader)"
+        " | list (era_invalidate) | writer stall |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in payload["changes"]:
@@ -395,10 +435,7 @@ def render_tables(payload: dict[str, Any]) -> str:
             f"{p['write_s']:.1f}",
             str(len(p["cuts"])),
             "/".join(str(r) for r in ranges),
-            *(
-                f"{_median(p['cuts'], key):.2f}"
-                for key in ("list_s", "era_invalidate_s", "stall_s")
-            ),
+            *(f"{_median(p['cuts'], key):.2f}" for key in ("list_s", "list_tool_s", "stall_s")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dmrepl import dm
+from dmrepl import dm, erameta, erareader
+from dmrepl.erameta import MetadataDoubt
 from dmrepl.eraxml import EraInvalidateParser
 from dmrepl.errors import ParseError
 from dmrepl.executor import CommandFailed, Runner
 from dmrepl.ops import probe
 from dmrepl.ranges import Extent
 from dmrepl.status import EraStatus, parse_era_status, parse_status_line
+
+log = logging.getLogger(__name__)
+
+# How `written_since` reads a metadata snapshot: "auto" (our reader, era_invalidate
+# when it has any doubt), "reader" (ours only: doubts are errors) or "tool" (era_invalidate).
+LIST_ENV = "DMREPL_ERA_LIST"
+LIST_MODES = ("auto", "reader", "tool")
 
 
 class EraToolFailed(CommandFailed):
@@ -74,7 +84,47 @@ def written_since(
     held snapshot; the caller must hold one. The tool's output is parsed as it
     arrives, so memory follows the number of coalesced ranges, not its length.
     Raises `EraToolFailed` when the tool fails, `ParseError` on output it cannot read.
+
+    A held snapshot is read by `dmrepl.erareader` (tens of milliseconds where
+    the tool takes seconds on large devices); on any doubt (a bad checksum, a
+    shape it does not know, no crc32c module) era_invalidate lists it instead.
+    `DMREPL_ERA_LIST` chooses (`LIST_MODES`).
     """
+    mode = list_mode()
+    if mode == "auto" and not erameta.FAST_CHECKSUMS:
+        _warn_once("the crc32c module is not installed: change lists use era_invalidate")
+        mode = "tool"
+    if metadata_snapshot and mode != "tool":
+        try:
+            return erareader.written_since(access_device, era)
+        except (MetadataDoubt, OSError) as exc:
+            if mode == "reader":
+                raise
+            log.warning("era metadata of %s: %s; listing with era_invalidate", access_device, exc)
+    return _tool_written_since(runner, access_device, era, metadata_snapshot=metadata_snapshot)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def list_mode() -> str:
+    """The `DMREPL_ERA_LIST` setting (default "auto")."""
+    mode = os.environ.get(LIST_ENV, "auto") or "auto"
+    if mode not in LIST_MODES:
+        raise ValueError(f"{LIST_ENV}={mode!r}: expected one of {', '.join(LIST_MODES)}")
+    return mode
+
+
+def _tool_written_since(
+    runner: Runner, access_device: str, era: int, *, metadata_snapshot: bool
+) -> list[Extent]:
+    """`written_since` by era_invalidate."""
     argv = ["era_invalidate", "--written-since", str(era)]
     if metadata_snapshot:
         argv.insert(1, "--metadata-snapshot")
