@@ -89,13 +89,13 @@ def _crc32c_python(data: bytes | memoryview) -> int:
     return crc ^ 0xFFFFFFFF
 
 
+crc32c: Callable[[bytes | memoryview], int]
 try:  # a C implementation (SSE 4.2 where the CPU has it): about 1 us per block
     from crc32c import crc32c as _crc32c_fast
-except ImportError:  # pragma: no cover - depends on the environment
-    _crc32c_fast = None
 
-FAST_CHECKSUMS = _crc32c_fast is not None
-crc32c: Callable[[bytes | memoryview], int] = _crc32c_fast or _crc32c_python
+    crc32c, FAST_CHECKSUMS = _crc32c_fast, True
+except ImportError:  # pragma: no cover - depends on the environment
+    crc32c, FAST_CHECKSUMS = _crc32c_python, False
 
 
 def block_checksum(block: bytes | memoryview, xor: int) -> int:
