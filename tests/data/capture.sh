@@ -307,4 +307,4 @@ try_case delay-write-same "0 $S delay $A 0 0 $A 0 0"
 try_case delay-flush "0 2048 delay $A 0 10 $B 16 20 $A 8 5"
 
 dmesg | grep -E 'device-mapper|Buffer I/O error on dev dm-' | sed 's/^\[ *[0-9.]*\] //' >"$OUT/kernel-log"
-log "done: $(ls "$OUT" | wc -l) files in $OUT"
+log "done: $(find "$OUT" -mindepth 1 -maxdepth 1 | wc -l) files in $OUT"

@@ -19,8 +19,8 @@ era_invalidate --version > "$out/era_invalidate.version"
 dmsetup status cap-era > "$out/status-fresh.txt"
 # block 3; blocks 10-12; block 20; last block (511)
 for spec in "3 1" "10 3" "20 1" "511 1"; do
-    set -- $spec
-    dd if=/dev/urandom of=/dev/mapper/cap-gate bs=64K seek="$1" count="$2" oflag=direct status=none
+    read -r seek count <<<"$spec"
+    dd if=/dev/urandom of=/dev/mapper/cap-gate bs=64K seek="$seek" count="$count" oflag=direct status=none
 done
 dmsetup status cap-era > "$out/status-before-take.txt"
 dmsetup message cap-era 0 take_metadata_snap
