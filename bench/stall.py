@@ -13,7 +13,8 @@ the other in every round so they share the guest's noise:
 - `kernel alone`: the same ioctls back to back and nothing else (the floor).
 
 Idle, then with a writer issuing synchronous 4 KiB writes (O_DIRECT|O_DSYNC) to both
-devices in turn; its longest single write is reported too. Prints the median stall
+devices in turn; the longest of its writes that overlapped each way's cuts is reported
+too (what an application sees). Prints the median stall
 per way, its ratio to the kernel alone, and the median time of each step.
 """
 
@@ -45,19 +46,21 @@ COW_BYTES = 64 << 20
 WAYS = ("cut, dmsetup", "cut, ioctl", "kernel alone")
 
 # Writes 4 KiB synchronously to each device in turn until the stop file appears, then prints
-# how many it wrote and its longest write in seconds.
+# how many it wrote and when each write longer than 1 ms began and how long it took.
 WRITER = """
 import json, mmap, os, sys, time
 buf = mmap.mmap(-1, 4096)
 fds = [os.open(p, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC) for p in sys.argv[2:]]
-count, longest = 0, 0.0
+count, slow = 0, []
 while not os.path.exists(sys.argv[1]):
     for fd in fds:
         started = time.monotonic()
         os.pwrite(fd, buf, (count % 1024) * 4096)
-        longest = max(longest, time.monotonic() - started)
+        took = time.monotonic() - started
+        if took > 0.001:
+            slow.append((started, took))
         count += 1
-print(json.dumps({"writes": count, "longest_s": longest}))
+print(json.dumps({"writes": count, "slow": slow}))
 """
 
 
@@ -99,16 +102,36 @@ def kernel_alone(
 def one_round(
     stacks: tuple[StackSpec, ...], cows: dict[str, str], runner: Runner
 ) -> dict[str, Any]:
-    """Each way once: its stall and its steps."""
+    """Each way once: its stall, its steps, and when it ran (CLOCK_MONOTONIC, as the writer's)."""
     found: dict[str, Any] = {}
     for way, issuer in (("cut, dmsetup", DmsetupRunner()), ("cut, ioctl", runner)):
-        with held_cut(
-            issuer, stacks, cow_for=lambda s: cows[s.device.name], say=lambda _: None
-        ) as held:
-            found[way] = {"stall_s": held.stall_s, "steps": list(held.steps)}
+        began = time.monotonic()
+        with held_cut(issuer, stacks, cow_for=lambda s: cows[s.device.name], say=_quiet) as held:
+            window = (began, time.monotonic())
+        found[way] = {"stall_s": held.stall_s, "steps": list(held.steps), "window": window}
+    began = time.monotonic()
     stall, timings = kernel_alone(runner, stacks, cows)
-    found["kernel alone"] = {"stall_s": stall, "steps": timings}
+    window = (began, time.monotonic())
+    found["kernel alone"] = {"stall_s": stall, "steps": timings, "window": window}
     return found
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def longest_write(found: dict[str, Any], way: str) -> float | None:
+    """The longest of the writer's writes that overlapped one of `way`'s cuts (s)."""
+    if "slow" not in found["writer"]:
+        return None
+    windows = [r[way]["window"] for r in found["rounds"]]
+    overlapping = [
+        took
+        for began, took in found["writer"]["slow"]
+        for low, high in windows
+        if began < high and began + took > low
+    ]
+    return max(overlapping, default=0.0)
 
 
 @contextmanager
@@ -184,10 +207,10 @@ def render(payload: dict[str, Any]) -> str:
     ]
     for mode, found in payload["modes"].items():
         stalls = medians(found["rounds"])
-        longest = found["writer"].get("longest_s")
         for way in WAYS:
             ratio = stalls[way] / stalls["kernel alone"]
-            shown = f"{longest * 1000:.0f}" if longest is not None and way == WAYS[1] else ""
+            longest = longest_write(found, way)
+            shown = "" if longest is None else f"{longest * 1000:.1f}"
             lines.append(f"| {mode} | {way} | {stalls[way] * 1000:.1f} | {ratio:.2f}x | {shown} |")
     for mode, found in payload["modes"].items():
         lines += ["", f"Each step, {mode} (median ms):", ""]
@@ -204,7 +227,7 @@ def render(payload: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stall", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=10, help="cuts per way and mode")
+    parser.add_argument("--rounds", type=int, default=30, help="cuts per way and mode")
     parser.add_argument("--json", type=Path, help="also copy the raw results here")
     parser.add_argument("--render", type=Path, help="print the tables of saved results; no VM")
     parser.add_argument("--guest", type=Path, help=argparse.SUPPRESS)

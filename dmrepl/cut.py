@@ -179,15 +179,19 @@ def held_cut(
     names = [s.device.name for s in stacks]
     steps = cut_steps(stacks, cows, gates_held=gates_held)
     gates_suspended = sum(not step.stalls for step in steps) + (0 if gates_held else len(stacks))
-    with deferred_signals() as latch, ExitStack() as release:
+    with (
+        deferred_signals() as latch,
+        ExitStack() as release,
+        opened_gate_counters(names) as read_counters,
+    ):
         started: float | None = None
         timings: list[tuple[str, float]] = []
         pending: list[Op] = []  # what undoes the steps taken so far (resumes of suspends)
-        counters = gate_counters(names) if gates_held else {}
+        counters = read_counters() if gates_held else {}
         try:
             for index, step in enumerate(steps):
                 if not gates_held and index == gates_suspended:
-                    counters = gate_counters(names)
+                    counters = read_counters()
                     timings.append(("read the gates' write counters", time.monotonic()))
                 latch.check()
                 if step.stalls:
@@ -244,10 +248,28 @@ def _durations(
 def gate_counters(devices: Iterable[str]) -> dict[str, WriteCounters]:
     """The block-layer write counters of the named devices' gates now (a gate whose sysfs
     cannot be read, a stack not up, is left out: a backlog is then unknown, never guessed)."""
-    found = {
-        name: probe.write_counters(mapper_path(layer_name(name, Layer.GATE))) for name in devices
-    }
-    return {name: counters for name, counters in found.items() if counters is not None}
+    with opened_gate_counters(devices) as read:
+        return read()
+
+
+@contextmanager
+def opened_gate_counters(
+    devices: Iterable[str],
+) -> Iterator[Callable[[], dict[str, WriteCounters]]]:
+    """`gate_counters` opened ahead: the reader it yields costs one system call a gate."""
+    with ExitStack() as close:
+        fds = {}
+        for name in devices:
+            fd = probe.open_write_counters(mapper_path(layer_name(name, Layer.GATE)))
+            if fd is not None:
+                close.callback(os.close, fd)
+                fds[name] = fd
+
+        def read() -> dict[str, WriteCounters]:
+            found = {name: probe.read_write_counters(fd) for name, fd in fds.items()}
+            return {name: counters for name, counters in found.items() if counters is not None}
+
+        yield read
 
 
 def _last_era(runner: Runner, stack: StackSpec) -> int:

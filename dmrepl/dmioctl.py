@@ -203,19 +203,27 @@ def table_status(name: str, *, table: bool) -> Request:
     )
 
 
+_opened: dict[str, int] = {}
+
+
+def _control(path: str) -> int:
+    """The control device, opened once per process (an open is a system call, and in
+    user-mode Linux every system call is traced)."""
+    if path not in _opened:
+        _opened[path] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    return _opened[path]
+
+
 def issue(request: Request) -> Reply:
     """Issue `request` on the control device; raise `IoctlFailed` with the kernel's errno."""
     buffer = pack(request)
-    fd = os.open(CONTROL, os.O_RDWR | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, request.command.number, buffer, True)
+        fcntl.ioctl(_control(CONTROL), request.command.number, buffer, True)
     except OSError as exc:
         code = exc.errno or errno.EIO
         raise IoctlFailed(
             code, f"{request.command.name} on {request.name}: {os.strerror(code)}"
         ) from None
-    finally:
-        os.close(fd)
     reply = unpack(buffer)
     if reply.flags & Flag.BUFFER_FULL:
         raise IoctlFailed(errno.ENOSPC, f"{request.command.name} on {request.name}: answer cut")

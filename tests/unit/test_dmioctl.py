@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
@@ -109,5 +110,6 @@ def test_a_reply_unpacks_to_flags_device_and_targets() -> None:
 def test_issue_reports_the_kernels_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()  # the real `issue`, on a control node that is not there
     monkeypatch.setattr(dmioctl, "CONTROL", "/nonexistent/control")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(dmioctl.IoctlFailed, match="DEV_STATUS on ca: No such file") as caught:
         dmioctl.issue(Request(Command.DEV_STATUS, "ca"))
+    assert caught.value.errno == errno.ENOENT
