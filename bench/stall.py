@@ -13,7 +13,7 @@ the other in every round so they share the guest's noise:
 - `kernel alone`: the same ioctls back to back and nothing else (the floor).
 
 Idle, then with a writer issuing synchronous 4 KiB writes (O_DIRECT|O_DSYNC) to both
-devices in turn; the longest of its writes that overlapped each way's cuts is reported
+devices in turn; the longest of its writes that overlapped each way's stalls is reported
 too (what an application sees). Prints the median stall
 per way, its ratio to the kernel alone, and the median time of each step.
 """
@@ -72,8 +72,8 @@ class DmsetupRunner(Runner):
 
 def kernel_alone(
     runner: Runner, stacks: tuple[StackSpec, ...], cows: dict[str, str]
-) -> tuple[float, list[tuple[str, float]]]:
-    """The cut's stalled steps as bare ioctls back to back; (stall, [(step, s)]).
+) -> tuple[float, float, list[tuple[str, float]]]:
+    """The cut's stalled steps as bare ioctls back to back: (began, stall, [(step, s)]).
 
     The empty `-pit` devices are made before and everything is released after, untimed.
     """
@@ -92,11 +92,10 @@ def kernel_alone(
         now = time.monotonic()
         timings.append((label, now - previous))
         previous = now
-    stall = previous - started
     for step in reversed(steps):
         if step.release is not None:
             runner.run(step.release)
-    return stall, timings
+    return started, previous - started, timings
 
 
 def one_round(
@@ -105,13 +104,11 @@ def one_round(
     """Each way once: its stall, its steps, and when it ran (CLOCK_MONOTONIC, as the writer's)."""
     found: dict[str, Any] = {}
     for way, issuer in (("cut, dmsetup", DmsetupRunner()), ("cut, ioctl", runner)):
-        began = time.monotonic()
         with held_cut(issuer, stacks, cow_for=lambda s: cows[s.device.name], say=_quiet) as held:
-            window = (began, time.monotonic())
+            window = (held.stalled_from, held.stalled_from + held.stall_s)
         found[way] = {"stall_s": held.stall_s, "steps": list(held.steps), "window": window}
-    began = time.monotonic()
-    stall, timings = kernel_alone(runner, stacks, cows)
-    window = (began, time.monotonic())
+    began, stall, timings = kernel_alone(runner, stacks, cows)
+    window = (began, began + stall)
     found["kernel alone"] = {"stall_s": stall, "steps": timings, "window": window}
     return found
 
@@ -121,7 +118,7 @@ def _quiet(_: str) -> None:
 
 
 def longest_write(found: dict[str, Any], way: str) -> float | None:
-    """The longest of the writer's writes that overlapped one of `way`'s cuts (s)."""
+    """The longest of the writer's writes that overlapped one of `way`'s stalls (s)."""
     if "slow" not in found["writer"]:
         return None
     windows = [r[way]["window"] for r in found["rounds"]]

@@ -54,6 +54,7 @@ class HeldCut:
     latch: SignalLatch
     counters: dict[str, WriteCounters]  # each gate's write counters at the cut
     steps: tuple[tuple[str, float], ...] = ()  # each stalled step and its seconds, in order
+    stalled_from: float = 0.0  # time.monotonic() when the first stalled step began
 
     @property
     def eras(self) -> dict[str, int]:
@@ -225,7 +226,9 @@ def held_cut(
             DeviceCut(stack, _last_era(runner, stack), pits.get(stack.device.name))
             for stack in stacks
         )
-        yield HeldCut(devices, stall, latch, counters, _durations(started, timings))
+        yield HeldCut(
+            devices, stall, latch, counters, _durations(started, timings), started or ended
+        )
         latch.check()
 
 
