@@ -215,7 +215,7 @@ def timed_cut(
         first = held.eras[name] if since is None else since
         listed = list_changes(runner, held, {name: first})[name]
         done_listing = time.monotonic()
-        stall, era = held.stall_s, held.eras[name]
+        stall, era, steps = held.stall_s, held.eras[name], held.steps
     released = time.monotonic()
     commands = runner.since(mark)
     record = {
@@ -227,7 +227,7 @@ def timed_cut(
         "release_s": released - done_listing,
         "total_s": released - started,
         "era_invalidate_s": sum(s for label, s in commands if label == "era_invalidate"),
-        "take_message_s": sum(s for label, s in in_take if label == "dmsetup message"),
+        "take_message_s": sum(s for label, s in steps if "take_metadata_snap" in label),
         "take_commands": in_take,
         "commands": len(commands),
         "ranges": len(listed),
