@@ -191,7 +191,7 @@ def held_cut(
         counters = read_counters() if gates_held else {}
         try:
             for index, step in enumerate(steps):
-                if not gates_held and index == gates_suspended:
+                if not gates_held and index == gates_suspended:  # every gate is suspended
                     counters = read_counters()
                     timings.append(("read the gates' write counters", time.monotonic()))
                 latch.check()
@@ -251,8 +251,10 @@ def _durations(
 def gate_counters(devices: Iterable[str]) -> dict[str, WriteCounters]:
     """The block-layer write counters of the named devices' gates now (a gate whose sysfs
     cannot be read, a stack not up, is left out: a backlog is then unknown, never guessed)."""
-    with opened_gate_counters(devices) as read:
-        return read()
+    found = {
+        name: probe.write_counters(mapper_path(layer_name(name, Layer.GATE))) for name in devices
+    }
+    return {name: counters for name, counters in found.items() if counters is not None}
 
 
 @contextmanager

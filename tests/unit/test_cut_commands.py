@@ -7,13 +7,15 @@ suspend and resume stalls every writer; these tests pin that sequence.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 
-from dmrepl import dm, dmioctl
-from dmrepl.cut import cut_steps, held_cut, recover
+from dmrepl import dm, dmioctl, probe
+from dmrepl.cut import cut_steps, held_cut, opened_gate_counters, recover
 from dmrepl.executor import CommandFailed, Runner
 from dmrepl.ops import Op, Result
+from dmrepl.policy import WriteCounters
 from dmrepl.stack import Layer, StackSpec, plan_stack
 from tests.unit.factories import device_spec
 
@@ -189,3 +191,18 @@ def test_a_failed_pit_load_resumes_everything_it_suspended_in_reverse() -> None:
     assert [op[-1] for op in after[3:]] == [
         "drop_metadata_snap", "drop_metadata_snap", "b-pit", "a-pit"
     ]  # fmt: skip
+
+
+def test_counters_opened_before_the_stall_are_read_anew_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stat = tmp_path / "253:4" / "stat"
+    stat.parent.mkdir()
+    stat.write_text("1 0 8 0 5 0 40 0 0 0 0\n")
+    opener = probe.open_write_counters
+    monkeypatch.setattr(probe, "dev_id_of", {"/dev/mapper/d": "253:4"}.get)
+    monkeypatch.setattr(probe, "open_write_counters", lambda path: opener(path, tmp_path))
+    with opened_gate_counters(["d", "missing"]) as read:
+        assert read() == {"d": WriteCounters(5, 40)}  # a gate not there is left out
+        stat.write_text("1 0 8 0 7 0 56 0 0 0 0\n")
+        assert read() == {"d": WriteCounters(7, 56)}
