@@ -13,6 +13,7 @@ run, for `true`:
   every 0.1 s and joins that thread when the command ends),
 - `dmrepl.executor.Runner.run` (today: `subprocess`, vfork + exec).
 
+The ways take turns, one call each per round, so a busy host slows them alike.
 Prints a Markdown table of the median time per command and its ratio to
 `subprocess.run`, on this host and then in the test guest (user-mode Linux
 unless DMREPL_VM=qemu), where every guest process's system calls are traced.
@@ -39,15 +40,20 @@ from dmrepl.ops import probe
 RESULTS_FILE = "commands.json"
 
 
-def per_call_ms(call: Callable[[], object], runs: int) -> float:
-    """Median milliseconds per call over `runs` calls (after one warm-up call)."""
-    call()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
+def per_call_ms(ways: list[tuple[str, Callable[[], object]]], runs: int) -> list[float]:
+    """Median milliseconds per call of each way over `runs` rounds (after one warm-up call).
+
+    Every round calls each way once, in turn, so a busy host slows all of them alike.
+    """
+    times: list[list[float]] = [[] for _ in ways]
+    for _, call in ways:
         call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+    for _ in range(runs):
+        for spent, (_, call) in zip(times, ways, strict=True):
+            started = time.perf_counter()
+            call()
+            spent.append(time.perf_counter() - started)
+    return [statistics.median(spent) * 1000 for spent in times]
 
 
 def measure(runs: int) -> list[tuple[str, float]]:
@@ -60,7 +66,7 @@ def measure(runs: int) -> list[tuple[str, float]]:
         ("sh with _timeout=120", lambda: true(_return_cmd=True, _timeout=120)),
         ("dmrepl Runner.run", lambda: runner.run(probe("true"))),
     ]
-    return [(name, per_call_ms(call, runs)) for name, call in ways]
+    return list(zip((name for name, _ in ways), per_call_ms(ways, runs), strict=True))
 
 
 def table(title: str, results: list[tuple[str, float]]) -> str:
@@ -72,7 +78,7 @@ def table(title: str, results: list[tuple[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.commands", description=__doc__)
-    parser.add_argument("--runs", type=int, default=40, help="calls per way (default 40)")
+    parser.add_argument("--runs", type=int, default=100, help="calls per way (default 100)")
     parser.add_argument("--host-only", action="store_true", help="do not measure in the guest")
     parser.add_argument("--guest", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -239,7 +239,7 @@ def timed_cut(
             lists[mode] = list_changes(runner, held, {name: first})[name]
             list_s[mode] = time.monotonic() - begun
         os.environ.pop(era.LIST_ENV)
-        stall, cut_era = held.stall_s, held.eras[name]
+        stall, cut_era, steps = held.stall_s, held.eras[name], held.steps
         release_started = time.monotonic()
     released = time.monotonic()
     if lists["reader"] != lists["tool"]:
@@ -258,7 +258,7 @@ def timed_cut(
         "total_s": take_s + list_s["reader"] + release_s,
         "total_tool_s": take_s + list_s["tool"] + release_s,
         "era_invalidate_s": sum(s for label, s in commands if label == "era_invalidate"),
-        "take_message_s": sum(s for label, s in in_take if label == "dmsetup message"),
+        "take_message_s": sum(s for label, s in steps if "take_metadata_snap" in label),
         "take_commands": in_take,
         "commands": len(commands),
         "ranges": len(listed),

@@ -14,6 +14,7 @@ whoever has applied that cut next asks for `written-since(e + 1)`.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -52,6 +53,8 @@ class HeldCut:
     stall_s: float  # how long the gates were suspended (by the cut itself)
     latch: SignalLatch
     counters: dict[str, WriteCounters]  # each gate's write counters at the cut
+    steps: tuple[tuple[str, float], ...] = ()  # each stalled step and its seconds, in order
+    stalled_from: float = 0.0  # time.monotonic() when the first stalled step began
 
     @property
     def eras(self) -> dict[str, int]:
@@ -86,7 +89,7 @@ def recover(
             if name in observed and observed[name].suspended:
                 act(f"resume {name} (left suspended by an interrupted cut)", dm.resume(name))
         if pit in observed:
-            if observed[pit].suspended:
+            if observed[pit].suspended and observed[pit].table:  # no table: never resumable
                 runner.run(dm.resume(pit))
             act(f"remove stale {pit}", dm.remove(pit))
         era_name = stack.require(Layer.ERA).name
@@ -102,11 +105,13 @@ def recover(
 @dataclass(frozen=True)
 class CutStep:
     """One command of a cut, with what undoes it when the cut fails (`undo`) and what
-    releases it once the cut is no longer needed (`release`)."""
+    releases it once the cut is no longer needed (`release`). A step that `stalls` runs
+    while writers are held (as an ioctl, `Runner.run_dm`); the others run before."""
 
     op: Op
     undo: Op | None = None  # run if a later step fails (in reverse order)
     release: Op | None = None  # run when the held cut is released (in reverse order)
+    stalls: bool = True
 
 
 def cut_steps(
@@ -117,13 +122,23 @@ def cut_steps(
 ) -> list[CutStep]:
     """The commands of a cut, in order (pure: `dmrepl sync --dry-run` prints these).
 
-    Gates are suspended first (freezing writers, flushing in-flight I/O); every era then
-    closes its era and pins its metadata; with `cow_for` (device -> COW device) each origin
-    gets a `-pit` image, loaded while its snapshot-origin is suspended as dm-snapshot
-    requires; finally the gates resume. With `gates_held` the caller holds the gates
-    suspended already (dmrepl.replication.hold) and the cut leaves them so.
+    With `cow_for` (device -> COW device) each `-pit` device is first created empty, before
+    writers stall. Gates are then suspended (freezing writers, flushing in-flight I/O); every
+    era closes its era and pins its metadata; each `-pit` gets its snapshot table, loaded and
+    made live while its snapshot-origin is suspended, as dm-snapshot requires; finally the
+    gates resume. With `gates_held` the caller holds the gates suspended already
+    (dmrepl.replication.hold) and the cut leaves them so.
     """
+    pits = (
+        {}
+        if cow_for is None
+        else {s.device.name: pit_spec(s, cow_for[s.device.name]) for s in stacks}
+    )
     steps: list[CutStep] = []
+    for pit in pits.values():  # 0. the images' devices, no table yet: nothing is registered
+        steps.append(
+            CutStep(dm.create_empty(pit.name, pit.uuid), release=dm.remove(pit.name), stalls=False)
+        )
     for stack in () if gates_held else stacks:  # 1. freeze writers (flushes in-flight I/O)
         gate = stack.require(Layer.GATE).name
         steps.append(CutStep(dm.suspend(gate), undo=dm.resume(gate)))
@@ -131,15 +146,13 @@ def cut_steps(
         name = stack.require(Layer.ERA).name
         drop = dm.message(name, "drop_metadata_snap")
         steps.append(CutStep(dm.message(name, "take_metadata_snap"), release=drop))
-    if cow_for is not None:  # 3. the point-in-time images
-        for stack in stacks:
-            pit = pit_spec(stack, cow_for[stack.device.name])
-            origin = stack.require(Layer.ORIGIN).name
-            steps.append(CutStep(dm.suspend(origin), undo=dm.resume(origin)))
-            steps.append(
-                CutStep(dm.create(pit.name, pit.table, pit.uuid), release=dm.remove(pit.name))
-            )
-            steps.append(CutStep(dm.resume(origin)))
+    for stack in stacks if pits else ():  # 3. the point-in-time images
+        pit = pits[stack.device.name]
+        origin = stack.require(Layer.ORIGIN).name
+        steps.append(CutStep(dm.suspend(origin), undo=dm.resume(origin)))
+        steps.append(CutStep(dm.load(pit.name, pit.table)))
+        steps.append(CutStep(dm.resume(pit.name)))
+        steps.append(CutStep(dm.resume(origin)))
     for stack in () if gates_held else reversed(stacks):  # 4. writers go on
         steps.append(CutStep(dm.resume(stack.require(Layer.GATE).name)))
     return steps
@@ -161,19 +174,33 @@ def held_cut(
     gates are resumed before the body runs (unless `gates_held`: the caller holds
     them) and everything is released after it. The gates' write counters are read
     while they are suspended, so they count exactly the writes before the cut.
+    The stalled steps are ioctls (`Runner.run_dm`); each one's time is in `HeldCut.steps`.
     """
     cows = None if cow_for is None else {s.device.name: cow_for(s) for s in stacks}
     names = [s.device.name for s in stacks]
-    with deferred_signals() as latch, ExitStack() as release:
-        started = time.monotonic()
+    steps = cut_steps(stacks, cows, gates_held=gates_held)
+    gates_suspended = sum(not step.stalls for step in steps) + (0 if gates_held else len(stacks))
+    with (
+        deferred_signals() as latch,
+        ExitStack() as release,
+        opened_gate_counters(names) as read_counters,
+    ):
+        started: float | None = None
+        timings: list[tuple[str, float]] = []
         pending: list[Op] = []  # what undoes the steps taken so far (resumes of suspends)
-        counters = gate_counters(names) if gates_held else {}
+        counters = read_counters() if gates_held else {}
         try:
-            for index, step in enumerate(cut_steps(stacks, cows, gates_held=gates_held)):
-                if not gates_held and index == len(stacks):  # every gate is suspended
-                    counters = gate_counters(names)
+            for index, step in enumerate(steps):
+                if not gates_held and index == gates_suspended:  # every gate is suspended
+                    counters = read_counters()
+                    timings.append(("read the gates' write counters", time.monotonic()))
                 latch.check()
-                runner.run(step.op)
+                if step.stalls:
+                    started = time.monotonic() if started is None else started
+                    runner.run_dm(step.op)
+                    timings.append((step_label(step.op), time.monotonic()))
+                else:
+                    runner.run(step.op)
                 if step.op in pending:
                     pending.remove(step.op)  # the step was that undo itself: a resume
                 if step.undo is not None:
@@ -184,18 +211,41 @@ def held_cut(
             for op in reversed(pending):
                 runner.run_best_effort(op)
             raise
-        stall = time.monotonic() - started
+        ended = time.monotonic()
+        stall = 0.0 if started is None else ended - started
         say(f"cut taken; writers stalled {stall * 1000:.0f} ms")
+        pits = (
+            {}
+            if cows is None
+            else {s.device.name: pit_spec(s, cows[s.device.name]) for s in stacks}
+        )
+        for pit in pits.values():
+            if not os.path.exists(pit.path):  # udev makes it on some hosts, or not in time
+                runner.run(dm.mknodes(pit.name))
         devices = tuple(
-            DeviceCut(
-                stack,
-                _last_era(runner, stack),
-                None if cows is None else pit_spec(stack, cows[stack.device.name]),
-            )
+            DeviceCut(stack, _last_era(runner, stack), pits.get(stack.device.name))
             for stack in stacks
         )
-        yield HeldCut(devices, stall, latch, counters)
+        yield HeldCut(
+            devices, stall, latch, counters, _durations(started, timings), started or ended
+        )
         latch.check()
+
+
+def step_label(op: Op) -> str:
+    """A stalled step in a few words: `suspend ca`, `message ca-era take_metadata_snap`."""
+    return " ".join(op.argv[1:3] + op.argv[4:])
+
+
+def _durations(
+    started: float | None, ends: list[tuple[str, float]]
+) -> tuple[tuple[str, float], ...]:
+    """Each step's seconds from the end times of the steps in a row."""
+    durations, previous = [], started or 0.0
+    for label, end in ends:
+        durations.append((label, end - previous))
+        previous = end
+    return tuple(durations)
 
 
 def gate_counters(devices: Iterable[str]) -> dict[str, WriteCounters]:
@@ -205,6 +255,26 @@ def gate_counters(devices: Iterable[str]) -> dict[str, WriteCounters]:
         name: probe.write_counters(mapper_path(layer_name(name, Layer.GATE))) for name in devices
     }
     return {name: counters for name, counters in found.items() if counters is not None}
+
+
+@contextmanager
+def opened_gate_counters(
+    devices: Iterable[str],
+) -> Iterator[Callable[[], dict[str, WriteCounters]]]:
+    """`gate_counters` opened ahead: the reader it yields costs one system call a gate."""
+    with ExitStack() as close:
+        fds = {}
+        for name in devices:
+            fd = probe.open_write_counters(mapper_path(layer_name(name, Layer.GATE)))
+            if fd is not None:
+                close.callback(os.close, fd)
+                fds[name] = fd
+
+        def read() -> dict[str, WriteCounters]:
+            found = {name: probe.read_write_counters(fd) for name, fd in fds.items()}
+            return {name: counters for name, counters in found.items() if counters is not None}
+
+        yield read
 
 
 def _last_era(runner: Runner, stack: StackSpec) -> int:

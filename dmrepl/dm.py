@@ -29,6 +29,18 @@ def create(name: str, table: str, uuid: str) -> Op:
     return command("dmsetup", "create", name, "--uuid", uuid, stdin=table)
 
 
+def create_empty(name: str, uuid: str) -> Op:
+    """Create `name` with no table (suspended, no I/O); a `load` and `resume` activate it."""
+    if not uuid.startswith(UUID_PREFIX):
+        raise ValueError(f"dm UUID {uuid!r} lacks the reserved prefix {UUID_PREFIX!r}")
+    return command("dmsetup", "create", name, "--uuid", uuid, "--notable")
+
+
+def mknodes(name: str) -> Op:
+    """Make `/dev/mapper/NAME` match the kernel's device (when no udev made it)."""
+    return command("dmsetup", "mknodes", name)
+
+
 def create_readonly(name: str, table: str, uuid: str) -> Op:
     """Create `name` read-only (writes fail with EPERM): a view for readers."""
     if not uuid.startswith(UUID_PREFIX):

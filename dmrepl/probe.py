@@ -81,11 +81,30 @@ def replica_views(holders: tuple[str, ...], sys_block: Path = Path("/sys/block")
 def write_counters(path: str, sys_dev_block: Path = SYS_DEV_BLOCK) -> WriteCounters | None:
     """The block layer's count of completed writes and sectors written to `path` since the
     device was created (fields 5 and 7 of its sysfs `stat`); None if it cannot be read."""
+    fd = open_write_counters(path, sys_dev_block)
+    if fd is None:
+        return None
+    try:
+        return read_write_counters(fd)
+    finally:
+        os.close(fd)
+
+
+def open_write_counters(path: str, sys_dev_block: Path = SYS_DEV_BLOCK) -> int | None:
+    """An open descriptor of `path`'s sysfs `stat`, for `read_write_counters` (None: none)."""
     dev_id = dev_id_of(path)
     if dev_id is None:
         return None
     try:
-        fields = (sys_dev_block / dev_id / "stat").read_text().split()
+        return os.open(sys_dev_block / dev_id / "stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def read_write_counters(fd: int) -> WriteCounters | None:
+    """The counters now, in one system call: a sysfs file read at offset 0 is made anew."""
+    try:
+        fields = os.pread(fd, 4096, 0).split()
         return WriteCounters(int(fields[4]), int(fields[6]))
     except (OSError, IndexError, ValueError):
         return None

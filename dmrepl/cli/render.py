@@ -305,7 +305,7 @@ def render_preview(preview: Preview) -> None:
     else:
         line("chain delta: none (no site follows the chain)")
     if preview.before_cut:
-        line("before the cut (copy-on-write space for the -pit images):")
+        line("before the cut (copy-on-write space and devices for the -pit images):")
         for op in preview.before_cut:
             line(f"  {op.render()}")
     line("the cut (writers wait for these):")

@@ -47,7 +47,7 @@ class Preview:
     spool_bytes: int
     cap_bytes: int
     repairs: tuple[str, ...]  # what a killed cut left, which the cycle repairs first
-    before_cut: tuple[Op, ...]  # copy-on-write set-up
+    before_cut: tuple[Op, ...]  # copy-on-write set-up, the empty -pit devices
     cut: tuple[Op, ...]  # writers wait for these
     after_cut: tuple[Op, ...]  # releasing the cut once captured
 
@@ -137,8 +137,8 @@ def preview(
         spool_bytes=sum(f.size for f in spool),
         cap_bytes=spec.spool_bytes,
         repairs=repairs,
-        before_cut=setup,
-        cut=tuple(step.op for step in steps),
+        before_cut=setup + tuple(step.op for step in steps if not step.stalls),
+        cut=tuple(step.op for step in steps if step.stalls),
         after_cut=tuple(s.release for s in reversed(steps) if s.release is not None),
     )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -12,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from dmrepl import builder, dm, era, loop
+from dmrepl import builder, dm, dmioctl, era, loop
 from dmrepl.config import load_config
 from dmrepl.cut import CowOverflow, check_pits, cow_devices, held_cut, recover
 from dmrepl.demo import write_random
+from dmrepl.executor import CommandFailed, Runner
 from dmrepl.stack import Layer, pit_spec
 from dmrepl.statedir import StateDir
 from tests.kernel.stacks import Bed, read_bytes
@@ -117,45 +117,44 @@ def test_pit_images_hold_the_cut_while_writers_go_on(group: Bed, workdir: Path) 
             group.runner.run_best_effort(loop.detach(device))
 
 
-def killing_dmsetup(workdir: Path, pattern: str) -> dict[str, str]:
-    """An environment whose `dmsetup`, after running a command matching `pattern`,
-    kills the dmrepl process that called it with SIGKILL."""
-    bindir = workdir / "killbin"
-    bindir.mkdir(exist_ok=True)
-    real = subprocess.run(["which", "dmsetup"], capture_output=True, text=True).stdout.strip()
-    wrapper = bindir / "dmsetup"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'{real} "$@"; status=$?\n'
-        f'case "$*" in {pattern}) kill -9 $PPID;; esac\n'
-        "exit $status\n"
-    )
-    wrapper.chmod(0o755)
-    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+# Runs the CLI and kills itself with SIGKILL right after a stalled step (an ioctl, issued by
+# `Runner.run_dm`) whose equivalent dmsetup arguments match a glob.
+KILL_AFTER_STEP = """
+import fnmatch, os, signal, sys
+from dmrepl.cli import main
+from dmrepl.executor import Runner
+pattern, issue = sys.argv[1], Runner.run_dm
+def run_dm(self, op):
+    result = issue(self, op)
+    if fnmatch.fnmatchcase(" ".join(op.argv[1:]), pattern):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+Runner.run_dm = run_dm
+sys.argv = ["dmrepl", *sys.argv[2:]]
+main()
+"""
 
 
 @pytest.mark.parametrize(
     "phase",
     [
-        "suspend\\ c[ab]",  # a gate suspended
-        "message\\ c[ab]-era\\ 0\\ take_metadata_snap",  # gates suspended, snapshot held
-        "resume\\ ca",  # gates resumed (cb first), snapshots still held
+        "suspend c[ab]",  # a gate suspended
+        "message c[ab]-era 0 take_metadata_snap",  # gates suspended, snapshot held
+        "resume ca",  # gates resumed (cb first), snapshots still held
     ],
 )
-def test_kill_9_during_a_cut_is_repaired_and_loses_no_block(
-    group: Bed, workdir: Path, phase: str
-) -> None:
+def test_kill_9_during_a_cut_is_repaired_and_loses_no_block(group: Bed, phase: str) -> None:
     write_blocks("/dev/mapper/ca", [3])
     changes(group)  # cut 1 completes
     write_blocks("/dev/mapper/ca", [9, 10])
     write_blocks("/dev/mapper/cb", [11])
     killed = subprocess.run(
-        [sys.executable, "-m", "dmrepl", "changes", group.group, "--config", str(group.config)],
-        env=killing_dmsetup(workdir, phase),
+        [sys.executable, "-c", KILL_AFTER_STEP, phase,
+         "changes", group.group, "--config", str(group.config)],
         capture_output=True,
         text=True,
         timeout=300,
-    )
+    )  # fmt: skip
     assert killed.returncode == -9, killed.stderr
     after = changes(group)
     assert after["recovered"], "nothing was repaired"
@@ -307,3 +306,74 @@ def test_pit_of_a_mounted_ext4_under_writes_is_fsck_clean(group: Bed, workdir: P
     assert [code for code, _ in results] == [0, 0, 0, 0], results
     assert writer.returncode == -9, "the writer died before it was stopped"
     assert written == sorted(written) and written[-1] > written[0], f"no writes: {written}"
+
+
+class DmsetupRunner(Runner):
+    """Issues every step as a `dmsetup` process, as cuts did before the ioctls."""
+
+    dm_ioctl = False
+
+
+def snapshot_of_the_kernel(bed: Bed) -> dict[str, object]:
+    """Every owned device's table and suspension, and what each era device holds."""
+    owned = dm.observe(bed.runner).owned
+    eras = {
+        name: (status.current_era, status.held_root is not None)
+        for name in ("ca-era", "cb-era")
+        for status in [era.read_status(bed.runner, name)]
+    }
+    return {
+        "tables": {name: d.table for name, d in owned.items()},
+        "suspended": sorted(name for name, d in owned.items() if d.suspended),
+        "eras": eras,
+    }
+
+
+def test_the_ioctl_cut_leaves_the_kernel_as_the_dmsetup_cut_does(group: Bed) -> None:
+    stacks = stacks_of(group)
+    seen: dict[str, list[dict[str, object]]] = {}
+    with cow_devices(group.runner, stacks, group.workdir / "state") as cow_for:
+        for way, runner in (("dmsetup", DmsetupRunner()), ("ioctl", group.runner)):
+            before = snapshot_of_the_kernel(group)
+            with held_cut(runner, stacks, cow_for=cow_for, say=lambda _: None) as held:
+                inside = snapshot_of_the_kernel(group)
+                for cut in held.devices:  # the image has its node and reads the cut
+                    assert cut.pit is not None and Path(cut.pit.path).is_block_device()
+                    read_bytes(cut.pit.path, 0, 4096)
+                    # The ioctl readers agree with dmsetup on the real kernel.
+                    reply = dmioctl.issue(dmioctl.info(cut.pit.name))
+                    assert not reply.suspended and reply.flags & dmioctl.Flag.ACTIVE_PRESENT
+                    answer = dmioctl.issue(dmioctl.table_status(cut.pit.name, table=True))
+                    (start, length, target, params) = dmioctl.unpack_targets(answer)[0]
+                    assert f"{start} {length} {target} {params}" == inside["tables"][cut.pit.name]  # type: ignore[index]
+            after = snapshot_of_the_kernel(group)
+            seen[way] = [before, inside, after]
+    dmsetup_way, ioctl_way = seen["dmsetup"], seen["ioctl"]
+    for state in (dmsetup_way, ioctl_way):
+        before, inside, after = state
+        assert inside["suspended"] == [] and after == {**before, "eras": after["eras"]}
+        assert {n: e for n, (e, _) in after["eras"].items()} == {  # type: ignore[attr-defined]
+            n: e + 1
+            for n, (e, _) in before["eras"].items()  # type: ignore[attr-defined]
+        }
+        assert all(held for _, held in inside["eras"].values())  # type: ignore[attr-defined]
+        assert not any(held for _, held in after["eras"].values())  # type: ignore[attr-defined]
+    assert dmsetup_way[1]["tables"] == ioctl_way[1]["tables"]  # the -pit tables included
+    assert dmsetup_way[2]["tables"] == ioctl_way[2]["tables"] == dmsetup_way[0]["tables"]
+
+
+def test_a_failure_inside_the_stall_undoes_every_step(group: Bed) -> None:
+    """The -pit's table load fails in the kernel (its COW device is not there) after both
+    gates were suspended, both metadata snapshots taken and ca-orig suspended."""
+    stacks = stacks_of(group)
+    before = snapshot_of_the_kernel(group)
+    with (
+        pytest.raises(CommandFailed, match="dmsetup load ca-pit"),
+        held_cut(group.runner, stacks, cow_for=lambda _: "/dev/mapper/none", say=lambda _: None),
+    ):
+        pytest.fail("the body must not run")
+    after = snapshot_of_the_kernel(group)
+    assert after["suspended"] == [] and after["tables"] == before["tables"]  # no -pit either
+    assert not any(held for _, held in after["eras"].values())  # type: ignore[attr-defined]
+    write_blocks("/dev/mapper/cb", [4])  # writers go on, and the next cut sees the write
+    assert blocks_of(changes(group), "cb") == [4]

@@ -7,13 +7,15 @@ suspend and resume stalls every writer; these tests pin that sequence.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 
-from dmrepl import dm
-from dmrepl.cut import cut_steps, held_cut, recover
+from dmrepl import dm, dmioctl, probe
+from dmrepl.cut import cut_steps, held_cut, opened_gate_counters, recover
 from dmrepl.executor import CommandFailed, Runner
 from dmrepl.ops import Op, Result
+from dmrepl.policy import WriteCounters
 from dmrepl.stack import Layer, StackSpec, plan_stack
 from tests.unit.factories import device_spec
 
@@ -22,6 +24,8 @@ ERA_NOW = 7  # what `dmsetup status <era>` reports after the take
 
 class ScriptedRunner(Runner):
     """Records every op; answers era status queries, succeeds at everything else."""
+
+    dm_ioctl = False  # every op, ioctl or not, is recorded by `run`
 
     def __init__(self, held_root: str = "-") -> None:
         super().__init__()
@@ -41,25 +45,70 @@ def stack() -> StackSpec:
     return plan_stack(device_spec(), 2097152, 8192)
 
 
-def test_writers_stall_only_for_the_six_commands_of_the_cut(stack: StackSpec) -> None:
+def test_writers_stall_only_for_the_seven_steps_of_the_cut(stack: StackSpec) -> None:
     runner = ScriptedRunner()
     gate, era_dev = stack.require(Layer.GATE).name, stack.require(Layer.ERA).name
-    origin = stack.require(Layer.ORIGIN).name
+    origin, pit = stack.require(Layer.ORIGIN).name, f"{stack.device.name}-pit"
     with held_cut(runner, (stack,), cow_for=lambda _: "/dev/loop9", say=lambda _: None) as held:
         taken = list(runner.ops)
-    stalled = taken[: taken.index(("dmsetup", "resume", gate)) + 1]
+    # The image's device is made empty before writers stall: no table, nothing registered.
+    assert taken[0][:3] == ("dmsetup", "create", pit) and taken[0][-1] == "--notable"
+    stalled = taken[1 : taken.index(("dmsetup", "resume", gate)) + 1]
     assert [op[:3] for op in stalled] == [
         ("dmsetup", "suspend", gate),
         ("dmsetup", "message", era_dev),
         ("dmsetup", "suspend", origin),
-        ("dmsetup", "create", f"{stack.device.name}-pit"),
+        ("dmsetup", "load", pit),
+        ("dmsetup", "resume", pit),
         ("dmsetup", "resume", origin),
         ("dmsetup", "resume", gate),
     ]
-    # The era is read after the resume, without a second suspension probe.
-    assert taken[len(stalled) :] == [("dmsetup", "status", era_dev)]
+    # After the resume: the image's node (no udev made it here), the era, no suspension probe.
+    assert taken[len(stalled) + 1 :] == [
+        ("dmsetup", "mknodes", pit),
+        ("dmsetup", "status", era_dev),
+    ]
     assert held.eras == {stack.device.name: ERA_NOW - 1}
     assert ("dmsetup", "message", era_dev, "0", "drop_metadata_snap") in runner.ops[len(taken) :]
+    assert [label for label, _ in held.steps] == [
+        f"suspend {gate}",
+        "read the gates' write counters",
+        f"message {era_dev} take_metadata_snap",
+        f"suspend {origin}",
+        f"load {pit}",
+        f"resume {pit}",
+        f"resume {origin}",
+        f"resume {gate}",
+    ]
+    assert abs(sum(seconds for _, seconds in held.steps) - held.stall_s) < 0.05
+
+
+def test_the_stalled_steps_are_ioctls_and_the_rest_commands(
+    stack: StackSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    issued: list[tuple[str, str]] = []
+
+    def issue(request: dmioctl.Request) -> dmioctl.Reply:
+        issued.append((request.command.name, request.name))
+        return dmioctl.unpack(dmioctl.pack(request))
+
+    monkeypatch.setattr(dmioctl, "issue", issue)
+    runner = ScriptedRunner()
+    runner.dm_ioctl = True
+    with held_cut(runner, (stack,), cow_for=lambda _: "/dev/loop9", say=lambda _: None):
+        commands = list(runner.ops)
+    gate, pit = stack.require(Layer.GATE).name, f"{stack.device.name}-pit"
+    origin, era_dev = stack.require(Layer.ORIGIN).name, stack.require(Layer.ERA).name
+    assert issued == [
+        ("DEV_SUSPEND", gate),
+        ("TARGET_MSG", era_dev),
+        ("DEV_SUSPEND", origin),
+        ("TABLE_LOAD", pit),
+        ("DEV_SUSPEND", pit),
+        ("DEV_SUSPEND", origin),
+        ("DEV_SUSPEND", gate),
+    ]
+    assert [op[1] for op in commands] == ["create", "mknodes", "status"]
 
 
 def test_recover_uses_the_callers_observation(stack: StackSpec) -> None:
@@ -124,19 +173,36 @@ class FailingRunner(ScriptedRunner):
 
 def test_a_failed_pit_load_resumes_everything_it_suspended_in_reverse() -> None:
     stacks = two_stacks()
-    runner = FailingRunner(("dmsetup", "create", "b-pit"))
+    runner = FailingRunner(("dmsetup", "load", "b-pit"))
     cut = held_cut(runner, stacks, cow_for=lambda _: "/dev/loop1", say=lambda _: None)
     with pytest.raises(CommandFailed), cut:
         pytest.fail("the body must not run")
-    failed = [op[:3] for op in runner.ops].index(("dmsetup", "create", "b-pit"))
+    failed = [op[:3] for op in runner.ops].index(("dmsetup", "load", "b-pit"))
     after = runner.ops[failed + 1 :]
     assert [op[:3] for op in after] == [
         ("dmsetup", "resume", "b-orig"),
         ("dmsetup", "resume", "b"),
         ("dmsetup", "resume", "a"),
-        ("dmsetup", "remove", "--retry"),
         ("dmsetup", "message", "b-era"),
         ("dmsetup", "message", "a-era"),
+        ("dmsetup", "remove", "--retry"),
+        ("dmsetup", "remove", "--retry"),
     ]
-    assert after[3][-1] == "a-pit"
-    assert ("dmsetup", "message", "b-era", "0", "drop_metadata_snap") in after
+    assert [op[-1] for op in after[3:]] == [
+        "drop_metadata_snap", "drop_metadata_snap", "b-pit", "a-pit"
+    ]  # fmt: skip
+
+
+def test_counters_opened_before_the_stall_are_read_anew_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stat = tmp_path / "253:4" / "stat"
+    stat.parent.mkdir()
+    stat.write_text("1 0 8 0 5 0 40 0 0 0 0\n")
+    opener = probe.open_write_counters
+    monkeypatch.setattr(probe, "dev_id_of", {"/dev/mapper/d": "253:4"}.get)
+    monkeypatch.setattr(probe, "open_write_counters", lambda path: opener(path, tmp_path))
+    with opened_gate_counters(["d", "missing"]) as read:
+        assert read() == {"d": WriteCounters(5, 40)}  # a gate not there is left out
+        stat.write_text("1 0 8 0 7 0 56 0 0 0 0\n")
+        assert read() == {"d": WriteCounters(7, 56)}
