@@ -189,9 +189,12 @@ class SwiftS3:
         with self.log.open("ab") as log:
             self._processes.append(
                 subprocess.Popen(
-                    argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                     start_new_session=True,
-                )  # fmt: skip
+                )
             )
 
     def _wait(self) -> None:

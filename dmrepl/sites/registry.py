@@ -16,6 +16,7 @@ from dmrepl.sites.base import Receiver, SiteContext
 from dmrepl.sites.journaled import BlockdevSiteSpec, JournaledSite
 from dmrepl.sites.nbd import NbdSite, NbdSiteSpec
 from dmrepl.sites.remote import RemoteSite, SshSiteSpec
+from dmrepl.sites.s3 import S3Site, S3SiteSpec
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ TRANSPORTS: dict[str, Transport] = {
     "dir": Transport("dir", DirSiteSpec, ArchiveSite),
     "nbd": Transport("nbd", NbdSiteSpec, NbdSite),
     "ssh": Transport("ssh", SshSiteSpec, RemoteSite),
+    "s3": Transport("s3", S3SiteSpec, S3Site),
 }
 
 
