@@ -224,8 +224,12 @@ def pick(remote: Remote, to_cut: int | None) -> Manifest:
     return remote.manifest(target)
 
 
+STAGING = Path("/var/tmp")
+
+
 def staging_dir(parent: Path | None) -> Path:
-    return Path(tempfile.mkdtemp(prefix="dmrepl-s3.", dir=parent))
+    """A private directory for the fetched route (mode 0700), in `parent` or /var/tmp."""
+    return Path(tempfile.mkdtemp(prefix="dmrepl-s3.", dir=parent or STAGING))
 
 
 def apply_s3(

@@ -30,8 +30,8 @@ TRANSPORTS: dict[str, Transport] = {
     "blockdev": Transport("blockdev", BlockdevSiteSpec, JournaledSite),
     "dir": Transport("dir", DirSiteSpec, ArchiveSite),
     "nbd": Transport("nbd", NbdSiteSpec, NbdSite),
-    "ssh": Transport("ssh", SshSiteSpec, RemoteSite),
     "s3": Transport("s3", S3SiteSpec, S3Site),
+    "ssh": Transport("ssh", SshSiteSpec, RemoteSite),
 }
 
 

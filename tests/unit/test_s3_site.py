@@ -21,6 +21,7 @@ from dmrepl.sites.base import SiteContext, SiteDown
 from dmrepl.sites.s3 import S3Site, S3SiteSpec
 from dmrepl.statedir import StateDir
 from tests import s3server
+from tests.clirun import run_cli_here
 
 MiB = 1 << 20
 SECTORS = 24 * MiB // 512  # three 8 MiB chunks (the last partly zero) per device
@@ -321,3 +322,38 @@ def test_an_unreachable_store_is_a_down_site(tmp_path: Path) -> None:
     site = site_of(spec, tmp_path)
     with pytest.raises(SiteDown, match="site cloud"):
         site.check()
+
+
+def test_apply_and_pull_from_the_command_line(spec: S3SiteSpec, tmp_path: Path) -> None:
+    primary = Primary(8)
+    primary.write(3, 65536)
+    site = site_of(spec, tmp_path)
+    site.receive(io.BytesIO(primary.full()))
+    site.receive(io.BytesIO(primary.delta(primary.write(2, 8192), 2.0)))
+    url = f"s3://{spec.location.bucket}/{spec.location.prefix}"
+    store = ["--endpoint", str(spec.location.endpoint)]
+    targets = []
+    for name in DEVICES:
+        target = tmp_path / f"{name}.img"
+        target.write_bytes(bytes(SECTORS * 512))
+        targets += ["--to", f"{name}={target}"]
+    code, stdout, stderr = run_cli_here(
+        "apply", url, "--group", "g", *targets, "--cut", "1", *store
+    )
+    assert code == 0, stderr
+    assert "targets hold cut 1 of g" in stdout
+    assert [(tmp_path / f"{n}.img").read_bytes() for n in DEVICES] == primary.at[1]
+    code, _, stderr = run_cli_here("apply", url, "--group", "g", *targets, "--cut", "7", *store)
+    assert code != 0 and "holds no manifest of cut 7" in stderr and "1-2" in stderr
+    cursor = tmp_path / "cursor.json"
+    pulling = ("pull", url, "--group", "g", *targets, "--cursor", str(cursor), *store)
+    code, stdout, stderr = run_cli_here(*pulling)
+    assert code == 0, stderr
+    assert "targets hold cut 2 of g (were at no cut" in stdout
+    site.receive(io.BytesIO(primary.delta(primary.write(2, 8192), 3.0)))
+    code, stdout, stderr = run_cli_here(*pulling)
+    assert code == 0, stderr
+    assert "targets hold cut 3 of g (were at cut 2; 1 deltas" in stdout  # rolled forward
+    assert [(tmp_path / f"{n}.img").read_bytes() for n in DEVICES] == primary.at[3]
+    code, stdout, _ = run_cli_here(*pulling)
+    assert code == 0 and "the store's newest" in stdout
