@@ -315,8 +315,8 @@ def plan_prune(
     drop = tuple(cut_key(base, seq) for seq in sorted(manifests) if seq not in kept)
     objects = []
     for key in sorted(listed):
-        if key in needed or cut_of(base, key) is not None:
-            continue
+        if not key.startswith(base) or key in needed or cut_of(base, key) is not None:
+            continue  # another group's, needed, or a manifest (dropped above or kept)
         later = _seq_of(base, key)
         if later is not None and later > newest:
             continue  # uploaded for a cut whose manifest is not written yet

@@ -103,14 +103,14 @@ def _content_md5(request: Any, **_: Any) -> None:
 class Store:
     """One bucket through boto3; every failure becomes a StoreError naming the request."""
 
-    def __init__(self, location: Location, *, max_attempts: int = 5):
+    def __init__(self, location: Location, *, retries: int = 5):
         self.location = location
         self.bucket = location.bucket
         config = Config(
             s3={"addressing_style": "path"},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            retries={"max_attempts": retries, "mode": "standard"},  # after the first try
             connect_timeout=10,
             read_timeout=120,
         )

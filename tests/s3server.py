@@ -34,7 +34,7 @@ PROGRAMS = {
     "swift-container-server": "swift-container",
     "swift-account-server": "swift-account",
 }
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = float(os.environ.get("DMREPL_SWIFT_START_S", "180"))
 
 
 def missing_programs() -> list[str]:
@@ -127,9 +127,13 @@ use = egg:swift#{kind}
 class SwiftS3:
     """A single-replica Swift with s3api on loopback; `endpoint` once started."""
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, storage: Path | None = None):
+        """`storage`: a directory on a filesystem with user xattrs, which Swift's object
+        server needs (default: in `root`)."""
         self._own_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="dmrepl-swift.")) if root is None else root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.storage = self.root / "srv" if storage is None else storage
         self.proxy_port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.proxy_port}"
         self._processes: list[subprocess.Popen[bytes]] = []
@@ -147,8 +151,8 @@ class SwiftS3:
         missing = missing_programs()
         if missing:
             raise RuntimeError(f"Swift is not installed: {', '.join(missing)}")
-        etc, devices = self.root / "etc", self.root / "srv"
-        (devices / "d1").mkdir(parents=True)
+        etc, devices = self.root / "etc", self.storage
+        (devices / "d1").mkdir(parents=True, exist_ok=True)
         etc.mkdir()
         user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
         (etc / "swift.conf").write_text(
@@ -213,6 +217,13 @@ class SwiftS3:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"Swift did not answer within {START_TIMEOUT_S} s: see {self.log}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the servers' log (what to look at when a request failed)."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         """Stop every process this server started (their own process groups)."""

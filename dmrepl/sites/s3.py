@@ -226,6 +226,13 @@ class S3Site:
         bucket = None if self._spec.rate_bytes is None else wire.TokenBucket(self._spec.rate_bytes)
         started = time.monotonic()
         try:
+            key = s3layout.cut_key(self._spec.base, header.seq)
+            if self.store.exists(key):
+                raise SiteBroken(
+                    f"site {self.name}: cut {header.seq} is already at {self._spec.location.url}"
+                    " (another writer shares this prefix, or the store was restored)",
+                    hint="give each primary of a group its own prefix; nothing was overwritten",
+                )
             base = None if header.base_seq is None else self._base(header.base_seq)
             phases.reached("journal-write")
             if base is None:
@@ -233,7 +240,6 @@ class S3Site:
             else:
                 manifest, transfer, data_bytes = self._upload_delta(source, header, base, bucket)
             phases.reached("s3-manifest")
-            key = s3layout.cut_key(self._spec.base, header.seq)
             self.store.create(key, s3layout.encode_manifest(manifest))
         except StoreError as exc:
             raise site_failure(self.name, exc) from None
@@ -303,7 +309,7 @@ class S3Site:
         image = chunker.finish()
         body = s3layout.encode_image(image)
         key = s3layout.image_key(spec.base, header.seq)
-        self.store.put(key, body)
+        self.store.create(key, body)  # an image of a cut is written once
         manifest = Manifest(
             spec.group, header.seq, header.created, header.seq, key, s3layout.sha256(body), ()
         )
