@@ -18,8 +18,11 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -125,9 +128,10 @@ class Remote:
         writer = delta.DeltaWriter(out, header)
         stored = 0
         decompress = zstandard.ZstdDecompressor()
-        for chunk in sorted(image.chunks, key=lambda c: (c.device, c.index)):
+        chunks = sorted(image.chunks, key=lambda c: (c.device, c.index))
+        bodies = _prefetch(self.store, [c.key for c in chunks])
+        for chunk, body in zip(chunks, bodies, strict=True):
             source = self.url(chunk.key)
-            body = self.store.get(chunk.key)
             stored += len(body)
             raw = body
             if image.codec == "zstd":
@@ -146,6 +150,25 @@ class Remote:
             writer.add(chunk.device, chunk.index * image.chunk_bytes // delta.SECTOR_BYTES, raw)
         writer.finish()
         return len(image.chunks), stored
+
+
+def _prefetch(store: Store, keys: list[str], width: int = 4) -> Iterator[bytes]:
+    """The objects' bytes in order, up to `width` of them fetched ahead."""
+    with ThreadPoolExecutor(width, thread_name_prefix="s3-get") as pool:
+        ahead: deque[Future[bytes]] = deque()
+        pending = iter(keys)
+        for key in islice(pending, width):
+            ahead.append(pool.submit(store.get, key))
+        try:
+            while ahead:
+                body = ahead.popleft().result()
+                following = next(pending, None)
+                if following is not None:
+                    ahead.append(pool.submit(store.get, following))
+                yield body
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 def _corrupt(source: str, offset: int, problem: str) -> delta.CorruptDelta:

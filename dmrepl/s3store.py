@@ -18,7 +18,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +29,7 @@ import botocore.exceptions
 import zstandard
 from botocore.config import Config
 
-from dmrepl import wire
+from dmrepl import phases, wire
 from dmrepl.errors import DmreplError, ExitCode
 
 MIN_PART_BYTES = 5 << 20  # S3's smallest part (but the last)
@@ -269,6 +271,40 @@ class Store:
             marker = int(page["NextPartNumberMarker"])
 
 
+class Parallel:
+    """Requests run on up to `width` threads (boto3's clients are thread-safe), the caller
+    waiting for the oldest when that many are in flight; the first failure is raised in the
+    caller by the `submit` or `wait` after it. Width 1 runs each request in the caller."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self._pool = ThreadPoolExecutor(width, thread_name_prefix="s3") if width > 1 else None
+        self._flying: deque[Future[None]] = deque()
+
+    def submit(self, request: Callable[[], None]) -> None:
+        if self._pool is None:
+            request()
+            return
+        while len(self._flying) >= self.width:
+            self._flying.popleft().result()
+        self._flying.append(self._pool.submit(request))
+
+    def wait(self) -> None:
+        """Until every request finished; raises the first failure."""
+        try:
+            while self._flying:
+                self._flying.popleft().result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop what has not started; wait for what has."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None  # from here on, requests run in the caller
+        self._flying.clear()
+
+
 @dataclass
 class UploadResult:
     key: str
@@ -297,6 +333,7 @@ class ObjectUpload:
         level: int = 3,
         bucket: wire.TokenBucket | None = None,
         progress: Any = None,
+        concurrency: int = 4,
     ):
         if part_bytes < MIN_PART_BYTES:
             raise ValueError(f"part size {part_bytes} is below S3's minimum of {MIN_PART_BYTES}")
@@ -310,7 +347,9 @@ class ObjectUpload:
         self._pending_raw = 0
         self._upload: str | None = None
         self._existing: dict[int, tuple[str, int]] = {}
-        self._parts: list[dict[str, Any]] = []
+        self._etags: dict[int, str] = {}  # part number -> ETag, as the parts are sent
+        self._parts = 0
+        self._flight = Parallel(concurrency)
         self._sha = hashlib.sha256()
         self._size = self._raw = self._sent = self._resumed = 0
         self._started = time.monotonic()
@@ -340,15 +379,18 @@ class ObjectUpload:
     def flush(self) -> None:
         pass  # parts go out as they fill
 
-    def _send_part(self, body: bytes, raw_bytes: int) -> None:
-        from dmrepl import phases
+    def abandon(self) -> None:
+        """Stop sending (after a failure elsewhere); what was sent stays for a resume."""
+        self._flight.close()
 
+    def _send_part(self, body: bytes, raw_bytes: int) -> None:
         if self._upload is None:
             created = self.store.call(
                 f"starting an upload of {self.key}", "create_multipart_upload", Key=self.key
             )
             self._upload = str(created["UploadId"])
-        number = len(self._parts) + 1
+        self._parts += 1
+        number = self._parts
         if number > MAX_PARTS:
             raise StoreError(
                 f"{self.key}: more than {MAX_PARTS} parts", transient=False,
@@ -359,25 +401,29 @@ class ObjectUpload:
         etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
         if self._existing.get(number) == (etag, len(body)):
             self._resumed += raw_bytes
+            self._etags[number] = etag
         else:
             if self._bucket is not None:
                 self._bucket.take(len(body))
-            reply = self.store.call(
-                f"uploading part {number} of {self.key}", "upload_part",
-                Key=self.key, UploadId=self._upload, PartNumber=number, Body=body,
-            )  # fmt: skip
-            etag = str(reply["ETag"]).strip('"')
             self._sent += len(body)
-            phases.reached("s3-part")
-        self._parts.append({"PartNumber": number, "ETag": f'"{etag}"'})
+            self._flight.submit(lambda: self._upload_part(number, body))
         if self._progress is not None:
             self._progress(raw_bytes)
+
+    def _upload_part(self, number: int, body: bytes) -> None:
+        reply = self.store.call(
+            f"uploading part {number} of {self.key}", "upload_part",
+            Key=self.key, UploadId=self._upload, PartNumber=number, Body=body,
+        )  # fmt: skip
+        self._etags[number] = str(reply["ETag"]).strip('"')
+        phases.reached("s3-part")
 
     def finish(self) -> UploadResult:
         """Send what is left and make the object appear whole."""
         if self._buffer:
             self._encode_frame(bytes(self._buffer))
         if not self._parts:
+            self._flight.close()
             body = bytes(self._pending)
             self._sha.update(body)
             self._size += len(body)
@@ -390,9 +436,11 @@ class ObjectUpload:
         else:
             if self._pending:
                 self._send_part(bytes(self._pending), self._pending_raw)
+            self._flight.wait()
+            parts = [{"PartNumber": n, "ETag": f'"{self._etags[n]}"'} for n in sorted(self._etags)]
             self.store.call(
                 f"completing the upload of {self.key}", "complete_multipart_upload",
-                Key=self.key, UploadId=self._upload, MultipartUpload={"Parts": self._parts},
+                Key=self.key, UploadId=self._upload, MultipartUpload={"Parts": parts},
             )  # fmt: skip
         self._pending.clear()
         self._buffer.clear()

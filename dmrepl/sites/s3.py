@@ -24,7 +24,14 @@ from dmrepl import delta, phases, retention, s3layout, wire
 from dmrepl.config import FieldReader, SiteSpec
 from dmrepl.errors import DmreplError, ExitCode
 from dmrepl.s3layout import Chunk, DeltaObject, ImageIndex, Manifest
-from dmrepl.s3store import MIN_PART_BYTES, Location, ObjectUpload, PreconditionFailed, Store
+from dmrepl.s3store import (
+    MIN_PART_BYTES,
+    Location,
+    ObjectUpload,
+    Parallel,
+    PreconditionFailed,
+    Store,
+)
 from dmrepl.s3store import StoreError as StoreError
 from dmrepl.sites.base import (
     CompareSeeder,
@@ -38,6 +45,7 @@ from dmrepl.sites.base import (
     Transfer,
 )
 
+CONCURRENCY = 4  # requests in flight for one upload
 DEFAULT_PART = 16 << 20
 DEFAULT_CHUNK = 4 << 20
 MAX_CHUNK = 256 << 20
@@ -279,10 +287,14 @@ class S3Site:
         key = s3layout.delta_key(spec.base, spec.group, header.seq, header.base_seq, spec.codec)
         upload = ObjectUpload(
             self.store, key, part_bytes=spec.part_bytes, codec=spec.codec, level=spec.level,
-            bucket=bucket,
+            bucket=bucket, concurrency=CONCURRENCY,
         )  # fmt: skip
-        _, summary = delta.verify(delta.Tee(source, upload), f"delta for site {self.name}")  # type: ignore[arg-type]
-        done = upload.finish()
+        try:
+            _, summary = delta.verify(delta.Tee(source, upload), f"delta for site {self.name}")  # type: ignore[arg-type]
+            done = upload.finish()
+        except BaseException:
+            upload.abandon()  # the parts sent stay for the next upload to resume
+            raise
         stored = DeltaObject(
             key, header.seq, header.base_seq, done.size, done.sha256, summary.stream_bytes,
             spec.codec,
@@ -303,10 +315,14 @@ class S3Site:
         chunker = _Chunker(self.store, spec, header, existing, bucket)
         again = delta.read_header(source, label)
         data_bytes = 0
-        for record in delta.records(source, again, label):
-            chunker.add(record.device, record.offset, record.data)
-            data_bytes += len(record.data)
-        image = chunker.finish()
+        try:
+            for record in delta.records(source, again, label):
+                chunker.add(record.device, record.offset, record.data)
+                data_bytes += len(record.data)
+            image = chunker.finish()
+        except BaseException:
+            chunker.flight.close()
+            raise
         body = s3layout.encode_image(image)
         key = s3layout.image_key(spec.base, header.seq)
         self.store.create(key, body)  # an image of a cut is written once
@@ -371,6 +387,7 @@ class _Chunker:
         self.buffer = bytearray()
         self.zeros = bytes(self.size)
         self.skipped = self.raw_sent = self.sent = 0
+        self.flight = Parallel(CONCURRENCY)
 
     def add(self, device: int, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -405,7 +422,7 @@ class _Chunker:
         else:
             if self.bucket is not None:
                 self.bucket.take(len(body))
-            self.store.put(key, body)
+            self.flight.submit(lambda: self.store.put(key, body))
             self.existing.add(key)
             self.raw_sent += len(raw)
             self.sent += len(body)
@@ -417,7 +434,9 @@ class _Chunker:
         self.chunks.append(Chunk(device, index, key, len(body), digest, len(raw), crcs))
 
     def finish(self) -> ImageIndex:
+        """Wait for every chunk; the image index that names them."""
         self._flush()
+        self.flight.wait()
         self.at = None
         header = self.header
         devices = tuple(

@@ -215,8 +215,10 @@ def test_an_upload_cut_off_mid_multipart_resumes_by_part(
     assert restore(spec, tmp_path) == primary.at[1]  # a restore never sees a half cut
     done = again.receive(io.BytesIO(big))
     assert done.transfer is not None
-    assert done.transfer.resumed_from == 10 * MiB  # two 5 MiB parts were not sent again
-    assert done.transfer.wire_bytes == len(big) - 10 * MiB
+    # Two 5 MiB parts were sent (more, if others were in flight when it was cut off), and
+    # none of them is sent again.
+    assert done.transfer.resumed_from >= 10 * MiB
+    assert done.transfer.wire_bytes == len(big) - done.transfer.resumed_from
     assert restore(spec, tmp_path) == primary.at[2]
 
 
