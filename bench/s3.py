@@ -15,8 +15,9 @@ One group of two devices of N MiB each (default 256). Measured in one run, side 
    check every object into a staging directory, then dmrepl.rebuild verifies and writes)
    against reading the same objects alone (GET, bytes discarded).
 
-Each figure is MiB of delta (or of objects read) per second of wall time; the server and the
-client share this host's CPUs, so the figures are relative, not the store's.
+Each figure is MiB of delta (uploads) or of the route's objects (restore: the full image's
+chunks and the incremental delta, both covering every byte) per second of wall time; the server
+and the client share this host's CPUs, so the figures are relative, not the store's.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def measure(mib: int, part_mib: int) -> dict[str, Any]:
             results["restore"] = {
                 "objects": len(keys),
                 "bytes": size,
-                "apply s3:// MiB/s": _rate(2 * sectors * 512, restored),
+                "apply s3:// MiB/s": _rate(size, restored),  # of the same objects
                 "GET alone MiB/s": _rate(size, reading),
             }
     return results

@@ -31,7 +31,7 @@ import zstandard
 from dmrepl import blockio, delta, deltafiles, rebuild, s3layout
 from dmrepl.errors import InvalidInput
 from dmrepl.s3layout import DeltaObject, ImageIndex, Manifest
-from dmrepl.s3store import Location, Store, StoreError
+from dmrepl.s3store import Location, Store, StoreError, parse_url
 from dmrepl.signals import Say
 
 _UNTOUCHED = "nothing was written to the targets"
@@ -220,16 +220,10 @@ def open_remote(url: str, group: str, *, endpoint: str | None, region: str | Non
                 profile: str | None) -> Remote:  # fmt: skip
     """The group at `s3://bucket/prefix`, credentials from the standard AWS configuration."""
     try:
-        bucket, prefix = _parse(url)
+        bucket, prefix = parse_url(url)
     except ValueError as exc:
         raise InvalidInput(str(exc), hint="give s3://BUCKET/PREFIX as the site writes it") from None
     return Remote(Store(Location(bucket, prefix, endpoint, region, profile)), group)
-
-
-def _parse(url: str) -> tuple[str, str]:
-    from dmrepl.s3store import parse_url
-
-    return parse_url(url)
 
 
 def pick(remote: Remote, to_cut: int | None) -> Manifest:
@@ -279,14 +273,18 @@ def apply_s3(
                 f"{rebuild.describe_cuts(sorted(on_route))}",
                 hint=f"restore from the full image (leave out --from-cut); {_UNTOUCHED}",
             )
+    if from_cut == manifest.seq:
+        raise InvalidInput(
+            f"the targets hold cut {from_cut} already: there is nothing to apply",
+            hint="give a later --cut, or leave --from-cut out to restore from the full image",
+        )
     directory = staging_dir(staging)
     try:
-        if from_cut != manifest.seq:
-            fetched = remote.fetch(manifest, directory, from_cut=from_cut)
-            say(
-                f"fetched and checked {fetched.objects} objects "
-                f"({fetched.stored_bytes} bytes) of cut {manifest.seq}"
-            )
+        fetched = remote.fetch(manifest, directory, from_cut=from_cut)
+        say(
+            f"fetched and checked {fetched.objects} objects "
+            f"({fetched.stored_bytes} bytes) of cut {manifest.seq}"
+        )
         return rebuild.apply_dir(
             directory, remote.group, targets, from_cut=from_cut, to_cut=manifest.seq, say=say
         )

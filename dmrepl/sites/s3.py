@@ -13,6 +13,7 @@ at the site from that moment, and not before. `keep` prunes after each delivery.
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 import zlib
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ from dmrepl.s3store import (
     Parallel,
     PreconditionFailed,
     Store,
+    StoreError,
 )
-from dmrepl.s3store import StoreError as StoreError
 from dmrepl.sites.base import (
     CompareSeeder,
     Delivery,
@@ -251,6 +252,11 @@ class S3Site:
             self.store.create(key, s3layout.encode_manifest(manifest))
         except StoreError as exc:
             raise site_failure(self.name, exc) from None
+        except s3layout.ManifestError as exc:
+            raise SiteBroken(
+                f"site {self.name}: {exc.message}",
+                hint="`dmrepl verify` lists what is damaged; nothing was written for this cut",
+            ) from None
         self._manifests[header.seq] = manifest
         phases.reached("applied")
         if self._spec.keep:
@@ -455,8 +461,6 @@ def _read_header(stream: BinaryIO, label: str) -> tuple[bytes, delta.DeltaHeader
     if length > delta.MAX_HEADER_JSON_BYTES:
         raise delta.CorruptDelta(label, 0, f"header length {length} is too large")
     head = preamble + _read(stream, length + 4)
-    import io
-
     return head, delta.read_header(io.BytesIO(head), label)
 
 

@@ -87,6 +87,17 @@ def _apply(store: Store, endpoint: str, group: str, target: str, *extra: str) ->
     return code, stdout + stderr
 
 
+def _needed(remote: s3restore.Remote) -> set[str]:
+    """Every object the manifests in the store reference (their chunks through the images)."""
+    needed: set[str] = set()
+    for seq in remote.cuts():
+        manifest = remote.manifest(seq)
+        needed |= manifest.keys
+        body = remote.store.get(manifest.image_key)
+        needed |= {c.key for c in s3layout.decode_image(body, manifest.image_key).chunks}
+    return needed
+
+
 def _fsck(device: str) -> None:
     fsck = subprocess.run(["fsck.ext4", "-fn", device], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
@@ -109,7 +120,7 @@ def test_ext4_restores_at_the_newest_and_an_older_kept_cut(
     mnt = workdir / "mnt"
     mnt.mkdir()
     at_cut: dict[int, str] = {}
-    listings = []
+    deleted: set[str] = set()
     _next_interval(10)
     for cycle in range(5):
         if cycle == 3:
@@ -120,25 +131,24 @@ def test_ext4_restores_at_the_newest_and_an_older_kept_cut(
                 (mnt / f"c{cycle}-{i}").write_bytes(os.urandom(300_000 + i))
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
-        listings.append(set(store.listing(remote.base)))
+        before = set(store.listing(remote.base))
         out = bed.cli("sync", bed.group)
         assert "site cloud: in sync" in out.stdout, out.stdout + out.stderr
         at_cut[remote.cuts()[-1]] = captured[-1]
+        # The bucket before and after: what the prune deleted, no kept manifest needs, and
+        # what the kept manifests need is all there.
+        after = set(store.listing(remote.base))
+        needed = _needed(remote)
+        assert needed <= after, f"cycle {cycle}: {needed - after}"
+        assert not (before - after) & needed, f"cycle {cycle}"
+        deleted |= before - after
     cuts = remote.cuts()
-    manifests = {seq: remote.manifest(seq) for seq in cuts}
-    created = {seq: m.created for seq, m in manifests.items()}
+    created = {seq: remote.manifest(seq).created for seq in cuts}
     assert len(cuts) == 2 and cuts[-1] == max(at_cut), (cuts, at_cut)
     assert set(cuts) == retention.kept_cuts(created, retention.parse_grid("10s:2"))
-    # Retention: what the last prune deleted, no kept manifest needs; what they need is there.
-    after = set(store.listing(remote.base))
-    needed = set()
-    for manifest in manifests.values():
-        needed |= manifest.keys
-        image = s3layout.decode_image(store.get(manifest.image_key), manifest.image_key)
-        needed |= {chunk.key for chunk in image.chunks}
-    assert needed <= after
-    deleted = listings[-1] - after
-    assert deleted and not deleted & needed
+    dropped = {s3layout.cut_key(remote.base, seq) for seq in set(at_cut) - set(cuts)}
+    assert dropped <= deleted, "every dropped cut's manifest was deleted"
+    manifests = {seq: remote.manifest(seq) for seq in cuts}
     target = bed.make_loop("sa-restored", 48 * MiB)
     for cut in (cuts[-1], cuts[0]):
         code, said = _apply(store, endpoint, bed.group, target, "--cut", str(cut))
@@ -154,11 +164,11 @@ def test_ext4_restores_at_the_newest_and_an_older_kept_cut(
     body = bytearray(store.get(victim))
     body[len(body) // 2] ^= 0x55
     store.put(victim, bytes(body))
-    before = digest(target)
+    untouched = digest(target)
     code, said = _apply(store, endpoint, bed.group, target)
     assert code == ExitCode.CORRUPT, said
     assert f"s3://{store.bucket}/{victim}" in said and "at byte" in said, said
-    assert digest(target) == before
+    assert digest(target) == untouched
     result = bed.cli("verify", bed.group, "--site", "cloud", check=False)
     assert result.returncode != 0 and victim in result.stdout + result.stderr
 
@@ -199,3 +209,5 @@ def test_uploads_killed_mid_multipart_and_mid_manifest_resume(
     assert digest(target) == at_cut[newest]
     listing = store.call("listing uploads", "list_multipart_uploads", Prefix=remote.base)
     assert not listing.get("Uploads"), "every upload was resumed and completed"
+    status = bed.cli("status").stdout
+    assert f"site {bed.group}/cloud (s3, asynchronous): in sync; holds cut {newest}" in status
