@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any, BinaryIO, ClassVar, cast
 
 import zstandard
 
-from dmrepl import delta, phases, retention, s3layout, wire
+from dmrepl import delta, phases, rebuild, retention, s3layout, s3restore, wire
 from dmrepl.config import FieldReader, SiteSpec
 from dmrepl.errors import DmreplError, ExitCode
 from dmrepl.s3layout import Chunk, DeltaObject, ImageIndex, Manifest
@@ -48,6 +49,7 @@ from dmrepl.sites.base import (
 
 CONCURRENCY = 4  # requests in flight for one upload
 DEFAULT_PART = 16 << 20
+DEFAULT_FULL_EVERY = 32
 DEFAULT_CHUNK = 4 << 20
 MAX_CHUNK = 256 << 20
 
@@ -66,7 +68,7 @@ class S3SiteSpec(SiteSpec):
 
     KEYS: ClassVar[frozenset[str]] = frozenset(
         {"endpoint", "bucket", "prefix", "region", "profile", "keep", "compress", "rate",
-         "part_size", "chunk_size"}
+         "part_size", "chunk_size", "full_every"}
     )  # fmt: skip
 
     location: Location
@@ -76,6 +78,7 @@ class S3SiteSpec(SiteSpec):
     rate_bytes: int | None = None
     part_bytes: int = DEFAULT_PART
     chunk_bytes: int = DEFAULT_CHUNK
+    full_every: int = DEFAULT_FULL_EVERY  # 0: never a synthetic full image
 
     @classmethod
     def parse(
@@ -109,6 +112,12 @@ class S3SiteSpec(SiteSpec):
         chunk = reader.size(raw, "chunk_size", key)
         if chunk is not None and (chunk * 512 % 4096 or chunk * 512 > MAX_CHUNK):
             reader.problem(f"{key}.chunk_size", "must be a multiple of 4KiB, at most 256MiB")
+        full_every = raw.get("full_every", DEFAULT_FULL_EVERY)
+        if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 0:
+            reader.problem(
+                f"{key}.full_every",
+                f"{full_every!r} is not a whole number of deltas (0: never a synthetic full image)",
+            )
         if bucket is None or len(reader.problems) > before:
             return None
         location = Location(bucket, prefix.strip("/"), endpoint, region, profile)
@@ -117,6 +126,7 @@ class S3SiteSpec(SiteSpec):
             None if rate is None else rate * 512,
             DEFAULT_PART if part is None else part * 512,
             DEFAULT_CHUNK if chunk is None else chunk * 512,
+            full_every,
         )  # fmt: skip
 
     @property
@@ -259,6 +269,8 @@ class S3Site:
             ) from None
         self._manifests[header.seq] = manifest
         phases.reached("applied")
+        if self._spec.full_every and len(manifest.deltas) >= self._spec.full_every:
+            self.synthesize(manifest)
         if self._spec.keep:
             self.prune()
         seconds = time.monotonic() - started
@@ -280,6 +292,67 @@ class S3Site:
                     hint="the next cycle ships from the cut the store holds",
                 ) from None
             raise
+
+    def _route_to(self, base: Manifest) -> tuple[int, str, str, tuple[DeltaObject, ...]]:
+        """The shortest route to the base cut: from a synthetic full image of it if there is
+        one (image cut, key, SHA-256, and the deltas after it), else the base's own route."""
+        key = s3layout.image_key(self._spec.base, base.seq)
+        if base.image == base.seq or not self.store.exists(key):
+            return base.image, base.image_key, base.image_sha256, base.deltas
+        return base.seq, key, s3layout.sha256(self.store.get(key)), ()
+
+    def synthesize(self, manifest: Manifest) -> None:
+        """Write a full image of the manifest's cut (its route fetched and applied to image
+        files in a staging directory, then chunked: only chunks the store lacks are sent),
+        so the next cuts' routes start there. A failure is said; nothing depends on it."""
+        spec = self._spec
+        staging = s3restore.staging_dir(None)
+        try:
+            remote = s3restore.Remote(self.store, spec.group)
+            fetched = remote.fetch(manifest, staging)
+            last = delta.open_verified(fetched.files[-1])
+            targets = {}
+            for device in last.devices:
+                path = staging / f"{device.name}.image"
+                with open(path, "xb") as image_file:
+                    image_file.truncate(device.sectors * delta.SECTOR_BYTES)
+                targets[device.name] = str(path)
+            rebuild.apply_dir(
+                staging, spec.group, targets, to_cut=manifest.seq, say=lambda _line: None
+            )
+            devices = tuple(
+                delta.DeltaDevice(d.name, d.sectors, None, d.target_era) for d in last.devices
+            )
+            header = delta.DeltaHeader(spec.group, manifest.seq, None, devices, manifest.created)
+            existing = set(self.store.listing(f"{spec.base}chunks/"))
+            chunker = _Chunker(self.store, spec, header, existing, None)
+            try:
+                for index, device in enumerate(devices):
+                    with open(targets[device.name], "rb") as image_file:
+                        offset = 0
+                        while data := image_file.read(spec.chunk_bytes):
+                            if data != chunker.zeros[: len(data)]:
+                                chunker.add(index, offset // delta.SECTOR_BYTES, data)
+                            offset += len(data)
+                image = chunker.finish()
+            except BaseException:
+                chunker.flight.close()
+                raise
+            key = s3layout.image_key(spec.base, manifest.seq)
+            self.store.create(key, s3layout.encode_image(image))
+            self._say(
+                f"site {self.name}: wrote a full image of cut {manifest.seq} (its route held "
+                f"{len(manifest.deltas)} deltas): {len(image.chunks)} chunks, "
+                f"{chunker.raw_sent} bytes sent, {chunker.skipped} bytes already in the store"
+            )
+        except (StoreError, DmreplError, OSError) as exc:
+            reason = exc.message if isinstance(exc, DmreplError) else str(exc)
+            self._say(
+                f"site {self.name}: warning: no full image of cut {manifest.seq}: {reason}; "
+                "the cut stands, and a later delivery tries again"
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _upload_delta(
         self,
@@ -305,9 +378,10 @@ class S3Site:
             key, header.seq, header.base_seq, done.size, done.sha256, summary.stream_bytes,
             spec.codec,
         )  # fmt: skip
+        image, image_key, image_sha256, earlier = self._route_to(base)
         manifest = Manifest(
-            spec.group, header.seq, header.created, base.image, base.image_key,
-            base.image_sha256, (*base.deltas, stored),
+            spec.group, header.seq, header.created, image, image_key, image_sha256,
+            (*earlier, stored),
         )  # fmt: skip
         transfer = (done.resumed_bytes, done.raw_bytes - done.resumed_bytes, done.sent_bytes)
         return manifest, transfer, summary.data_bytes

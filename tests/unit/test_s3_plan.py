@@ -103,7 +103,7 @@ def test_the_keys_are_read_from_the_configuration() -> None:
     text = SITE + (
         'bucket = "b1"\nprefix = "/x/y/"\nendpoint = "http://127.0.0.1:8080"\nregion = "r"\n'
         'profile = "p"\nkeep = "1h:2"\ncompress = "zstd:5"\nrate = "1MiB"\n'
-        'part_size = "8MiB"\nchunk_size = "1MiB"\n'
+        'part_size = "8MiB"\nchunk_size = "1MiB"\nfull_every = 0\n'
     )
     spec = parse_config(text, Path("x.toml")).groups["db"].site("cloud")
     assert isinstance(spec, S3SiteSpec)
@@ -112,7 +112,7 @@ def test_the_keys_are_read_from_the_configuration() -> None:
         "http://127.0.0.1:8080", "r", "p",
     )  # fmt: skip
     assert (spec.codec, spec.level, spec.rate_bytes) == ("zstd", 5, 1 << 20)
-    assert (spec.part_bytes, spec.chunk_bytes) == (8 << 20, 1 << 20)
+    assert (spec.part_bytes, spec.chunk_bytes, spec.full_every) == (8 << 20, 1 << 20, 0)
     plain = parse_config(SITE + 'bucket = "b1"\n', Path("x.toml")).groups["db"].site("cloud")
     assert isinstance(plain, S3SiteSpec)
     assert (plain.codec, plain.part_bytes, plain.chunk_bytes) == (
@@ -131,6 +131,7 @@ def test_the_keys_are_read_from_the_configuration() -> None:
         ('bucket = "b"\nchunk_size = "1001"', "group.db.site.cloud.chunk_size: must be a multiple"),
         ('bucket = "b"\ncompress = "lz4"', "group.db.site.cloud.compress: 'lz4' is not"),
         ('bucket = "b"\nkeep = "1h:0"', "group.db.site.cloud.keep: count 0"),
+        ('bucket = "b"\nfull_every = -1', "group.db.site.cloud.full_every: -1 is not"),
         ('bucket = "b"\naws_secret_access_key = "x"', "group.db.site.cloud.aws_secret_access_key"),
     ],
 )

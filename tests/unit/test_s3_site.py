@@ -359,3 +359,24 @@ def test_apply_and_pull_from_the_command_line(spec: S3SiteSpec, tmp_path: Path) 
     assert [(tmp_path / f"{n}.img").read_bytes() for n in DEVICES] == primary.at[3]
     code, stdout, _ = run_cli_here(*pulling)
     assert code == 0 and "the store's newest" in stdout
+
+
+def test_a_synthetic_full_image_starts_the_next_routes(spec: S3SiteSpec, tmp_path: Path) -> None:
+    spec = replace(spec, full_every=2)
+    said: list[str] = []
+    primary = Primary(9)
+    primary.write(6, MiB)
+    site = site_of(spec, tmp_path, said)
+    site.receive(io.BytesIO(primary.full()))
+    for created in (2.0, 3.0, 4.0):
+        site.receive(io.BytesIO(primary.delta(primary.write(1, 65536), created)))
+    remote = remote_of(spec)
+    assert [len(remote.manifest(c).deltas) for c in (1, 2, 3, 4)] == [0, 1, 2, 1]
+    assert remote.manifest(4).image == 3  # cut 4's route starts at the image of cut 3
+    assert s3layout.image_key(spec.base, 3) in keys(spec)
+    assert any("wrote a full image of cut 3" in line for line in said), said
+    image = s3layout.decode_image(Store(spec.location).get(s3layout.image_key(spec.base, 3)), "i")
+    sent = next(line for line in said if "wrote a full image" in line)
+    assert "bytes already in the store" in sent and f"{len(image.chunks)} chunks" in sent
+    for cut in (4, 3, 2):
+        assert restore(spec, tmp_path, cut=cut) == primary.at[cut], cut
