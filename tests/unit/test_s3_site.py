@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -380,3 +381,16 @@ def test_a_synthetic_full_image_starts_the_next_routes(spec: S3SiteSpec, tmp_pat
     assert "bytes already in the store" in sent and f"{len(image.chunks)} chunks" in sent
     for cut in (4, 3, 2):
         assert restore(spec, tmp_path, cut=cut) == primary.at[cut], cut
+
+
+def test_the_rate_cap_holds_uploads_to_it(spec: S3SiteSpec, tmp_path: Path) -> None:
+    spec = replace(spec, rate_bytes=8 * MiB)
+    primary = Primary(10)
+    site = site_of(spec, tmp_path)
+    site.receive(io.BytesIO(primary.full()))
+    big = primary.delta(primary.write(12, MiB), 2.0)
+    started = time.monotonic()
+    site.receive(io.BytesIO(big))
+    burst = 8 * MiB / 4  # what the token bucket lets through at once
+    assert time.monotonic() - started >= (len(big) - burst) / (8 * MiB)
+    assert restore(spec, tmp_path) == primary.at[2]
