@@ -6,6 +6,7 @@ the manifest, and retention deleting only what no kept manifest needs."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import time
@@ -394,3 +395,27 @@ def test_the_rate_cap_holds_uploads_to_it(spec: S3SiteSpec, tmp_path: Path) -> N
     burst = 8 * MiB / 4  # what the token bucket lets through at once
     assert time.monotonic() - started >= (len(big) - burst) / (8 * MiB)
     assert restore(spec, tmp_path) == primary.at[2]
+
+
+def test_cuts_lists_the_manifests(spec: S3SiteSpec, tmp_path: Path) -> None:
+    primary = Primary(15)
+    primary.write(2, 65536)
+    site = site_of(spec, tmp_path)
+    site.receive(io.BytesIO(primary.full()))
+    site.receive(io.BytesIO(primary.delta(primary.write(1, 8192), 2.0)))
+    config = tmp_path / "dmrepl.toml"
+    config.write_text(
+        f'[dmrepl]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[group.g.device.a]\norigin = "/dev/vdb"\nmetadata = "/dev/vdc"\n'
+        '[group.g.device.b]\norigin = "/dev/vdd"\nmetadata = "/dev/vde"\n'
+        f'[group.g.site.cloud]\ntransport = "s3"\nbucket = "{spec.location.bucket}"\n'
+        f'prefix = "{spec.location.prefix}"\nendpoint = "{spec.location.endpoint}"\n'
+    )
+    code, stdout, stderr = run_cli_here(
+        "cuts", "g", "--site", "cloud", "--json", "--config", str(config)
+    )
+    assert code == 0, stderr
+    listed = json.loads(stdout)
+    assert listed["held"] == 2 and listed["transport"] == "s3"
+    assert [(c["seq"], c["full"]) for c in listed["cuts"]] == [(1, True), (2, False)]
+    assert listed["cuts"][1]["files"] == ["0000000001.json", "g.0000000002.0000000001.delta"]
