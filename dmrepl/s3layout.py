@@ -295,9 +295,10 @@ def plan_prune(
 ) -> PrunePlan:
     """Which keys to delete so the store holds the cuts `grid` keeps and what they need.
 
-    `images` are the image indexes (by key) of the kept manifests; `listed` is every key
-    under `base`. Objects of cuts newer than the newest manifest stay (an upload the next
-    cycle resumes); an empty grid keeps every cut.
+    `images` are the image indexes (by key) of the kept manifests, and of a synthetic full
+    image of the newest cut if there is one (the next cut's route starts there: it stays
+    with its chunks); `listed` is every key under `base`. Objects of cuts newer than the
+    newest manifest stay (an upload the next cycle resumes); an empty grid keeps every cut.
     """
     if not manifests:
         return PrunePlan(frozenset(), (), ())
@@ -312,6 +313,10 @@ def plan_prune(
             raise ManifestError(f"{manifest.image_key}: the image of kept cut {seq} is not given")
         needed.update(chunk.key for chunk in image.chunks)
     newest = max(manifests)
+    synthetic = images.get(image_key(base, newest))
+    if synthetic is not None:
+        needed.add(image_key(base, newest))
+        needed.update(chunk.key for chunk in synthetic.chunks)
     drop = tuple(cut_key(base, seq) for seq in sorted(manifests) if seq not in kept)
     objects = []
     for key in sorted(listed):

@@ -421,6 +421,9 @@ class S3Site:
             times = {seq: m.created for seq, m in manifests.items()}
             kept = retention.kept_cuts(times, spec.keep)
             images = {manifests[s].image_key: self.image(manifests[s].image_key) for s in kept}
+            synthetic = s3layout.image_key(spec.base, max(manifests)) if manifests else None
+            if synthetic is not None and synthetic in listed:
+                images[synthetic] = self.image(synthetic)  # where the next route starts
             plan = s3layout.plan_prune(spec.base, manifests, images, listed, spec.keep)
             if plan.manifests:
                 self.store.delete(list(plan.manifests))

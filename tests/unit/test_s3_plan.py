@@ -89,6 +89,26 @@ def test_prune_keeps_what_kept_cuts_need_and_uploads_in_flight() -> None:
     assert everything.objects == (BASE + "chunks/orphan",)
 
 
+def test_prune_keeps_a_synthetic_image_of_the_newest_cut() -> None:
+    manifests = {seq: manifest(seq, 1, 100.0 + seq) for seq in (1, 2, 3)}
+    images = {
+        s3layout.image_key(BASE, 1): image(1, ("a1",)),
+        s3layout.image_key(BASE, 3): image(3, ("s3",)),  # no manifest names it yet
+    }
+    listed = {
+        *(s3layout.cut_key(BASE, s) for s in manifests),
+        *(k for m in manifests.values() for k in m.keys),
+        s3layout.image_key(BASE, 3),
+        BASE + "chunks/a1",
+        BASE + "chunks/s3",
+    }
+    plan = s3layout.plan_prune(BASE, manifests, images, listed, retention.parse_grid("1s:1"))
+    assert plan.kept == {3}
+    assert s3layout.image_key(BASE, 3) not in plan.objects
+    assert BASE + "chunks/s3" not in plan.objects
+    assert BASE + "chunks/a1" not in plan.objects  # cut 3's own route still needs image 1
+
+
 SITE = """
 [group.db.device.data]
 origin = "/dev/vdb"

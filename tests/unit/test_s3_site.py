@@ -364,7 +364,7 @@ def test_apply_and_pull_from_the_command_line(spec: S3SiteSpec, tmp_path: Path) 
 
 
 def test_a_synthetic_full_image_starts_the_next_routes(spec: S3SiteSpec, tmp_path: Path) -> None:
-    spec = replace(spec, full_every=2)
+    spec = replace(spec, full_every=2, keep=retention.parse_grid("1s:1000"))  # prunes, keeps all
     said: list[str] = []
     primary = Primary(9)
     primary.write(6, MiB)
