@@ -20,7 +20,7 @@
     mirror_region_size = "512KiB"          # optional
 
     [group.db.site.dr]                     # a replica of every device of the group
-    transport = "blockdev"                 # blockdev | dir | ssh | nbd
+    transport = "blockdev"                 # blockdev | dir | ssh | nbd | s3
     policy = "asynchronous"                # asynchronous | synchronous (blockdev) | stall
     fall_behind = { ios = 1000, size = "64MiB", timeout = "30s" }   # optional limits
     stall_limit = "60s"                    # longest writers are held for this site

@@ -12,6 +12,9 @@ PHASES = ("capture", "captured", "journal-write", "journal-committed", "apply", 
 # Reached only by `dmrepl serve` (the receiver of a remote site), which also reaches the
 # journal phases above when it journals and applies a delta.
 SERVE_PHASES = ("hello",)
+# Reached only by an `s3` site: a part of a multipart upload sent, the manifest about to be
+# written (dmrepl.sites.s3).
+S3_PHASES = ("s3-part", "s3-manifest")
 
 _hook: Callable[[str], None] | None = None
 

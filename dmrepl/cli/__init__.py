@@ -27,6 +27,7 @@ for _name, _command in (
     ("run", replication.run),
     ("verify", replication.verify_command),
     ("apply", replication.apply_deltas),
+    ("pull", replication.pull_command),
     ("cuts", replication.cuts_command),
     ("serve", replication.serve_command),
     ("replay", replicas.replay),

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from dmrepl import compact, retention
+from dmrepl import compact, retention, s3restore
 from dmrepl.cli.app import (
     USER_ERRORS,
     ConfigOption,
@@ -45,9 +45,12 @@ from dmrepl.replication.backlog import drain_due
 from dmrepl.replication.dryrun import preview
 from dmrepl.replication.loop import parse_interval, run_cycles
 from dmrepl.replication.verify import verify
+from dmrepl.s3restore import apply_s3, open_remote, pull
+from dmrepl.s3store import Store
 from dmrepl.serve import serve
 from dmrepl.sites import SiteContext, open_site
 from dmrepl.sites.archive import DirSiteSpec
+from dmrepl.sites.s3 import S3SiteSpec
 from dmrepl.statedir import StateDir
 from dmrepl.units import format_bytes
 
@@ -283,24 +286,23 @@ def log_to_syslog(ident: str) -> None:
 SYSLOG_SOCKET = "/dev/log"
 
 
-def apply_deltas(
-    directory: Annotated[Path, typer.Argument(help="A dir site's directory of delta files.")],
-    group: Annotated[str, typer.Option("--group", help="The group the deltas belong to.")],
-    to: Annotated[
-        list[str], typer.Option("--to", help="DEVICE=/dev/TARGET for every group device.")
-    ],
-    from_cut: Annotated[
-        int | None, typer.Option("--from-cut", help="The cut the targets already hold.")
-    ] = None,
-    to_cut: Annotated[int | None, typer.Option("--cut", help="Stop at this cut.")] = None,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run", help="Check everything, say what would be applied, write nothing."
-        ),
-    ] = False,
-) -> None:
-    """Rebuild devices from a dir site's deltas (or roll them forward with --from-cut)."""
+StoreEndpoint = Annotated[
+    str | None,
+    typer.Option("--endpoint", help="s3://: the store's URL (default: AWS S3 of the region)."),
+]
+StoreRegion = Annotated[
+    str | None, typer.Option("--region", help="s3://: the region (default: AWS configuration's).")
+]
+StoreProfile = Annotated[
+    str | None, typer.Option("--profile", help="s3://: a profile of the AWS shared files.")
+]
+Staging = Annotated[
+    Path | None,
+    typer.Option("--staging", help="s3://: where objects are checked before writing (/var/tmp)."),
+]
+
+
+def _targets(to: list[str]) -> dict[str, str]:
     targets: dict[str, str] = {}
     for item in to:
         name, sep, path = item.partition("=")
@@ -312,9 +314,50 @@ def apply_deltas(
                 hint="give one target per device; nothing was written",
             )
         targets[name] = path
-    result = apply_dir(
-        directory, group, targets, from_cut=from_cut, to_cut=to_cut, dry_run=dry_run, say=say
-    )
+    return targets
+
+
+def apply_deltas(
+    source: Annotated[
+        str, typer.Argument(help="A dir site's directory, or an s3 site as s3://BUCKET/PREFIX.")
+    ],
+    group: Annotated[str, typer.Option("--group", help="The group the deltas belong to.")],
+    to: Annotated[
+        list[str], typer.Option("--to", help="DEVICE=/dev/TARGET for every group device.")
+    ],
+    from_cut: Annotated[
+        int | None, typer.Option("--from-cut", help="The cut the targets already hold.")
+    ] = None,
+    to_cut: Annotated[int | None, typer.Option("--cut", help="Stop at this cut.")] = None,
+    endpoint: StoreEndpoint = None,
+    region: StoreRegion = None,
+    profile: StoreProfile = None,
+    staging: Staging = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Check everything, say what would be applied, write nothing."
+        ),
+    ] = False,
+) -> None:
+    """Rebuild devices from a dir or s3 site's deltas (or roll them forward with --from-cut)."""
+    targets = _targets(to)
+    if source.startswith("s3://"):
+        remote = open_remote(source, group, endpoint=endpoint, region=region, profile=profile)
+        result = apply_s3(
+            remote, targets, from_cut=from_cut, to_cut=to_cut, staging=staging,
+            dry_run=dry_run, say=say,
+        )  # fmt: skip
+    else:
+        if endpoint or region or profile or staging:
+            raise InvalidInput(
+                "--endpoint, --region, --profile and --staging are for s3:// sources",
+                hint="nothing was written",
+            )
+        result = apply_dir(
+            Path(source), group, targets, from_cut=from_cut, to_cut=to_cut, dry_run=dry_run,
+            say=say,
+        )  # fmt: skip
     if dry_run:
         out.print(
             f"dry run: the targets would hold cut {result.cut} of {group} "
@@ -325,6 +368,42 @@ def apply_deltas(
         return
     out.print(
         f"targets hold cut {result.cut} of {group} ({len(result.applied)} deltas, "
+        f"{format_bytes(result.data_bytes)})",
+        markup=False,
+    )
+
+
+DEFAULT_CURSORS = Path("/var/lib/dmrepl/pull")
+
+
+def pull_command(
+    source: Annotated[str, typer.Argument(help="The s3 site, as s3://BUCKET/PREFIX.")],
+    group: Annotated[str, typer.Option("--group", help="The group to follow.")],
+    to: Annotated[
+        list[str], typer.Option("--to", help="DEVICE=/dev/TARGET for every group device.")
+    ],
+    cursor: Annotated[
+        Path | None,
+        typer.Option("--cursor", help=f"This replica's cursor (default in {DEFAULT_CURSORS})."),
+    ] = None,
+    endpoint: StoreEndpoint = None,
+    region: StoreRegion = None,
+    profile: StoreProfile = None,
+    staging: Staging = None,
+) -> None:
+    """Bring a local replica to an s3 site's newest cut (from its own cursor; run it again
+    to follow the store)."""
+    targets = _targets(to)
+    remote = open_remote(source, group, endpoint=endpoint, region=region, profile=profile)
+    if cursor is None:
+        cursor = DEFAULT_CURSORS / f"{remote.store.bucket}.{remote.base.replace('/', '.')}json"
+    held, result = pull(remote, source, targets, cursor, staging=staging, say=say)
+    if result is None:
+        out.print(f"targets hold cut {held} of {group}, the store's newest", markup=False)
+        return
+    out.print(
+        f"targets hold cut {result.cut} of {group} (were at "
+        f"{'no cut' if held is None else f'cut {held}'}; {len(result.applied)} deltas, "
         f"{format_bytes(result.data_bytes)})",
         markup=False,
     )
@@ -349,6 +428,24 @@ def cuts_command(
         held = cuts[-1].seq if cuts else None
         keep = retention.describe(spec.keep) or None
         render_cuts(group, site, spec.transport, held=held, cuts=cuts, keep=keep, as_json=as_json)
+        return
+    if isinstance(spec, S3SiteSpec):
+        remote = s3restore.Remote(Store(spec.location), group)
+        found = [(seq, remote.manifest(seq)) for seq in remote.cuts()]
+        held_cuts = [
+            compact.HeldCut(
+                seq,
+                m.created,
+                tuple(k.rsplit("/", 1)[-1] for k in (m.image_key, *(d.key for d in m.deltas))),
+                m.image == seq,
+            )
+            for seq, m in found
+        ]
+        keep = retention.describe(spec.keep) or None
+        held = held_cuts[-1].seq if held_cuts else None
+        render_cuts(
+            group, site, spec.transport, held=held, cuts=held_cuts, keep=keep, as_json=as_json
+        )
         return
     receiver = open_site(spec, SiteContext({}, StateDir(loaded.state_dir)))
     try:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dmrepl import blockio, delta, deltafiles
+from dmrepl import blockio, delta, deltafiles, s3restore
 from dmrepl.config import Config
 from dmrepl.cut import HeldCut
 from dmrepl.errors import DmreplError, ExitCode, InvalidInput
@@ -27,10 +27,12 @@ from dmrepl.ranges import Extent
 from dmrepl.replication import capture
 from dmrepl.replication.capture import ProgressFactory, no_progress
 from dmrepl.replication.cycle import Cycle, checked_request
+from dmrepl.s3store import Store
 from dmrepl.signals import Say
 from dmrepl.sites import SiteFailure
 from dmrepl.sites.archive import DirSiteSpec
 from dmrepl.sites.base import Piece, Verifier
+from dmrepl.sites.s3 import S3SiteSpec
 from dmrepl.state import CutRecord, StateStore
 
 PIECE_SECTORS = 2048  # 1 MiB: what one digest covers at most
@@ -128,8 +130,12 @@ def verify(
     spec = checked_request(config, group, ())
     chosen = spec.site(site)
     started = time.monotonic()
-    if isinstance(chosen, DirSiteSpec):
-        result = verify_chain(group, chosen)
+    if isinstance(chosen, DirSiteSpec | S3SiteSpec):
+        result = (
+            verify_chain(group, chosen)
+            if isinstance(chosen, DirSiteSpec)
+            else verify_objects(group, chosen)
+        )
         result.seconds = time.monotonic() - started
         return result
     with group_lock(config.state_dir, group, "verify"):
@@ -174,6 +180,14 @@ def verify_chain(group: str, site: DirSiteSpec) -> VerifyResult:
             "rebuild it (a missing or misnamed file)"
         )
     return VerifyResult(group, site.name, newest or 0, "chain", checked, problems=problems)
+
+
+def verify_objects(group: str, site: S3SiteSpec) -> VerifyResult:
+    """An `s3` site: every manifest and every object a cut needs pass their checksums
+    (dmrepl.s3restore.verify_store); each problem names the object, offset and cuts."""
+    remote = s3restore.Remote(Store(site.location), group)
+    newest, checked, problems = s3restore.verify_store(remote)
+    return VerifyResult(group, site.name, newest, "chain", checked, problems=problems)
 
 
 def _known_cut(store: StateStore, group: str, seq: int) -> CutRecord:

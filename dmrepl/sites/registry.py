@@ -16,6 +16,7 @@ from dmrepl.sites.base import Receiver, SiteContext
 from dmrepl.sites.journaled import BlockdevSiteSpec, JournaledSite
 from dmrepl.sites.nbd import NbdSite, NbdSiteSpec
 from dmrepl.sites.remote import RemoteSite, SshSiteSpec
+from dmrepl.sites.s3 import S3Site, S3SiteSpec
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ TRANSPORTS: dict[str, Transport] = {
     "blockdev": Transport("blockdev", BlockdevSiteSpec, JournaledSite),
     "dir": Transport("dir", DirSiteSpec, ArchiveSite),
     "nbd": Transport("nbd", NbdSiteSpec, NbdSite),
+    "s3": Transport("s3", S3SiteSpec, S3Site),
     "ssh": Transport("ssh", SshSiteSpec, RemoteSite),
 }
 

@@ -26,7 +26,7 @@ def _kill_at(target: str) -> None:
 
 
 if __name__ == "__main__":
-    known = (*phases.PHASES, *phases.SERVE_PHASES)
+    known = (*phases.PHASES, *phases.SERVE_PHASES, *phases.S3_PHASES)
     if len(sys.argv) < 2 or sys.argv[1] not in known:
         sys.exit(f"usage: crashrun PHASE ARGS... (PHASE one of {', '.join(known)})")
     _kill_at(sys.argv[1])

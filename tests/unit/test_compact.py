@@ -286,4 +286,7 @@ def test_keep_belongs_to_dir_sites_only() -> None:
         parse_config(
             text + 'keep = "1h:2"\n[group.db.site.vault.replica]\ndata = "/dev/x"\n', Path("/x")
         )
-    assert 'group.db.site.vault.keep: only used with transport = "dir"' in caught.value.problems
+    assert (
+        'group.db.site.vault.keep: only used with transport = "dir" or transport = "s3"'
+        in caught.value.problems
+    )

@@ -567,7 +567,7 @@ FIXED_AFTER_THE_REPORT = [
         "C15c",
         ("check-config",),
         ERR.CONFIG,
-        "group.db.site.dr.transport: missing (one of blockdev, dir, nbd, ssh)",
+        "group.db.site.dr.transport: missing (one of blockdev, dir, nbd, s3, ssh)",
         GOOD.replace('transport = "blockdev"\n', ""),
     ),
     # apply as nobody onto a root-owned 0644 target was a PermissionError traceback (exit 1);

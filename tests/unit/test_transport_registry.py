@@ -67,9 +67,9 @@ def test_an_unreachable_memory_site_is_down(memory: None, tmp_path: Path) -> Non
 
 
 def test_the_built_in_transports_and_an_unknown_one() -> None:
-    assert sorted(TRANSPORTS) == ["blockdev", "dir", "nbd", "ssh"]
+    assert sorted(TRANSPORTS) == ["blockdev", "dir", "nbd", "s3", "ssh"]
     with pytest.raises(ConfigError) as caught:
         parse_config(GROUP + '[group.db.site.ram]\ntransport = "memory"\n', Path("x.toml"))
     assert caught.value.problems == [
-        "group.db.site.ram.transport: 'memory' is not one of blockdev, dir, nbd, ssh"
+        "group.db.site.ram.transport: 'memory' is not one of blockdev, dir, nbd, s3, ssh"
     ]
