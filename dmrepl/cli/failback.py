@@ -17,7 +17,7 @@ from dmrepl.cli.app import (
     require_device_mapper,
     require_root,
 )
-from dmrepl.cli.render import out, print_plan, render_preview, say
+from dmrepl.cli.render import line, out, print_plan, render_preview, say
 from dmrepl.config import DEFAULT_PATH, load_config
 from dmrepl.errors import ExitCode
 from dmrepl.executor import Runner
@@ -180,7 +180,3 @@ def role(
         print(json.dumps(roles.to_json(answer)))
         return
     out.print(f"{group} on {answer.host}: {answer.describe()}", markup=False)
-
-
-def line(text: str) -> None:
-    out.print(text, markup=False)

@@ -34,6 +34,13 @@ from dmrepl.status import Health
 from dmrepl.units import format_bytes, format_sectors, sectors_to_bytes
 
 out = Console(highlight=False, soft_wrap=True)
+
+
+def line(text: str = "") -> None:
+    """Print one line as it is (no rich markup)."""
+    out.print(text, markup=False)
+
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -270,9 +277,6 @@ def render_sync(result: SyncResult) -> None:
 def render_preview(preview: Preview) -> None:
     """`sync --dry-run`: the observed sites, the plan, and the cut's commands."""
     plan = preview.plan
-
-    def line(text: str = "") -> None:
-        out.print(text, markup=False)
 
     line(f"dry run of group {preview.group}: nothing was changed")
     line(

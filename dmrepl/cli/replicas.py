@@ -9,7 +9,7 @@ import typer
 
 from dmrepl import dm, replica
 from dmrepl.cli.app import ConfigOption, DryRunOption, require_device_mapper, require_root
-from dmrepl.cli.render import out, print_plan, say
+from dmrepl.cli.render import line, out, print_plan, say
 from dmrepl.config import DEFAULT_PATH, load_config
 from dmrepl.executor import Runner
 from dmrepl.promote import preview, promote
@@ -130,7 +130,3 @@ def promote_command(
     out.print(f"group {group} promoted at cut {done.cut}: this host is its primary", markup=False)
     for device, gate in done.gates.items():
         out.print(f"  {device}: {gate}", markup=False)
-
-
-def line(text: str) -> None:
-    out.print(text, markup=False)
