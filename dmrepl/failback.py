@@ -270,8 +270,10 @@ def reverse(
         store = StateStore(config.state_dir)
         try:
             _require_cut(store, group, site, promoted)
-            _place(config, spec, found.stacks, site, promoted, store, say)
+            # Owed before the site's journal names the cut: a crash between the two must
+            # never leave it placed without the old primary's late writes to undo.
             store.owe(group, site, demoted.discarded)
+            _place(config, spec, found.stacks, site, promoted, store, say)
             store.record(
                 group, "", "reverse",
                 f"site {site} (the old primary) placed at cut {promoted}, owed "
