@@ -67,7 +67,7 @@ print(json.dumps({"writes": count, "slow": slow}))
 class DmsetupRunner(Runner):
     """Issues every step as a `dmsetup` process."""
 
-    dm_ioctl = False
+    ioctls = False
 
 
 def kernel_alone(

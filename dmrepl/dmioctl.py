@@ -1,20 +1,25 @@
-"""Device-mapper operations as ioctls on /dev/mapper/control, for the writers' stall.
+"""Device-mapper operations as ioctls on /dev/mapper/control.
 
 Each `dmsetup` is a process start (about 40 ms in user-mode Linux) around one or two
 ioctls that take far less. A cut issues its stalled steps here instead: `request_for`
 translates exactly the `dmsetup` ops `dmrepl.dm` builds for them (suspend, resume,
 message, load) into the ioctl the command would make, so `--dry-run` still prints the
-equivalent `dmsetup` commands. Packing and unpacking are pure; `issue` is the one
-function that does I/O. Layout and numbers: the kernel's include/uapi/linux/dm-ioctl.h.
+equivalent `dmsetup` commands. The queries below (`devices`, `device`, `targets`) serve
+`dmrepl.kernelops`, which answers other `dmsetup` ops the same way. Packing and unpacking
+are pure; `issue` is the one function that does I/O. Layout and numbers: the kernel's
+include/uapi/linux/dm-ioctl.h.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import stat
 import struct
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 from dmrepl.ops import Op
@@ -28,13 +33,19 @@ NAME_LEN, UUID_LEN, TYPE_NAME_LEN = 128, 129, 16
 HEADER = struct.Struct(f"<3IIIIiIIIQ{NAME_LEN}s{UUID_LEN}s7s")
 TARGET_SPEC = struct.Struct(f"<QQiI{TYPE_NAME_LEN}s")  # sector_start, length, status, next, type
 MESSAGE = struct.Struct("<Q")  # struct dm_target_msg: sector, then the NUL-terminated text
+NAME_LIST = struct.Struct("<QI")  # struct dm_name_list: dev, next; then the NUL-ended name
 OUTPUT_BYTES = 16 * 1024  # room for what the kernel writes back (status text, messages)
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # a larger answer is refused rather than grown into
+# libdevmapper's `remove --retry`: 25 tries 0.2 s apart while the device is busy
+# (udev rules or blkid may hold it open for a moment after use).
+REMOVE_TRIES, REMOVE_DELAY_S = 25, 0.2
 
 
 class Command(IntEnum):
     """The DM_*_CMD numbers."""
 
     VERSION = 0
+    LIST_DEVICES = 2
     DEV_CREATE = 3
     DEV_REMOVE = 4
     DEV_SUSPEND = 6  # suspend with SUSPEND, resume without
@@ -66,6 +77,7 @@ class Request:
     name: str
     flags: int = 0
     payload: bytes = b""
+    uuid: str = ""  # set only by DEV_CREATE
     target_count: int = 0
     output: int = 0  # extra bytes to leave for the kernel's answer
 
@@ -99,13 +111,15 @@ class IoctlFailed(OSError):
 
 def pack(request: Request) -> bytearray:
     """The buffer for `request`: a dm_ioctl header, then the payload, then room to answer."""
-    name = request.name.encode()
-    if not name or len(name) >= NAME_LEN:
+    name, uuid = request.name.encode(), request.uuid.encode()
+    if (not name and request.command is not Command.LIST_DEVICES) or len(name) >= NAME_LEN:
         raise ValueError(f"dm device name {request.name!r} is empty or too long")
+    if len(uuid) >= UUID_LEN:
+        raise ValueError(f"dm UUID {request.uuid!r} is too long")
     size = HEADER.size + len(request.payload) + request.output
     header = HEADER.pack(
         *VERSION, size, HEADER.size, request.target_count, 0, request.flags, 0, 0, 0,
-        name, b"", b"",
+        name, uuid, b"",
     )  # fmt: skip
     buffer = bytearray(size)
     buffer[: HEADER.size] = header
@@ -191,9 +205,40 @@ def request_for(op: Op) -> Request | None:
     return None
 
 
+def unpack_names(reply: Reply) -> list[str]:
+    """The device names a DM_LIST_DEVICES reply holds (none: one entry with dev 0).
+
+    Each entry's `next` is the offset from that entry to the following one; 0 ends the list.
+    """
+    names, offset = [], 0
+    while offset + NAME_LIST.size <= len(reply.data):
+        dev, following = NAME_LIST.unpack_from(reply.data, offset)
+        if dev == 0:
+            break
+        end = reply.data.index(b"\0", offset + NAME_LIST.size)
+        names.append(reply.data[offset + NAME_LIST.size : end].decode())
+        if following == 0:
+            break
+        offset += following
+    return names
+
+
 def info(name: str) -> Request:
     """DM_DEV_STATUS: the device's flags (suspended, tables present), counts and dev_t."""
     return Request(Command.DEV_STATUS, name)
+
+
+def create(name: str, uuid: str) -> Request:
+    """DM_DEV_CREATE: a device with no table (suspended; a load and resume activate it)."""
+    return Request(Command.DEV_CREATE, name, uuid=uuid)
+
+
+def remove(name: str) -> Request:
+    return Request(Command.DEV_REMOVE, name)
+
+
+def list_devices() -> Request:
+    return Request(Command.LIST_DEVICES, "", output=OUTPUT_BYTES)
 
 
 def table_status(name: str, *, table: bool) -> Request:
@@ -215,16 +260,75 @@ def _control(path: str) -> int:
 
 
 def issue(request: Request) -> Reply:
-    """Issue `request` on the control device; raise `IoctlFailed` with the kernel's errno."""
-    buffer = pack(request)
+    """Issue `request` on the control device; raise `IoctlFailed` with the kernel's errno.
+
+    An answer that did not fit is asked again with twice the room, up to MAX_OUTPUT_BYTES.
+    """
+    while True:
+        buffer = pack(request)
+        try:
+            fcntl.ioctl(_control(CONTROL), request.command.number, buffer, True)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            raise IoctlFailed(
+                code, f"{request.command.name} on {request.name}: {os.strerror(code)}"
+            ) from None
+        reply = unpack(buffer)
+        if not reply.flags & Flag.BUFFER_FULL:
+            return reply
+        if not 0 < request.output < MAX_OUTPUT_BYTES:
+            raise IoctlFailed(errno.ENOSPC, f"{request.command.name} on {request.name}: answer cut")
+        request = replace(request, output=request.output * 2)
+
+
+# -- the queries and node handling `dmrepl.kernelops` answers dmsetup ops with
+
+
+def devices() -> list[str]:
+    """The names of every device-mapper device."""
+    return unpack_names(issue(list_devices()))
+
+
+def device(name: str) -> Reply:
+    """One device's header: UUID, flags (suspended), open count, dev_t."""
+    return issue(info(name))
+
+
+def targets(name: str, *, table: bool) -> list[tuple[int, int, str, str]]:
+    """(start, length, type, status or table text) of each target of the live table."""
+    return unpack_targets(issue(table_status(name, table=table)))
+
+
+def node_path(name: str) -> str:
+    return f"{os.path.dirname(CONTROL)}/{name}"
+
+
+def make_node(name: str) -> None:
+    """Make /dev/mapper/NAME the block node of the kernel's device, as `dmsetup mknodes`
+    does where no udev made it; a node that is already right is left alone."""
+    path, dev = node_path(name), device(name).dev
     try:
-        fcntl.ioctl(_control(CONTROL), request.command.number, buffer, True)
-    except OSError as exc:
-        code = exc.errno or errno.EIO
-        raise IoctlFailed(
-            code, f"{request.command.name} on {request.name}: {os.strerror(code)}"
-        ) from None
-    reply = unpack(buffer)
-    if reply.flags & Flag.BUFFER_FULL:
-        raise IoctlFailed(errno.ENOSPC, f"{request.command.name} on {request.name}: answer cut")
-    return reply
+        found = os.stat(path)
+        if stat.S_ISBLK(found.st_mode) and found.st_rdev == dev:
+            return
+        os.unlink(path)  # a node of another device, or a dangling link: replaced
+    except FileNotFoundError:
+        if os.path.islink(path):
+            os.unlink(path)
+    os.mknod(path, 0o600 | stat.S_IFBLK, dev)
+
+
+def remove_device(name: str) -> None:
+    """Remove the device, retrying while it is busy as `dmsetup remove --retry` does, then
+    its /dev/mapper entry (udev removes the ones it made; where it runs, the two agree)."""
+    for attempt in range(REMOVE_TRIES):
+        try:
+            issue(remove(name))
+            break
+        except IoctlFailed as exc:
+            if exc.errno != errno.EBUSY or attempt == REMOVE_TRIES - 1:
+                raise
+            time.sleep(REMOVE_DELAY_S)
+    path = node_path(name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -28,7 +28,7 @@ from typing import Any
 
 import sh
 
-from dmrepl import dmioctl
+from dmrepl import dmioctl, kernelops
 from dmrepl.errors import DmreplError, ExitCode
 from dmrepl.ops import Op, Result
 
@@ -87,9 +87,10 @@ def command_env(extra: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
 class Runner:
     """Runs `Op`s for real."""
 
-    # Whether `run_dm` issues ioctls; a runner that scripts or prints ops sets it False,
-    # so every op reaches its `run`.
-    dm_ioctl = True
+    # Whether dmsetup and losetup ops are answered with ioctls where they can be (`run_dm`,
+    # `dmrepl.kernelops`); a runner that scripts or prints ops sets it False, so every op
+    # reaches its `run`.
+    ioctls = True
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.timeout_s = timeout_s
@@ -102,7 +103,7 @@ class Runner:
         (`duration_s` 0): in user-mode Linux each clock read is a system call, and the cut
         times its steps itself.
         """
-        request = dmioctl.request_for(op) if self.dm_ioctl else None
+        request = dmioctl.request_for(op) if self.ioctls else None
         if request is None:
             return self.run(op)
         try:
@@ -114,6 +115,12 @@ class Runner:
 
     def run(self, op: Op, *, ok_codes: Iterable[int] = (0,)) -> Result:
         """Run `op` and return its result; raise `CommandFailed` on an exit code not in ok_codes."""
+        answered = kernelops.perform(op) if self.ioctls else None
+        if answered is not None:
+            log.debug("ioctl: %s: exit %d", op.render(), answered.exit_code)
+            if answered.exit_code not in tuple(ok_codes):
+                raise CommandFailed(op.argv, answered.exit_code, "", answered.stderr)
+            return answered
         timeout = op.timeout_s if op.timeout_s is not None else self.timeout_s
         started = time.monotonic()
         if log.isEnabledFor(logging.DEBUG):
@@ -278,7 +285,7 @@ def _write_stdout(line: str) -> None:
 class DryRunRunner(Runner):
     """Prints mutating ops instead of running them; read-only probes still run."""
 
-    dm_ioctl = False
+    ioctls = False
 
     def __init__(self, sink: Callable[[str], object] = print, timeout_s: float = DEFAULT_TIMEOUT_S):
         super().__init__(timeout_s)

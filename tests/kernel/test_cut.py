@@ -7,6 +7,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -287,6 +288,10 @@ def test_pit_of_a_mounted_ext4_under_writes_is_fsck_clean(group: Bed, workdir: P
     results = []
     written = []
     try:
+        deadline = time.monotonic() + 60
+        while not (count.exists() and int(count.read_bytes() or b"0") > 0):  # writing
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer never wrote"
+            time.sleep(0.05)
         stacks = stacks_of(group)
         with cow_devices(group.runner, stacks, group.workdir / "state") as cow_for:
             for _ in range(4):
@@ -311,7 +316,7 @@ def test_pit_of_a_mounted_ext4_under_writes_is_fsck_clean(group: Bed, workdir: P
 class DmsetupRunner(Runner):
     """Issues every step as a `dmsetup` process, as cuts did before the ioctls."""
 
-    dm_ioctl = False
+    ioctls = False
 
 
 def snapshot_of_the_kernel(bed: Bed) -> dict[str, object]:

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -217,12 +218,50 @@ def test_a_second_sync_exits_busy_and_names_the_holder(pair: Bed) -> None:
     assert sync(pair).returncode == 0
 
 
-def test_two_syncs_started_together_one_runs_one_is_busy(pair: Bed) -> None:
+# Runs the CLI and, when the cycle reaches a phase, waits there until a file appears
+# (announcing the wait with FILE.reached): a sync held at a known point of the protocol.
+PAUSE_AT_PHASE = """
+import os, sys, time
+from pathlib import Path
+from dmrepl import phases
+from dmrepl.cli import main
+phase, go = sys.argv[1], Path(sys.argv[2])
+def hook(reached):
+    if reached == phase:
+        go.with_suffix(".reached").touch()
+        while not go.exists():
+            time.sleep(0.05)
+phases.set_hook(hook)
+sys.argv = ["dmrepl", *sys.argv[3:]]
+main()
+"""
+
+
+def test_a_sync_started_while_another_runs_is_busy_and_the_first_completes(
+    pair: Bed, workdir: Path
+) -> None:
     write_raw("/dev/mapper/pa", [9])
-    argv = [sys.executable, "-m", "dmrepl", "sync", pair.group, "--config", str(pair.config)]
-    runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"]
-    codes = sorted(p.wait() for p in runs)
-    assert codes == [0, 7], [p.stderr.read() for p in runs if p.stderr]
+    args = ["sync", pair.group, "--config", str(pair.config)]
+    go = workdir / "go"
+    first = subprocess.Popen(
+        [sys.executable, "-c", PAUSE_AT_PHASE, "capture", str(go), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not go.with_suffix(".reached").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first sync never reached its capture"
+            time.sleep(0.05)
+        second = subprocess.run(
+            [sys.executable, "-m", "dmrepl", *args], capture_output=True, text=True
+        )
+        assert second.returncode == 7, second.stdout + second.stderr  # busy
+    finally:
+        go.touch()
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, out + err
     assert site_digests(pair, "dr") == gate_digests(pair)
 
 

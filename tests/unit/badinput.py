@@ -26,6 +26,7 @@ import pytest
 from dmrepl import loop, probe
 from dmrepl.delta import DeltaDevice, DeltaHeader, DeltaWriter
 from dmrepl.errors import ExitCode
+from dmrepl.executor import Runner
 from tests.clirun import run_cli_here
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,6 +211,8 @@ def run_case(
     monkeypatch.chdir(w)  # relative paths resolve in $W, and anything created there is seen
     monkeypatch.setattr(os, "geteuid", lambda: case.euid)  # what cli.require_root asks
     monkeypatch.setattr(loop, "kernel_has_device_mapper", lambda: case.dm == "fake")
+    if case.dm == "fake":  # the fake dmsetup stands in for the kernel's answers too
+        monkeypatch.setattr(Runner, "ioctls", False)
     if case.probes:
         pretend_block_devices(w / "dev", monkeypatch)
     return run_cli_here(*args)

@@ -25,7 +25,7 @@ ERA_NOW = 7  # what `dmsetup status <era>` reports after the take
 class ScriptedRunner(Runner):
     """Records every op; answers era status queries, succeeds at everything else."""
 
-    dm_ioctl = False  # every op, ioctl or not, is recorded by `run`
+    ioctls = False  # every op, ioctl or not, is recorded by `run`
 
     def __init__(self, held_root: str = "-") -> None:
         super().__init__()
@@ -94,7 +94,7 @@ def test_the_stalled_steps_are_ioctls_and_the_rest_commands(
 
     monkeypatch.setattr(dmioctl, "issue", issue)
     runner = ScriptedRunner()
-    runner.dm_ioctl = True
+    runner.ioctls = True
     with held_cut(runner, (stack,), cow_for=lambda _: "/dev/loop9", say=lambda _: None):
         commands = list(runner.ops)
     gate, pit = stack.require(Layer.GATE).name, f"{stack.device.name}-pit"

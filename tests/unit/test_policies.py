@@ -147,7 +147,7 @@ def test_a_cut_under_held_writers_leaves_the_gates_alone() -> None:
 
 
 class RecordingRunner(Runner):
-    dm_ioctl = False  # every op, ioctl or not, is recorded by `run`
+    ioctls = False  # every op, ioctl or not, is recorded by `run`
 
     def __init__(self) -> None:
         super().__init__()
