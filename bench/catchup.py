@@ -2,8 +2,9 @@
 
     .venv/bin/python -m bench.catchup [--sizes 16,64,256,1024] [--json PATH]
 
-For each origin size (MiB; a sparse loop-file origin, 64 KiB era blocks, a blockdev site
-on another loop device) the test VM seeds the site with a first sync, times an empty
+For each origin size (MiB; a loop-file origin, 64 KiB era blocks, a blockdev site on
+another loop device), once with the origin filled with data and once left sparse, the
+test VM seeds the site with a first sync, times an empty
 sync (the cycle's fixed cost), primes a second replica by a full hash compare, rewrites
 1 % of the era blocks at random, then times a whole `dmrepl sync` (in-process,
 `dmrepl.replication.cycle.sync`) and the full hash compare onto the second replica
@@ -11,6 +12,10 @@ sync (the cycle's fixed cost), primes a second replica by a full hash compare, r
 differing chunks written, fsync). Page caches are dropped before each timed step. The
 two are measured side by side at every size, so the table shows where a full compare
 would win: the crossover size, interpolated between the sizes measured.
+
+A filled origin is what a real device is: the compare reads every byte of both. A sparse
+one is kind to the compare (reading a hole costs no I/O, and the replicas stay mostly
+holes), so it is shown as well, for the record.
 """
 
 from __future__ import annotations
@@ -46,7 +51,22 @@ DEFAULT_SIZES_MIB = (16, 64, 256, 1024)
 CHANGED = 0.01
 
 
-def measure_size(runner: Runner, workdir: Path, size: int, say: Any) -> dict[str, Any]:
+def fill(path: str, size: int) -> None:
+    """Write data over the whole device: one random MiB, each copy stamped with its offset."""
+    pattern = bytearray(os.urandom(MiB))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for offset in range(0, size, MiB):
+            pattern[:8] = offset.to_bytes(8, "little")
+            os.pwrite(fd, pattern, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def measure_size(
+    runner: Runner, workdir: Path, size: int, filled: bool, say: Any
+) -> dict[str, Any]:
     """Seed, empty sync, then catch-up and hash compare after 1 % changed, at one size."""
     from tests.kernel.stacks import Bed  # the kernel tests' config-over-loop-devices helper
 
@@ -63,6 +83,8 @@ def measure_size(runner: Runner, workdir: Path, size: int, say: Any) -> dict[str
             replica = bed.add_site("dr")[DEVICE]
             bed.cli("up")
             gate, config = f"/dev/mapper/{DEVICE}", bed.config
+            if filled:
+                fill(gate, size)
             timed_sync(runner, config, replica, say, target_zeroed=True)  # the seed
             empty = timed_sync(runner, config, replica, say)
             baseline = make_loop("baseline-replica", size)
@@ -74,6 +96,7 @@ def measure_size(runner: Runner, workdir: Path, size: int, say: Any) -> dict[str
             compare = timed_compare(gate, baseline)
             return {
                 "origin_bytes": size,
+                "filled": filled,
                 "changed_blocks": len(blocks),
                 "empty_s": empty["seconds"],
                 "sync_s": catchup["seconds"],
@@ -95,10 +118,12 @@ def run_guest(out: Path, sizes_mib: list[int]) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    for size_mib in sizes_mib:
-        workdir = Path(tempfile.mkdtemp(prefix="dmrepl-catchup-", dir="/tmp"))
-        payload["points"].append(measure_size(runner, workdir, size_mib * MiB, say))
-        (out / RESULTS_FILE).write_text(json.dumps(payload, indent=1))
+    for filled in (True, False):
+        for size_mib in sizes_mib:
+            workdir = Path(tempfile.mkdtemp(prefix="dmrepl-catchup-", dir="/tmp"))
+            point = measure_size(runner, workdir, size_mib * MiB, filled, say)
+            payload["points"].append(point)
+            (out / RESULTS_FILE).write_text(json.dumps(payload, indent=1))
     return 0
 
 
@@ -116,20 +141,31 @@ def crossover_mib(points: list[dict[str, Any]]) -> str:
 
 def render_table(payload: dict[str, Any]) -> str:
     lines = [
-        "| device | era blocks changed | empty sync | catch-up `sync` (capture / ship)"
+        "| device | data | era blocks changed | empty sync | catch-up `sync` (capture / ship)"
         " | full hash compare | compare ÷ sync |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for p in payload["points"]:
+    points = payload["points"]
+    for p in points:
+        data = "filled" if p["filled"] else "sparse"
         lines.append(
-            f"| {p['origin_bytes'] // MiB} MiB | {p['changed_blocks']} | {p['empty_s']:.2f} s"
+            f"| {p['origin_bytes'] // MiB} MiB | {data} | {p['changed_blocks']}"
+            f" | {p['empty_s']:.2f} s"
             f" | {p['sync_s']:.2f} s ({p['capture_s'] or 0:.2f} / {p['ship_s'] or 0:.2f})"
             f" | {p['compare_s']:.2f} s | **{p['compare_s'] / p['sync_s']:.1f}x** |"
         )
-    checks = all(p["changed_as_expected"] and p["replicas_equal"] for p in payload["points"])
+    checks = all(p["changed_as_expected"] and p["replicas_equal"] for p in points)
+    crossovers = "; ".join(
+        f"{kind} {crossover_mib(chosen)}"
+        for kind, chosen in (
+            ("filled", [p for p in points if p["filled"]]),
+            ("sparse", [p for p in points if not p["filled"]]),
+        )
+        if chosen
+    )
     return "\n".join(lines) + (
-        f"\n\ncrossover (a full compare wins below): {crossover_mib(payload['points'])};"
-        f" changed bytes as expected and every replica equal to the gate: {checks}"
+        f"\n\ncrossover (a full compare wins below): {crossovers}.\n"
+        f"changed bytes as expected and every replica equal to the gate: {checks}"
     )
 
 
@@ -150,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         print(render_table(json.loads(args.render.read_text())))
         return 0
+    # The loop files live in the guest's /tmp, a tmpfs of half its RAM: a filled device, its
+    # replica, the site's journal, the baseline's replica and the seed's full image need
+    # about 5x the largest size there.
+    os.environ.setdefault("DMREPL_VM_MEMORY", f"{max(3, 10 * sizes[-1] // 1024 + 2)}G")
     run = run_guest_half("bench.catchup", f" --sizes {args.sizes}", RESULTS_FILE, args.json)
     if run.payload is None or not run.payload["points"]:
         return 1

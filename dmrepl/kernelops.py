@@ -32,8 +32,8 @@ def perform(op: Op) -> Result | None:
         stdout = answer()
     except loopioctl.NotSupported:
         return None
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    except (OSError, ValueError) as exc:  # ValueError: a name the kernel cannot hold
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
         return Result(op.argv, 1, "", f"{op.argv[0]}: {op.argv[1]}: {reason}\n", 0.0)
     return Result(op.argv, 0, stdout, "", 0.0)
 

@@ -162,6 +162,11 @@ def test_a_missing_device_fails_as_the_command_would(kernel: FakeKernel) -> None
     assert failed.value.argv[:2] == ("dmsetup", "info")
 
 
+def test_a_name_the_kernel_cannot_hold_fails_as_the_command_would(kernel: FakeKernel) -> None:
+    result = kernelops.perform(dm.status("x" * 200))
+    assert result is not None and result.exit_code == 1 and "too long" in result.stderr
+
+
 def test_changes_issue_the_ioctls_dmsetup_makes(kernel: FakeKernel) -> None:
     answer(dm.create_empty("ca-pit2", "DMREPL-pit-g.ca2"))
     answer(dm.message("ca-era", "drop_metadata_snap"))
