@@ -63,6 +63,7 @@ class FakeKernel:
         self.issued: list[tuple[Command, str]] = []
 
     def issue(self, request: Request) -> Reply:
+        dmioctl.pack(request)  # as the real one does: refuses what the kernel cannot hold
         self.issued.append((request.command, request.name))
         if request.command is Command.LIST_DEVICES:
             listed = {**self.devices, **self.vanished}
