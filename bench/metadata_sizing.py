@@ -235,11 +235,24 @@ def run_guest(out: Path, grid: tuple[tuple[int, int], ...]) -> int:
 
 
 def _size(sectors: int) -> str:
-    for unit, factor in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB)):
+    units = (("TiB", TiB), ("GiB", GiB), ("MiB", MiB))
+    for unit, factor in units:
+        if sectors >= factor and sectors % factor == 0:
+            return f"{sectors // factor} {unit}"
+    for unit, factor in units:
         if sectors >= factor:
-            whole, rest = divmod(sectors, factor)
-            return f"{whole} {unit}" + (f" + {rest} s" if rest else "")
+            return f"{sectors // factor} {unit} + {sectors % factor} s"
     return f"{sectors} s"
+
+
+def _bytes(sectors: int) -> str:
+    """An exact size in the largest binary unit that divides it (era block sizes)."""
+    size, unit = sectors * 512, "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if size % 1024:
+            break
+        size, unit = size // 1024, larger
+    return f"{size} {unit}"
 
 
 def _verdict(blocks: int, minimum: int, ok: object, inferred: bool = False) -> str:
@@ -266,7 +279,7 @@ def render_table(payload: dict[str, Any]) -> str:
         failing = f"{p['largest_failing_blocks']}" + ("" if p["largest_failing_verified"] else "*")
         provision = p["dmrepl_rounded_blocks"]
         cells = [
-            f"{p['block_sectors']} s",
+            f"{p['block_sectors']} s ({_bytes(p['block_sectors'])})",
             _size(p["origin_sectors"]),
             str(p["era_blocks"]),
             str(p["steady_blocks"]),
