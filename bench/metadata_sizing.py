@@ -1,6 +1,6 @@
 """Benchmark: the smallest dm-era metadata device that survives the worst case, vs dmrepl's size.
 
-    .venv/bin/python -m bench.metadata_sizing [--grid full|quick] [--json PATH]
+    .venv/bin/python -m bench.metadata_sizing [--grid full|quick] [--pending N] [--json PATH]
 
 For every grid point (era block size x origin size) the test VM runs the stress
 of tests/kernel/erastress.py on an era device over a `zero` origin: first with
@@ -38,6 +38,7 @@ from typing import Any
 from bench.vmrun import run_guest_half
 from dmrepl.executor import Runner
 from dmrepl.sizing import (
+    DEFAULT_PENDING_WRITESETS,
     SECTORS_PER_METADATA_BLOCK,
     metadata_size,
     published_per_mille_bytes,
@@ -132,8 +133,13 @@ def measure_point(
     block_sectors: int,
     origin_sectors: int,
     say: Callable[[str], object],
+    pending: int = DEFAULT_PENDING_WRITESETS,
 ) -> dict[str, Any]:
-    """Stress one grid point at dmrepl's size, find the minimum, judge the published sizes."""
+    """Stress one grid point at dmrepl's size, find the minimum, judge the published sizes.
+
+    `pending` is how many messages in a row the stress sends where it archives
+    writesets (erastress); dmrepl's size is always its default.
+    """
     size = metadata_size(origin_sectors, block_sectors)
     runs: list[dict[str, Any]] = []
     cheap = size.era_blocks <= CHEAP_ERA_BLOCKS
@@ -148,6 +154,7 @@ def measure_point(
                 origin_sectors,
                 block_sectors,
                 sectors,
+                pending_writesets=pending,
                 probe_writes=cheap,
                 say=say,
             )
@@ -217,19 +224,25 @@ def measure_point(
     }
 
 
-def run_guest(out: Path, grid: tuple[tuple[int, int], ...]) -> int:
+def run_guest(
+    out: Path, grid: tuple[tuple[int, int], ...], pending: int = DEFAULT_PENDING_WRITESETS
+) -> int:
     """Inside the VM: measure every grid point, rewriting the results file after each."""
     runner = Runner(timeout_s=900)
     workdir = Path(tempfile.mkdtemp(prefix="dmrepl-bench-", dir="/tmp"))
     points: list[dict[str, Any]] = []
-    payload: dict[str, Any] = {"kernel": os.uname().release, "points": points}
+    payload: dict[str, Any] = {
+        "kernel": os.uname().release,
+        "pending_writesets": pending,
+        "points": points,
+    }
 
     def say(text: str) -> None:
         print(text, flush=True)
 
     for block_sectors, origin_sectors in grid:
         say(f"grid point: era block {block_sectors} sectors, origin {origin_sectors} sectors")
-        points.append(measure_point(runner, workdir, block_sectors, origin_sectors, say))
+        points.append(measure_point(runner, workdir, block_sectors, origin_sectors, say, pending))
         (out / RESULTS_FILE).write_text(json.dumps(payload, indent=1))
     return 0
 
@@ -304,18 +317,25 @@ def render_table(payload: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.metadata_sizing", description=__doc__)
     parser.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    parser.add_argument(
+        "--pending",
+        type=int,
+        default=DEFAULT_PENDING_WRITESETS,
+        help="archiving messages in a row in the stress (default: what dmrepl sizes for)",
+    )
     parser.add_argument("--json", type=Path, help="also copy the raw results here")
     parser.add_argument("--render", type=Path, help="print the table of saved results; no VM")
     parser.add_argument("--guest", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     grid = GRIDS[args.grid]
     if args.guest:
-        return run_guest(args.guest, grid)
+        return run_guest(args.guest, grid, args.pending)
     if args.render:
         print(render_table(json.loads(args.render.read_text())))
         return 0
 
-    run = run_guest_half("bench.metadata_sizing", f" --grid {args.grid}", RESULTS_FILE, args.json)
+    options = f" --grid {args.grid} --pending {args.pending}"
+    run = run_guest_half("bench.metadata_sizing", options, RESULTS_FILE, args.json)
     if run.payload is None:
         return 1
     payload, code = run.payload, run.code

@@ -13,6 +13,10 @@ flag the archive for digestion: the digest starts at the worker's next run
 (kick_off_digest), which the next message, status read or unmarked write
 causes. Two messages in a row therefore leave two archived writesets, the
 first not yet digested. That is dmrepl's `DEFAULT_PENDING_WRITESETS` (2).
+Every writeset takes as many metadata blocks empty as full (dm-array.c
+insert_full_ablocks gives each array block of a new bitset its own block).
+With `pending_writesets` P, steps 2 and 4 send P messages in a row instead of
+two; those after the second race the digest, which runs between them.
 
 1. Write one sector in every era block: every bit of the current writeset W0.
 2. `checkpoint` (archives W0), then `take_metadata_snap` (archives the new
@@ -69,6 +73,7 @@ from dmrepl.executor import CommandFailed, Runner
 from dmrepl.ops import command, probe
 from dmrepl.sizing import (
     BITS_PER_BITSET_BLOCK,
+    DEFAULT_PENDING_WRITESETS,
     ERAS_PER_ARRAY_BLOCK,
     SECTORS_PER_METADATA_BLOCK,
 )
@@ -370,6 +375,7 @@ def stress_era(
     metadata_sectors: int,
     *,
     checkpoints: int = 3,
+    pending_writesets: int = DEFAULT_PENDING_WRITESETS,
     snapshot_cycles: int = 10,
     digest_timeout_s: float = 600.0,
     probe_writes: bool = True,
@@ -388,7 +394,9 @@ def stress_era(
     try:
         try:
             era_dev = _create(make_loop, make_dm, runner, result)
-            _run_steps(era_dev, checkpoints, snapshot_cycles, digest_timeout_s, say)
+            _run_steps(
+                era_dev, checkpoints, pending_writesets, snapshot_cycles, digest_timeout_s, say
+            )
         except StressFailed as failure:
             result.error = str(failure)
             result.failed_step = failure.step
@@ -438,6 +446,7 @@ def _create(
 def _run_steps(
     era_dev: _EraUnderTest,
     checkpoints: int,
+    pending: int,
     snapshot_cycles: int,
     digest_timeout_s: float,
     say: Say,
@@ -461,8 +470,11 @@ def _run_steps(
     era_dev.used("first pass")
     lap("first pass")
 
-    # No worker run between the two messages: the snapshot pins W0 undigested and W1.
-    era_dev.message("checkpoint")
+    # No worker run between the first two messages: the snapshot pins W0
+    # undigested and W1 (and, with more pending, the archives made while the
+    # worker digests W0 a hundred bits a step).
+    for _ in range(pending - 1):
+        era_dev.message("checkpoint")
     era_dev.message("take_metadata_snap")
     digest_s = era_dev.wait_quiet("snapshot held, digesting", digest_timeout_s)
     lap("checkpoint + take + digest")
@@ -476,8 +488,8 @@ def _run_steps(
         # era array block is rewritten. Then stay idle for longer than the
         # first digest took (its status reads committed but did not slow it
         # down), so the rest of the digest is one transaction.
-        era_dev.message("checkpoint")
-        era_dev.message("checkpoint")
+        for _ in range(pending):
+            era_dev.message("checkpoint")
         time.sleep(1.0 + 1.5 * digest_s)
         if rewrite == 1:
             result.idle_digest_used_blocks = era_dev.used("after idle digest")
