@@ -63,7 +63,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -231,10 +231,12 @@ def scratch_devices(
 def remove_device(runner: Runner, name: str) -> None:
     """Remove a dm device (if it exists), resuming it first if it was left suspended."""
     try:
-        if dm.is_suspended(runner, name):
+        suspended = dm.is_suspended(runner, name)
+    except CommandFailed:  # no such device: its create failed early, or the run abandoned it
+        return
+    if suspended:
+        with suppress(CommandFailed):  # removal is still worth a try
             runner.run(dm.resume(name))
-    except CommandFailed:  # no such device (its create failed early), or resume failed
-        pass
     runner.run_best_effort(dm.remove(name))
 
 
