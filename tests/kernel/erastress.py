@@ -7,26 +7,42 @@ all-zero loop file of exactly the size under test behind a linear device, as in
 dmrepl's stack, so dm-era formats it.
 
 The stress, with the kernel behaviour it relies on (drivers/md/dm-era-target.c
-and drivers/md/persistent-data/, Debian 6.1):
+and drivers/md/persistent-data/, Debian 6.1). `checkpoint` and
+`take_metadata_snap` archive the current writeset and start a new era, but only
+flag the archive for digestion: the digest starts at the worker's next run
+(kick_off_digest), which the next message, status read or unmarked write
+causes. Two messages in a row therefore leave two archived writesets, the
+first not yet digested. That is dmrepl's `DEFAULT_PENDING_WRITESETS` (2).
+Every writeset takes as many metadata blocks empty as full (dm-array.c
+insert_full_ablocks gives each array block of a new bitset its own block).
+With `pending_writesets` P, steps 2 and 4 send P messages in a row instead of
+two; those after the second race the digest, which runs between them.
 
-1. Write one sector in every era block: every bit of the current writeset.
-2. `take_metadata_snap`: archives that writeset, pins it, the era array and
-   the writeset btree in a snapshot. Wait until the worker has digested the
-   archived writeset into the era array: the live array is now a second full
-   copy beside the snapshot's.
+1. Write one sector in every era block: every bit of the current writeset W0.
+2. `checkpoint` (archives W0), then `take_metadata_snap` (archives the new
+   W1, commits and pins the era array and the writeset btree holding W0 and
+   W1). Wait until the worker has digested W0 into the era array: the live
+   array is now a second full copy beside the snapshot's.
 3. Write every era block again: a second full writeset.
-4. `checkpoint` (archives it), start the digest (it starts at the worker's
-   next run, which any status read or write triggers), then stay idle. Digest
+4. `checkpoint`, `checkpoint`: two archived writesets pending, the first full;
+   the second message's worker run starts the digest. Then stay idle. Digest
    steps never commit; only bio batches and messages (status too: it is an
    rpc) do. So the digest rewrites the whole era array in one transaction, and
    the blocks it frees are not reusable before the commit (the metadata space
-   map allocates only blocks free in the last committed map): three era arrays
-   at once, the worst case. A status read reports the used count before it
-   commits (process_rpc_calls), so the first one after the digest sees it.
-5. More `checkpoint`s in a row: archived writesets queue for digestion.
-6. `drop_metadata_snap`, then take and drop it again many times, rewriting one
+   map allocates only blocks free in the last committed map,
+   sm_ll_find_common_free_block): three era arrays at once. A status read
+   reports the used count before it commits (process_rpc_calls), so the first
+   one after the digest sees it.
+5. Steps 3 and 4 once more, but before the status read write one era block in
+   every writeset array block (the bitset's 32576 bits a block): the worker
+   marks them on disk, shadowing every block of the new writeset, in the same
+   transaction as the uncommitted digest, and commits. No status read can see
+   that peak (the bios commit before any rpc runs); only a run on a device that
+   is too small shows it, by failing.
+6. More `checkpoint`s in a row: archived writesets queue for digestion.
+7. `drop_metadata_snap`, then take and drop it again many times, rewriting one
    era block per era array block while each snapshot is held.
-7. `checkpoint`, then one write + fsync into block 0, now unmarked: the write
+8. `checkpoint`, then one write + fsync into block 0, now unmarked: the write
    completes only after the worker has marked it and committed.
 
 The run fails on any write error, failed dmsetup message or status, or an error
@@ -47,15 +63,20 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dmrepl import dm, loop
 from dmrepl.errors import DmreplError
 from dmrepl.executor import CommandFailed, Runner
-from dmrepl.ops import probe
-from dmrepl.sizing import ERAS_PER_ARRAY_BLOCK, SECTORS_PER_METADATA_BLOCK
+from dmrepl.ops import command, probe
+from dmrepl.sizing import (
+    BITS_PER_BITSET_BLOCK,
+    DEFAULT_PENDING_WRITESETS,
+    ERAS_PER_ARRAY_BLOCK,
+    SECTORS_PER_METADATA_BLOCK,
+)
 from dmrepl.status import parse_era_status, parse_status_line
 from dmrepl.tables import Era, Linear, Zero, single
 
@@ -210,10 +231,12 @@ def scratch_devices(
 def remove_device(runner: Runner, name: str) -> None:
     """Remove a dm device (if it exists), resuming it first if it was left suspended."""
     try:
-        if dm.is_suspended(runner, name):
+        suspended = dm.is_suspended(runner, name)
+    except CommandFailed:  # no such device: its create failed early, or the run abandoned it
+        return
+    if suspended:
+        with suppress(CommandFailed):  # removal is still worth a try
             runner.run(dm.resume(name))
-    except CommandFailed:  # no such device (its create failed early), or resume failed
-        pass
     runner.run_best_effort(dm.remove(name))
 
 
@@ -268,6 +291,7 @@ class _EraUnderTest:
         self.device = device
         self.name = os.path.basename(device)
         self.result = result
+        self.lower: list[str] = []  # the dm devices under it (metadata, origin)
         self.writer = SectorWriter(device)
 
     def used(self, step: str) -> int:
@@ -353,6 +377,7 @@ def stress_era(
     metadata_sectors: int,
     *,
     checkpoints: int = 3,
+    pending_writesets: int = DEFAULT_PENDING_WRITESETS,
     snapshot_cycles: int = 10,
     digest_timeout_s: float = 600.0,
     probe_writes: bool = True,
@@ -371,7 +396,9 @@ def stress_era(
     try:
         try:
             era_dev = _create(make_loop, make_dm, runner, result)
-            _run_steps(era_dev, checkpoints, snapshot_cycles, digest_timeout_s, say)
+            _run_steps(
+                era_dev, checkpoints, pending_writesets, snapshot_cycles, digest_timeout_s, say
+            )
         except StressFailed as failure:
             result.error = str(failure)
             result.failed_step = failure.step
@@ -387,6 +414,8 @@ def stress_era(
     finally:
         if era_dev is not None:
             era_dev.close()  # the device is busy while the writer holds it open
+    if era_dev is not None and result.kernel_errors:
+        _abandon(runner, [era_dev.name, *era_dev.lower])
     result.ok = result.error is None
     result.seconds = round(time.monotonic() - started, 2)
     say(
@@ -411,6 +440,7 @@ def _create(
     except CommandFailed as exc:  # too small even to format and size the era array
         raise StressFailed("create", exc.stderr.strip() or exc.message) from exc
     era_dev = _EraUnderTest(runner, device, result)
+    era_dev.lower = [os.path.basename(meta), os.path.basename(origin)]
     era_dev.used("created")
     return era_dev
 
@@ -418,6 +448,7 @@ def _create(
 def _run_steps(
     era_dev: _EraUnderTest,
     checkpoints: int,
+    pending: int,
     snapshot_cycles: int,
     digest_timeout_s: float,
     say: Say,
@@ -427,6 +458,7 @@ def _run_steps(
     end = result.origin_sectors * SECTOR
     every_block = range(0, end, block_bytes)
     every_array_block = range(0, end, block_bytes * ERAS_PER_ARRAY_BLOCK)
+    every_bitset_block = range(0, end, block_bytes * BITS_PER_BITSET_BLOCK)
     clock = time.monotonic()
 
     def lap(step: str) -> None:
@@ -440,25 +472,34 @@ def _run_steps(
     era_dev.used("first pass")
     lap("first pass")
 
+    # No worker run between the first two messages: the snapshot pins W0
+    # undigested and W1 (and, with more pending, the archives made while the
+    # worker digests W0 a hundred bits a step).
+    for _ in range(pending - 1):
+        era_dev.message("checkpoint")
     era_dev.message("take_metadata_snap")
     digest_s = era_dev.wait_quiet("snapshot held, digesting", digest_timeout_s)
-    lap("take + digest")
+    lap("checkpoint + take + digest")
 
-    era_dev.write("second pass", every_block)
-    era_dev.used("second pass")
-    lap("second pass")
-
-    era_dev.message("checkpoint")
-    # The checkpoint only flags the archived writeset: digestion starts at the
-    # worker's next run (kick_off_digest), which this status read triggers; it
-    # commits after the first digest step. Then stay idle for longer than the
-    # first digest took (its status reads committed but did not slow it down),
-    # so the rest of the digest is one transaction.
-    era_dev.used("digest started")
-    time.sleep(1.0 + 1.5 * digest_s)
-    result.idle_digest_used_blocks = era_dev.used("after idle digest")
-    era_dev.wait_quiet("digested", digest_timeout_s)
-    lap("checkpoint + idle digest")
+    for rewrite in (1, 2):
+        era_dev.write(f"pass {rewrite + 1}", every_block)
+        era_dev.used(f"pass {rewrite + 1}")
+        lap(f"pass {rewrite + 1}")
+        # The second checkpoint's worker run starts the digest of the first
+        # archive (kick_off_digest) and commits after its first step, before any
+        # era array block is rewritten. Then stay idle for longer than the
+        # first digest took (its status reads committed but did not slow it
+        # down), so the rest of the digest is one transaction.
+        for _ in range(pending):
+            era_dev.message("checkpoint")
+        time.sleep(1.0 + 1.5 * digest_s)
+        if rewrite == 1:
+            result.idle_digest_used_blocks = era_dev.used("after idle digest")
+        else:
+            era_dev.write("writeset rewrite", every_bitset_block)
+            era_dev.used("after idle digest + writeset rewrite")
+        era_dev.wait_quiet("digested", digest_timeout_s)
+        lap(f"checkpoints + idle digest {rewrite}")
 
     for _ in range(checkpoints - 1):
         era_dev.message("checkpoint")
@@ -482,6 +523,24 @@ def _run_steps(
     if not 0 < used <= result.metadata_total_blocks:
         raise StressFailed("final status", f"used {used} of {result.metadata_total_blocks}")
     lap("final check")
+
+
+ABANDONED_PREFIX = "abandoned-"
+
+
+def _abandon(runner: Runner, names: list[str]) -> None:
+    """Leave an era device whose metadata failed in the kernel, under names no teardown knows.
+
+    Removing it can panic the kernel (seen on Debian's user-mode Linux 6.1.176):
+    after a commit fails in dm_bitset_flush ("metadata_commit: bitset flush
+    failed"), a metadata block stays locked, and era_dtr's
+    dm_block_manager_destroy hits dm-bufio's BUG on the leaked buffer. Only a
+    device that is never destroyed is safe, so the era device and the devices
+    under it (which it keeps busy) are renamed, and the fixtures' removal finds
+    nothing. The guest's power-off ends them.
+    """
+    for name in names:
+        runner.run_best_effort(command("dmsetup", "rename", name, ABANDONED_PREFIX + name))
 
 
 def _write_probe(era_dev: _EraUnderTest) -> int | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dmrepl.sizing import (
     BITS_PER_BITSET_BLOCK,
@@ -262,3 +264,57 @@ def test_model_is_within_bounds_of_published_rules_at_large_blocks() -> None:
     # sanity: per-mille vastly over-provisions for 2 MiB blocks, the model does not
     size = metadata_size(TIB_SECTORS, 4096)
     assert size.required_bytes < published_per_mille_bytes(TIB_SECTORS) / 100
+
+
+# --- against the kernel -------------------------------------------------------------------
+
+# Measured by bench/metadata_sizing.py on Debian's user-mode Linux 6.1.176 (docs/sizing.md):
+# era blocks -> (highest used count a status showed, smallest metadata that survived the
+# stress), in 4 KiB blocks. Metadata depends on the number of era blocks only.
+KERNEL_MEASURED = {
+    16: (25, 28),
+    64: (25, 28),
+    256: (25, 28),
+    8192: (49, 52),
+    16384: (73, 76),
+    25600: (100, 103),
+    65536: (227, 232),
+    262144: (842, 853),
+    786433: (2473, 2500),
+    1048576: (3290, 3325),
+}
+MAX_OVER_PEAK = 1.5  # issue 20, goal 7: at most 1.5 times the kernel's peak, never below it
+
+
+@pytest.mark.parametrize(
+    ("era_blocks", "peak", "minimum"), [(n, *m) for n, m in KERNEL_MEASURED.items()]
+)
+def test_size_lies_between_the_kernel_minimum_and_one_and_a_half_peaks(
+    era_blocks: int, peak: int, minimum: int
+) -> None:
+    size = metadata_size(era_blocks * 8, 8)
+    assert minimum <= size.worst_blocks <= MAX_OVER_PEAK * peak
+
+
+def kernel_peak_floor(era_blocks: int) -> int:
+    """A lower bound of the peak the stress drives the kernel to, at any number of era blocks.
+
+    At its peak the kernel holds three copies of the era array (the snapshot's,
+    the live one and the uncommitted rewrite), A blocks each. Everything else
+    (superblocks, space map, btree nodes, writesets) took 22 blocks at 16 era
+    blocks (25 - 3 one-block arrays) and never shrinks as the count grows.
+    """
+    return 3 * era_array_blocks(era_blocks) + 22
+
+
+def test_the_floor_is_below_every_measured_peak() -> None:
+    for era_blocks, (peak, _) in KERNEL_MEASURED.items():
+        assert kernel_peak_floor(era_blocks) <= peak, era_blocks
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(min_value=1, max_value=2**30))
+def test_size_is_at_most_one_and_a_half_floors_at_every_count(era_blocks: int) -> None:
+    """Between the measured points too: the size never exceeds 1.5 times what the kernel uses."""
+    size = metadata_size(era_blocks * 8, 8)
+    assert size.worst_blocks <= MAX_OVER_PEAK * kernel_peak_floor(era_blocks)
