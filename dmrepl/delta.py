@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
 import struct
 import zlib
 from collections.abc import Callable, Generator, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -202,6 +205,9 @@ class DeltaSummary:
     records: int
     data_bytes: int
     stream_bytes: int  # the whole delta, header and trailer included
+    # The trailer's crc32 of the stream: names this exact delta (a journal referencing a
+    # spool file pins it). Not compared: two summaries are equal when they count the same.
+    stream_crc: int = field(default=0, compare=False)
 
 
 # CRC-32 arithmetic. A record's checksum and the stream's both cover the record's
@@ -397,7 +403,7 @@ class DeltaWriter:
         self._guarded(self._write, fields + _U32.pack(crc), crc)
         self._guarded(self._out.flush)
         self._state = "finished"
-        return DeltaSummary(self._records, self._data_bytes, self._stream_bytes)
+        return DeltaSummary(self._records, self._data_bytes, self._stream_bytes, crc)
 
     def _guarded(self, write: Callable[..., None], *args: Any) -> None:
         try:
@@ -486,7 +492,7 @@ def read_header(stream: BinaryIO, source: str) -> DeltaHeader:
             _LENGTH_OFFSET,
             f"header length {json_length} is over the limit of {MAX_HEADER_JSON_BYTES}",
         )
-    rest = _read_exact(stream, json_length + _U32.size)
+    rest = bytes(_read_exact(stream, json_length + _U32.size))  # a FileReader's may be a view
     if len(rest) < json_length + _U32.size:
         raise _truncated(source, _PREAMBLE.size + len(rest), "in the header")
     body = rest[:json_length]
@@ -653,7 +659,7 @@ def _records(
     pos += TRAILER_BYTES
     if stream.read(1):
         raise CorruptDelta(source, pos, "data after the trailer")
-    return DeltaSummary(count, data_bytes, pos)
+    return DeltaSummary(count, data_bytes, pos, stored_crc)
 
 
 def verify(stream: BinaryIO, source: str) -> tuple[DeltaHeader, DeltaSummary]:
@@ -677,6 +683,74 @@ def open_verified(path: Path) -> DeltaHeader:
     with path.open("rb") as stream:
         header, _ = verify(stream, str(path))
     return header
+
+
+class FileReader:
+    """A reader of a delta stored at [start, start + length) of an open file, shaped for
+    `records`: one system call per record and no copy besides the kernel's.
+
+    A read of a record's data (`DATA_READ_BYTES` up to MAX_RECORD_BYTES) lands in one
+    reused page-aligned buffer, returned as a memoryview that is valid only until the
+    next read, and brings the next record's header along in the same `preadv`. Smaller
+    reads (headers, the trailer) return bytes.
+    """
+
+    DATA_READ_BYTES = 4096
+
+    def __init__(self, fd: int, start: int, length: int):
+        self.fd, self.start, self.length = fd, start, length
+        self.pos = 0  # bytes of the region read from the file (the look-ahead included)
+        self._ahead = b""  # read from the file, not yet returned
+        self._buffer: mmap.mmap | None = None
+
+    def read(self, size: int = -1) -> bytes | memoryview:
+        ahead = self._ahead
+        if size < 0:
+            size = len(ahead) + self.length - self.pos
+        if size <= len(ahead):
+            self._ahead = ahead[size:]
+            return ahead[:size]
+        if not self.DATA_READ_BYTES <= size <= MAX_RECORD_BYTES:
+            more = self._pread(size - len(ahead))
+            self._ahead = b""
+            return ahead + more
+        if self._buffer is None:
+            self._buffer = mmap.mmap(-1, MAX_RECORD_BYTES + RECORD_HEADER_BYTES)
+        view = memoryview(self._buffer)
+        view[: len(ahead)] = ahead
+        filled = len(ahead) + self._preadv(view[len(ahead) : size + RECORD_HEADER_BYTES])
+        self._ahead = bytes(view[size:filled]) if filled > size else b""
+        return view[: min(size, filled)]
+
+    def _pread(self, size: int) -> bytes:
+        want = min(size, self.length - self.pos)
+        data = os.pread(self.fd, want, self.start + self.pos) if want > 0 else b""
+        self.pos += len(data)
+        return data
+
+    def _preadv(self, into: memoryview) -> int:
+        """Fill `into` from the file (less only at the region's end); the bytes read."""
+        want = min(len(into), self.length - self.pos)
+        done = 0
+        while done < want:
+            got = os.preadv(self.fd, [into[done:want]], self.start + self.pos)
+            if got == 0:
+                break
+            done += got
+            self.pos += got
+        return done
+
+    def close(self) -> None:
+        if self._buffer is not None:
+            with suppress(BufferError):  # a record still refers to it: freed with the record
+                self._buffer.close()
+            self._buffer = None
+
+    def __enter__(self) -> FileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Tee:

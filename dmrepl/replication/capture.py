@@ -71,16 +71,17 @@ def stage(
     target: Path,
     cleanup: ExitStack,
     progress: ProgressFactory,
-) -> Callable[[], None]:
-    """Capture into a partial file beside `target` now; the returned callable publishes it.
-    Anything unpublished is removed when `cleanup` closes."""
+) -> tuple[Callable[[], None], delta.DeltaSummary]:
+    """Capture into a partial file beside `target` now, fsynced; returns the callable that
+    publishes it and what it holds (its stream checksum included). Anything unpublished is
+    removed when `cleanup` closes."""
     partial = deltafiles.partial_path(target)
     cleanup.callback(partial.unlink, missing_ok=True)
     with safefile.open_new(partial, buffering=blockio.CHUNK_BYTES) as out:
-        write(out, held, head, ranges, progress)
+        summary = write(out, held, head, ranges, progress)
         out.flush()
         os.fsync(out.fileno())
-    return lambda: deltafiles.publish(partial, target)
+    return lambda: deltafiles.publish(partial, target), summary
 
 
 def write(
