@@ -28,7 +28,7 @@ from typing import Any
 
 import sh
 
-from dmrepl import dmioctl
+from dmrepl import dm, dmioctl
 from dmrepl.errors import DmreplError, ExitCode
 from dmrepl.ops import Op, Result
 
@@ -111,6 +111,22 @@ class Runner:
             log.debug("ioctl failed: %s (%s)", op.argv, exc)
             raise CommandFailed(op.argv, 1, "", f"device-mapper: {exc.strerror}") from exc
         return Result(op.argv, 0, "", "", 0.0)
+
+    def status_text(self, name: str) -> str:
+        """What `dmsetup status NAME` prints, read by the DM_TABLE_STATUS ioctl it would make
+        (no process) unless `dm_ioctl` is off; a failure raises `CommandFailed` as `run_dm`."""
+        op = dm.status(name)
+        if not self.dm_ioctl:
+            return self.run(op).stdout
+        try:
+            reply = dmioctl.issue(dmioctl.table_status(name, table=False))
+        except OSError as exc:
+            log.debug("ioctl failed: %s (%s)", op.argv, exc)
+            raise CommandFailed(op.argv, 1, "", f"device-mapper: {exc.strerror}") from exc
+        return "".join(
+            f"{start} {length} {target} {text}\n"
+            for start, length, target, text in dmioctl.unpack_targets(reply)
+        )
 
     def run(self, op: Op, *, ok_codes: Iterable[int] = (0,)) -> Result:
         """Run `op` and return its result; raise `CommandFailed` on an exit code not in ok_codes."""
