@@ -398,13 +398,18 @@ class Journal:
     def _open_payload(self, length: int) -> int:
         path = self.payload_path
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: something else planted there (a FIFO) must not hang the cycle
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise JournalError(
                 f"{self.path}: the committed delta's payload {path} is missing",
                 hint=PAYLOAD_HINT,
             ) from None
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise JournalError(f"{self.path}: the payload {path} is not a file", hint=PAYLOAD_HINT)
+        size = info.st_size
         if size != length:
             os.close(fd)
             raise JournalError(
