@@ -449,7 +449,7 @@ class JournaledSite:
         with ExitStack() as fds:
             reader = self._guard(lambda: fds.enter_context(journal.committed()))
             header = delta.read_header(reader, source)
-            targets = self._open_replicas(fds, header)
+            targets = self._replica_writers(fds, header)
             applying = delta.records(reader, header, source, checksums=verify)
             try:
                 while True:
@@ -458,10 +458,10 @@ class JournaledSite:
                     except StopIteration as done:
                         summary: delta.DeltaSummary = done.value
                         break
-                    blockio.write_at(targets[record.device], record.offset, record.data)
+                    targets[record.device].write_at(record.offset, record.data)
                     phases.reached("apply")
-                for fd in targets.values():
-                    os.fsync(fd)
+                for target in targets.values():
+                    target.fsync()
             except OSError as exc:
                 raise SiteDown(
                     f"site {self.name}: writing the replicas failed: {exc.strerror or exc}",
@@ -487,6 +487,21 @@ class JournaledSite:
                 f"the group has {expected}",
                 hint="the group's devices changed; re-seed the site",
             )
+
+    def _replica_writers(
+        self, fds: ExitStack, header: delta.DeltaHeader
+    ) -> dict[int, blockio.DeviceWriter]:
+        """A writer per device index of the delta, closed with `fds`."""
+        targets: dict[int, blockio.DeviceWriter] = {}
+        for index, device in enumerate(header.devices):
+            path = self._spec.replicas[device.name]
+            try:
+                writer = blockio.DeviceWriter(path)
+            except OSError as exc:
+                raise SiteDown(f"site {self.name}: cannot open {path}: {exc.strerror}") from None
+            fds.callback(writer.close)
+            targets[index] = writer
+        return targets
 
     def _open_replicas(self, fds: ExitStack, header: delta.DeltaHeader) -> dict[int, int]:
         targets: dict[int, int] = {}
