@@ -179,9 +179,9 @@ class DeviceWriter:
         write_at(self.fd, offset_sectors, data)
 
     def fsync(self) -> None:
+        # Both descriptors are the same inode (the block device's): one fsync writes back
+        # the cached pieces and flushes the device's cache for the direct ones too.
         os.fsync(self.fd)
-        if self.direct is not None:
-            os.fsync(self.direct)
 
     def close(self) -> None:
         os.close(self.fd)
