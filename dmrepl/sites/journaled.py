@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, TypeVar
+from typing import Any, BinaryIO, ClassVar, TypeVar, cast
 
 import xxhash
 
@@ -207,18 +207,23 @@ class JournaledSite:
 
     def _receive_linked(self, journal: Journal, spooled: SpooledDelta) -> Delivery:
         source = f"{spooled.path} (linked as {journal.payload_path})"
-        with spooled.path.open("rb") as probe:
-            size = os.fstat(probe.fileno()).st_size
-            if spooled.crc is None:  # written by an earlier run: verified before it is used
-                header, summary = delta.verify(probe, source)
-                crc = summary.stream_crc
-            else:
-                header, crc = delta.read_header(probe, source), spooled.crc
-                if size != spooled.size:
-                    raise delta.CorruptDelta(
-                        source, min(size, spooled.size),
-                        f"it is {size} bytes; this run captured {spooled.size}",
-                    )  # fmt: skip
+        fd = os.open(journal.payload_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            with delta.FileReader(fd, 0, size) as reader:
+                stream = cast(BinaryIO, reader)
+                if spooled.crc is None:  # written by an earlier run: verified before it is used
+                    header, summary = delta.verify(stream, source)
+                    crc = summary.stream_crc
+                else:
+                    header, crc = delta.read_header(stream, source), spooled.crc
+                    if size != spooled.size:
+                        raise delta.CorruptDelta(
+                            source, min(size, spooled.size),
+                            f"it is {size} bytes; this run captured {spooled.size}",
+                        )  # fmt: skip
+        finally:
+            os.close(fd)
         self._check_header(header)
         self._guard(lambda: journal.commit_payload(header.seq, size, crc))
         phases.reached("journal-committed")
