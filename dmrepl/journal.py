@@ -150,6 +150,11 @@ def _plain_name(name: str) -> bool:
 EMPTY_HEADER = JournalHeader(0, JournalState.IDLE, 0, 0)  # a journal nothing was written to yet
 
 
+def payload_path(journal: Path) -> Path:
+    """Where a journal's payload is linked: beside it, named after it."""
+    return journal.with_name(journal.stem + ".payload")
+
+
 def read_header_slots(fd: int) -> list[JournalHeader]:
     """The valid headers of the journal open as `fd` (zero, one or both slots)."""
     slots = [decode_header(os.pread(fd, SLOT_BYTES, i * SLOT_BYTES)) for i in (0, 1)]
@@ -157,10 +162,14 @@ def read_header_slots(fd: int) -> list[JournalHeader]:
 
 
 class Journal:
-    """An open journal file or device; `create=False` never creates one (JournalMissing)."""
+    """An open journal file or device; `create=False` never creates one (JournalMissing).
 
-    def __init__(self, path: Path, *, create: bool = True):
+    `payloads`: the journal may link a delta file beside it as its payload (only a journal
+    in dmrepl's own directory: beside a configured one nothing is dmrepl's to write)."""
+
+    def __init__(self, path: Path, *, create: bool = True, payloads: bool = False):
         self.path = path
+        self.payloads = payloads
         try:
             self.fd = safefile.open_own_or_block_device(path, create=create)
         except OSError as exc:
@@ -307,26 +316,34 @@ class Journal:
 
     def mark_applied(self, seq: int) -> None:
         self._write_header(JournalState.APPLIED, seq, 0)
-        self.payload_path.unlink(missing_ok=True)
+        self.drop_payload()
 
     def mark_unknown(self) -> None:
         """The replicas hold no cut (they are about to be overwritten by a seed)."""
         if self.header.state is not JournalState.IDLE:
             self._write_header(JournalState.IDLE, 0, 0)
-        self.payload_path.unlink(missing_ok=True)
+        self.drop_payload()
 
     # -- a committed delta held in a payload file instead of the data area
 
     @property
     def payload_path(self) -> Path:
-        """Where this journal's payload is linked: beside it, named after it."""
-        return self.path.with_name(self.path.stem + ".payload")
+        return payload_path(self.path)
+
+    def drop_payload(self) -> None:
+        """Unlink the payload unless a commit names it (one a run killed before its commit,
+        or after APPLIED, left behind)."""
+        if self.payloads and self.header.payload is None:
+            self.payload_path.unlink(missing_ok=True)
 
     def link_payload(self, source: Path) -> bool:
         """Hard-link the delta file `source` as the payload (replacing a stale one); False
-        when the file system cannot link it there (the delta must then be copied in)."""
+        when this journal takes no payloads, or the file system cannot link it there (the
+        delta must then be copied in)."""
         if self.header.state is JournalState.COMMITTED:
             raise JournalError(f"{self.path}: a committed delta is not applied yet")
+        if not self.payloads:
+            return False
         self.payload_path.unlink(missing_ok=True)
         try:
             os.link(source, self.payload_path, follow_symlinks=False)
@@ -342,7 +359,9 @@ class Journal:
 
         The payload's bytes and its directory entry are made durable first, so that after
         a crash a COMMITTED header never names a file that was lost or is incomplete."""
-        fd = self._open_payload(length)
+        fd = self._open_payload(
+            length, hint="the spool file changed while it was delivered; the next sync sends it"
+        )
         try:
             os.fsync(fd)
         finally:
@@ -395,7 +414,7 @@ class Journal:
             )
         return header, summary
 
-    def _open_payload(self, length: int) -> int:
+    def _open_payload(self, length: int, hint: str = PAYLOAD_HINT) -> int:
         path = self.payload_path
         try:
             # O_NONBLOCK: something else planted there (a FIFO) must not hang the cycle
@@ -408,14 +427,14 @@ class Journal:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
-            raise JournalError(f"{self.path}: the payload {path} is not a file", hint=PAYLOAD_HINT)
+            raise JournalError(f"{self.path}: the payload {path} is not a file", hint=hint)
         size = info.st_size
         if size != length:
             os.close(fd)
             raise JournalError(
                 f"{self.path}: the committed delta's payload {path} is {size} bytes, "
                 f"the journal committed {length}",
-                hint=PAYLOAD_HINT,
+                hint=hint,
             )
         return fd
 

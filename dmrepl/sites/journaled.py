@@ -30,6 +30,7 @@ from dmrepl.journal import (
     JournalHeader,
     JournalMissing,
     JournalState,
+    payload_path,
     read_header_slots,
 )
 from dmrepl.probe import DeviceProblem, probe_block_device, replica_views
@@ -162,6 +163,10 @@ class JournaledSite:
         (inline, or the payload it refers to) verifies end to end as the one committed."""
         header = self._read_header()
         if header is None or header.state is not JournalState.COMMITTED:
+            stale = header is not None and self._spec.journal is None
+            if stale and payload_path(self.journal_path).exists():
+                with self._open_journal() as journal:
+                    self._guard(journal.drop_payload)  # a link a killed run left uncommitted
             return None
         with self._open_journal() as journal:
             try:
@@ -192,9 +197,7 @@ class JournaledSite:
         there, takes the copy of `receive`."""
         with self._open_journal() as journal:
             phases.reached("journal-write")
-            if self._spec.journal is None and self._guard(
-                lambda: journal.link_payload(spooled.path)
-            ):
+            if self._guard(lambda: journal.link_payload(spooled.path)):
                 return self._receive_linked(journal, spooled)
             with spooled.path.open("rb", buffering=blockio.CHUNK_BYTES) as stream:
                 return self._receive_copy(journal, stream)
@@ -426,7 +429,8 @@ class JournaledSite:
                 )
             except safefile.UnsafePath as exc:
                 raise ReplicaMismatch(f"site {self.name}: {exc.message}", hint=exc.hint) from None
-        return self._guard(lambda: Journal(self.journal_path, create=self._spec.journal is None))
+        default = self._spec.journal is None
+        return self._guard(lambda: Journal(self.journal_path, create=default, payloads=default))
 
     def _guard(self, step: Callable[[], T]) -> T:
         """Run a journal step; its errors become this site's failures."""

@@ -304,3 +304,33 @@ def test_a_file_reader_brings_each_record_in_one_read(tmp_path: Path) -> None:
     assert head == header
     assert got == [(0, offset, payload) for offset, payload in writes]
     assert summary.stream_crc == struct.unpack_from("<I", data, len(data) - 4)[0]
+
+
+def test_a_link_a_killed_run_left_uncommitted_is_removed(
+    site: JournaledSite, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site.receive_spooled(spooled(spool.path(1, None), make_delta(1, None, [(0, b"k" * 512)])))
+
+    def killed(*_args: object) -> None:
+        raise Killed  # after the link, before the commit
+
+    monkeypatch.setattr(Journal, "commit_payload", killed)
+    with pytest.raises(Killed):
+        site.receive_spooled(spooled(spool.path(2, 1), make_delta(2, 1, [(0, b"K" * 512)])))
+    payload = site.journal_path.parent / "db.dr.payload"
+    assert payload.exists() and site.held() == 1
+    assert site.recover() is None  # nothing committed: nothing to apply
+    assert not payload.exists()
+    assert replica(site)[:512] == b"k" * 512
+
+
+def test_nothing_beside_a_configured_journal_is_touched(tmp_path: Path, spool: Spool) -> None:
+    journal = tmp_path / "elsewhere.journal"
+    journal.touch(mode=0o600)
+    neighbour = tmp_path / "elsewhere.payload"  # not dmrepl's
+    neighbour.write_bytes(b"someone else's")
+    site = site_at(tmp_path, journal=str(journal))
+    site.receive_spooled(spooled(spool.path(1, None), make_delta(1, None, [(0, b"j" * 512)])))
+    site.recover()
+    site.forget_held()
+    assert neighbour.read_bytes() == b"someone else's"
