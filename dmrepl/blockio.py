@@ -6,8 +6,11 @@ descriptors and decide when to fsync.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import mmap
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -36,6 +39,154 @@ def read_extents(fd: int, extents: Iterable[Extent]) -> Iterator[tuple[int, byte
                 raise OSError(f"short read at byte {offset}: {len(data)} of {want}")
             yield offset // SECTOR, data
             offset += want
+
+
+class ExtentReader:
+    """Reads sector extents of a device in pieces of at most 1 MiB into one reused,
+    page-aligned buffer, past the page cache where the device allows it (O_DIRECT).
+
+    A capture reads each block of a `-pit` image once: going through the page cache would
+    cost a copy and evict what applications use. A device that refuses direct I/O (or an
+    extent not aligned to its logical blocks) is read through the cache instead.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.direct = True
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.fd, self.direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+        self._buffer = mmap.mmap(-1, CHUNK_BYTES)
+
+    def pieces(self, extents: Iterable[Extent]) -> Iterator[tuple[int, memoryview]]:
+        """(sector offset, data) of each piece; `data` is valid until the next piece."""
+        view = memoryview(self._buffer)
+        for extent in extents:
+            offset = extent.begin * SECTOR
+            end = extent.end * SECTOR
+            while offset < end:
+                want = min(CHUNK_BYTES, end - offset)
+                self._read(view[:want], offset)
+                yield offset // SECTOR, view[:want]
+                offset += want
+
+    def _read(self, into: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(into):
+            try:
+                got = os.preadv(self.fd, [into[done:]], offset + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._through_cache()
+                continue
+            if got == 0:
+                raise OSError(f"short read at byte {offset}: {done} of {len(into)}")
+            done += got
+
+    def _through_cache(self) -> None:
+        os.close(self.fd)
+        self.fd, self.direct = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC), False
+
+    def close(self) -> None:
+        os.close(self.fd)
+        with contextlib.suppress(BufferError):  # a piece still refers to it
+            self._buffer.close()
+
+    def __enter__(self) -> ExtentReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def is_zero(data: bytes | memoryview) -> bool:
+    """Whether `data` (at most CHUNK_BYTES) is all zero bytes (one memcmp, not a loop)."""
+    return bytes(data) == _ZERO_CHUNK[: len(data)]
+
+
+class GatherWriter:
+    """A write-only stream on a file descriptor for a delta: small writes (record headers)
+    wait and go out with the next large one in one `writev`, and large data is written
+    from the caller's buffer without being copied (a BufferedWriter copies whatever fits
+    its buffer)."""
+
+    SMALL = 64 * 1024
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        if len(data) < self.SMALL:
+            self._pending.append(bytes(data))
+            self._pending_bytes += len(data)
+            if self._pending_bytes >= self.SMALL:
+                self.flush()
+        else:
+            self._writev([*self._pending, data])
+            self._pending, self._pending_bytes = [], 0
+        return len(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._writev(self._pending)
+            self._pending, self._pending_bytes = [], 0
+
+    def _writev(self, pieces: Sequence[bytes | memoryview]) -> None:
+        views = [memoryview(piece).cast("B") for piece in pieces]
+        while views:
+            done = os.writev(self.fd, views)
+            while views and done >= len(views[0]):
+                done -= len(views[0])
+                views.pop(0)
+            if views and done:
+                views[0] = views[0][done:]
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class DeviceWriter:
+    """Writes pieces at sector offsets of a block device, past the page cache where the
+    device and the piece allow it (O_DIRECT: a page-aligned buffer, a whole number of the
+    device's logical blocks); other pieces, or a device that refuses, go through the cache.
+    `fsync` makes both durable. Applying a delta writes each block once: caching it would
+    cost a copy, and evict what the host uses."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            self.direct: int | None = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                os.close(self.fd)
+                raise
+            self.direct = None
+
+    def write_at(self, offset_sectors: int, data: bytes | memoryview) -> None:
+        if self.direct is not None and isinstance(data, memoryview):
+            try:
+                write_at(self.direct, offset_sectors, data)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # not aligned for direct I/O: through the cache
+                    raise
+        write_at(self.fd, offset_sectors, data)
+
+    def fsync(self) -> None:
+        # Both descriptors are the same inode (the block device's): one fsync writes back
+        # the cached pieces and flushes the device's cache for the direct ones too.
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.direct is not None:
+            os.close(self.direct)
 
 
 def write_at(fd: int, offset_sectors: int, data: bytes | memoryview) -> None:

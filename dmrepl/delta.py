@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
 import struct
-import zlib
 from collections.abc import Callable, Generator, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from isal.isal_zlib import crc32  # zlib's CRC-32 (same values), ~10x faster with PCLMULQDQ
 
 from dmrepl.errors import DmreplError, ExitCode
 
@@ -202,10 +206,13 @@ class DeltaSummary:
     records: int
     data_bytes: int
     stream_bytes: int  # the whole delta, header and trailer included
+    # The trailer's crc32 of the stream: names this exact delta (a journal referencing a
+    # spool file pins it). Not compared: two summaries are equal when they count the same.
+    stream_crc: int = field(default=0, compare=False)
 
 
 # CRC-32 arithmetic. A record's checksum and the stream's both cover the record's
-# data; computing zlib.crc32 over it twice would read every byte twice. Instead the
+# data; computing the CRC over it twice would read every byte twice. Instead the
 # data's own CRC is computed once and appended to each prefix's CRC:
 #     crc32(A + B) == _shift_crc(crc32(A), len(B)) ^ crc32(B)
 # _shift_crc multiplies by x^(8 * len(B)) modulo the CRC-32 polynomial, the
@@ -308,7 +315,7 @@ def _encode_header(header: DeltaHeader) -> bytes:
     if len(body) > MAX_HEADER_JSON_BYTES:
         raise ValueError(f"header JSON is {len(body)} bytes; at most {MAX_HEADER_JSON_BYTES}")
     head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(body)) + body
-    return head + _U32.pack(zlib.crc32(head))
+    return head + _U32.pack(crc32(head))
 
 
 def encoded_size(header: DeltaHeader, extent_bytes: Iterable[int]) -> int:
@@ -349,7 +356,7 @@ class DeltaWriter:
         self._crc = 0  # of every byte written so far
         self._state = "writing"
         head = _encode_header(header)
-        self._guarded(self._write, head, zlib.crc32(head))
+        self._guarded(self._write, head, crc32(head))
 
     @property
     def header(self) -> DeltaHeader:
@@ -393,11 +400,11 @@ class DeltaWriter:
         if self._state != "writing":
             raise RuntimeError(f"delta writer is {self._state}")
         fields = _TRAILER_FIELDS.pack(TRAILER_MARK, self._records, self._data_bytes)
-        crc = zlib.crc32(fields, self._crc)
+        crc = crc32(fields, self._crc)
         self._guarded(self._write, fields + _U32.pack(crc), crc)
         self._guarded(self._out.flush)
         self._state = "finished"
-        return DeltaSummary(self._records, self._data_bytes, self._stream_bytes)
+        return DeltaSummary(self._records, self._data_bytes, self._stream_bytes, crc)
 
     def _guarded(self, write: Callable[..., None], *args: Any) -> None:
         try:
@@ -415,12 +422,12 @@ class DeltaWriter:
         length = len(data)
         fields = _RECORD_FIELDS.pack(device, length, offset)
         if length < _SHIFT_MIN_BYTES:
-            head = fields + _U32.pack(zlib.crc32(data, zlib.crc32(fields)))
-            stream_crc = zlib.crc32(data, zlib.crc32(head, self._crc))
+            head = fields + _U32.pack(crc32(data, crc32(fields)))
+            stream_crc = crc32(data, crc32(head, self._crc))
         else:  # read the data once, not twice (see _shift_crc)
-            data_crc = zlib.crc32(data)
-            head = fields + _U32.pack(_shift_crc(zlib.crc32(fields), length) ^ data_crc)
-            stream_crc = _shift_crc(zlib.crc32(head, self._crc), length) ^ data_crc
+            data_crc = crc32(data)
+            head = fields + _U32.pack(_shift_crc(crc32(fields), length) ^ data_crc)
+            stream_crc = _shift_crc(crc32(head, self._crc), length) ^ data_crc
         _write_all(self._out, head)
         _write_all(self._out, data)
         self._crc = stream_crc
@@ -486,12 +493,12 @@ def read_header(stream: BinaryIO, source: str) -> DeltaHeader:
             _LENGTH_OFFSET,
             f"header length {json_length} is over the limit of {MAX_HEADER_JSON_BYTES}",
         )
-    rest = _read_exact(stream, json_length + _U32.size)
+    rest = bytes(_read_exact(stream, json_length + _U32.size))  # a FileReader's may be a view
     if len(rest) < json_length + _U32.size:
         raise _truncated(source, _PREAMBLE.size + len(rest), "in the header")
     body = rest[:json_length]
     (stored_crc,) = _U32.unpack_from(rest, json_length)
-    crc = zlib.crc32(body, zlib.crc32(preamble))
+    crc = crc32(body, crc32(preamble))
     if crc != stored_crc:
         raise CorruptDelta(source, 0, "header checksum mismatch")
     try:
@@ -500,7 +507,7 @@ def read_header(stream: BinaryIO, source: str) -> DeltaHeader:
         raise CorruptDelta(source, _JSON_OFFSET, f"header JSON: {exc}") from None
     except RecursionError:  # deep nesting, even in a key this version ignores
         raise CorruptDelta(source, _JSON_OFFSET, "header JSON: nested too deeply") from None
-    framing = HeaderFraming(_PREAMBLE.size + len(rest), zlib.crc32(rest[json_length:], crc))
+    framing = HeaderFraming(_PREAMBLE.size + len(rest), crc32(rest[json_length:], crc))
     return DeltaHeader(
         header.group, header.seq, header.base_seq, header.devices, header.created, framing
     )
@@ -610,12 +617,12 @@ def _records(
         if not checksums:
             record_crc = next_crc = stored_crc
         elif length < _SHIFT_MIN_BYTES:
-            record_crc = zlib.crc32(data, zlib.crc32(head[: _RECORD_FIELDS.size]))
-            next_crc = zlib.crc32(data, zlib.crc32(head, crc))
+            record_crc = crc32(data, crc32(head[: _RECORD_FIELDS.size]))
+            next_crc = crc32(data, crc32(head, crc))
         else:  # read the data once, not twice (see _shift_crc)
-            data_crc = zlib.crc32(data)
-            record_crc = _shift_crc(zlib.crc32(head[: _RECORD_FIELDS.size]), length) ^ data_crc
-            next_crc = _shift_crc(zlib.crc32(head, crc), length) ^ data_crc
+            data_crc = crc32(data)
+            record_crc = _shift_crc(crc32(head[: _RECORD_FIELDS.size]), length) ^ data_crc
+            next_crc = _shift_crc(crc32(head, crc), length) ^ data_crc
         if record_crc != stored_crc:
             raise CorruptDelta(source, pos, f"record {count} checksum mismatch")
         if device >= len(devices):
@@ -648,12 +655,12 @@ def _records(
             f"the trailer counts {trailer_records} records of {trailer_bytes} bytes; "
             f"the stream holds {count} records of {data_bytes} bytes",
         )
-    if checksums and zlib.crc32(head, crc) != stored_crc:
+    if checksums and crc32(head, crc) != stored_crc:
         raise CorruptDelta(source, pos, "stream checksum mismatch")
     pos += TRAILER_BYTES
     if stream.read(1):
         raise CorruptDelta(source, pos, "data after the trailer")
-    return DeltaSummary(count, data_bytes, pos)
+    return DeltaSummary(count, data_bytes, pos, stored_crc)
 
 
 def verify(stream: BinaryIO, source: str) -> tuple[DeltaHeader, DeltaSummary]:
@@ -677,6 +684,74 @@ def open_verified(path: Path) -> DeltaHeader:
     with path.open("rb") as stream:
         header, _ = verify(stream, str(path))
     return header
+
+
+class FileReader:
+    """A reader of a delta stored at [start, start + length) of an open file, shaped for
+    `records`: one system call per record and no copy besides the kernel's.
+
+    A read of a record's data (`DATA_READ_BYTES` up to MAX_RECORD_BYTES) lands in one
+    reused page-aligned buffer, returned as a memoryview that is valid only until the
+    next read, and brings the next record's header along in the same `preadv`. Smaller
+    reads (headers, the trailer) return bytes.
+    """
+
+    DATA_READ_BYTES = 4096
+
+    def __init__(self, fd: int, start: int, length: int):
+        self.fd, self.start, self.length = fd, start, length
+        self.pos = 0  # bytes of the region read from the file (the look-ahead included)
+        self._ahead = b""  # read from the file, not yet returned
+        self._buffer: mmap.mmap | None = None
+
+    def read(self, size: int = -1) -> bytes | memoryview:
+        ahead = self._ahead
+        if size < 0:
+            size = len(ahead) + self.length - self.pos
+        if size <= len(ahead):
+            self._ahead = ahead[size:]
+            return ahead[:size]
+        if not self.DATA_READ_BYTES <= size <= MAX_RECORD_BYTES:
+            more = self._pread(size - len(ahead))
+            self._ahead = b""
+            return ahead + more
+        if self._buffer is None:
+            self._buffer = mmap.mmap(-1, MAX_RECORD_BYTES + RECORD_HEADER_BYTES)
+        view = memoryview(self._buffer)
+        view[: len(ahead)] = ahead
+        filled = len(ahead) + self._preadv(view[len(ahead) : size + RECORD_HEADER_BYTES])
+        self._ahead = bytes(view[size:filled]) if filled > size else b""
+        return view[: min(size, filled)]
+
+    def _pread(self, size: int) -> bytes:
+        want = min(size, self.length - self.pos)
+        data = os.pread(self.fd, want, self.start + self.pos) if want > 0 else b""
+        self.pos += len(data)
+        return data
+
+    def _preadv(self, into: memoryview) -> int:
+        """Fill `into` from the file (less only at the region's end); the bytes read."""
+        want = min(len(into), self.length - self.pos)
+        done = 0
+        while done < want:
+            got = os.preadv(self.fd, [into[done:want]], self.start + self.pos)
+            if got == 0:
+                break
+            done += got
+            self.pos += got
+        return done
+
+    def close(self) -> None:
+        if self._buffer is not None:
+            with suppress(BufferError):  # a record still refers to it: freed with the record
+                self._buffer.close()
+            self._buffer = None
+
+    def __enter__(self) -> FileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Tee:

@@ -7,6 +7,10 @@ overflow ladder, or a full image to seed it) live in `resync/` beside them, name
 `<site>~<delta name>`, and are removed once delivered.
 
 Listing reads only; the directories are made by `prepare`, before the first capture.
+
+Deleting a file here (eviction at the cap, pruning, own deltas once delivered, orphans)
+removes the spool's name only: a blockdev journal that committed the file holds its own
+hard link to it until the delta is applied (dmrepl.journal, "payload").
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from dmrepl import blockio, delta, deltafiles, safefile
 from dmrepl.cut import HeldCut, list_changes
@@ -71,16 +71,17 @@ def stage(
     target: Path,
     cleanup: ExitStack,
     progress: ProgressFactory,
-) -> Callable[[], None]:
-    """Capture into a partial file beside `target` now; the returned callable publishes it.
-    Anything unpublished is removed when `cleanup` closes."""
+) -> tuple[Callable[[], None], delta.DeltaSummary]:
+    """Capture into a partial file beside `target` now, fsynced; returns the callable that
+    publishes it and what it holds (its stream checksum included). Anything unpublished is
+    removed when `cleanup` closes."""
     partial = deltafiles.partial_path(target)
     cleanup.callback(partial.unlink, missing_ok=True)
-    with safefile.open_new(partial, buffering=blockio.CHUNK_BYTES) as out:
-        write(out, held, head, ranges, progress)
-        out.flush()
-        os.fsync(out.fileno())
-    return lambda: deltafiles.publish(partial, target)
+    with safefile.open_new(partial, buffering=0) as file:
+        out = blockio.GatherWriter(file.fileno())
+        summary = write(cast(BinaryIO, out), held, head, ranges, progress)
+        os.fsync(file.fileno())
+    return lambda: deltafiles.publish(partial, target), summary
 
 
 def write(
@@ -95,19 +96,16 @@ def write(
     report = progress(f"capture cut {head.seq}", total_bytes(ranges))
     for index, device in enumerate(held.devices):
         assert device.pit is not None
-        fd = os.open(device.pit.path, os.O_RDONLY)
-        try:
+        with blockio.ExtentReader(device.pit.path) as image:
             wanted = (
                 ranges[device.stack.device.name]
                 if ranges is not None
                 else [Extent(0, device.stack.origin_sectors)]
             )
-            for offset, data in blockio.read_extents(fd, wanted):
+            for offset, data in image.pieces(wanted):
                 held.latch.check()
-                if ranges is None and not any(data):
+                if ranges is None and blockio.is_zero(data):
                     continue  # a full image leaves zero chunks out
                 writer.add(index, offset, data)
                 report(len(data))
-        finally:
-            os.close(fd)
     return writer.finish()

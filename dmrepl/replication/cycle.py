@@ -77,7 +77,7 @@ from dmrepl.sites import (
     SiteState,
     open_site,
 )
-from dmrepl.sites.base import FAILED_STATES
+from dmrepl.sites.base import FAILED_STATES, SpooledDelta, SpoolReader
 from dmrepl.spool import Spool
 from dmrepl.state import CutRecord, SiteMode, StateStore, TransferRecord
 from dmrepl.statedir import StateDir
@@ -240,6 +240,7 @@ class Cycle:
         self.specs = {s.name: s for s in spec.sites}
         self.mirrored: set[str] = set()  # synchronous sites whose legs are joined and healthy
         self.owed: dict[str, dict[str, list[Extent]]] = {}  # placed by `reverse`, not yet sent
+        self.captured: dict[Path, int] = {}  # spool files this cycle wrote -> stream checksum
 
     def run(
         self,
@@ -538,7 +539,9 @@ class Cycle:
     def _stage(
         self, held: HeldCut, head: delta.DeltaHeader, ranges: capture.Ranges | None, target: Path
     ) -> Callable[[], None]:
-        return capture.stage(held, head, ranges, target, self.cleanup, self.progress)
+        publish, summary = capture.stage(held, head, ranges, target, self.cleanup, self.progress)
+        self.captured[target] = summary.stream_crc
+        return publish
 
     def _cut_record(self, seq: int, cache: dict[int, CutRecord]) -> CutRecord:
         if seq not in cache:
@@ -574,8 +577,11 @@ class Cycle:
         """Send one spooled delta; False (and the site reported) if it failed."""
         try:
             size = path.stat().st_size
-            with path.open("rb", buffering=blockio.CHUNK_BYTES) as source:
-                delivery = site.receive(source)
+            if isinstance(site, SpoolReader):  # on this host: the file itself, not a copy
+                delivery = site.receive_spooled(SpooledDelta(path, size, self.captured.get(path)))
+            else:
+                with path.open("rb", buffering=blockio.CHUNK_BYTES) as source:
+                    delivery = site.receive(source)
         except delta.CorruptDelta as exc:
             # Set aside, so the next cycle resyncs the site from a fresh cut instead.
             os.rename(path, path.with_name(path.name + ".corrupt"))

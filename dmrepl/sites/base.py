@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 from dmrepl import blockio
@@ -155,6 +156,27 @@ class Promoter(Protocol):
     def promote(self) -> int:
         """Ask the site's host to make its replicas the group's devices (this host was
         demoted first); the cut they hold. Raises SiteFailure if it refuses or fails."""
+        ...
+
+
+@dataclass(frozen=True)
+class SpooledDelta:
+    """A delta file in this host's spool, and what the run that captured it knows of it."""
+
+    path: Path
+    size: int
+    # Its stream checksum when this process captured it (the writer's own, from the bytes
+    # it wrote): the file was verified at capture. None: written by an earlier run.
+    crc: int | None = None
+
+
+@runtime_checkable
+class SpoolReader(Protocol):
+    """A site on this host that applies a spool file where it lies: its journal refers to
+    the file instead of holding a copy of it."""
+
+    def receive_spooled(self, spooled: SpooledDelta) -> Delivery:
+        """As `Receiver.receive`, for a delta file in the spool."""
         ...
 
 

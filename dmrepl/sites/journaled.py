@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, TypeVar
+from typing import Any, BinaryIO, ClassVar, TypeVar, cast
 
 import xxhash
 
@@ -30,6 +30,7 @@ from dmrepl.journal import (
     JournalHeader,
     JournalMissing,
     JournalState,
+    payload_path,
     read_header_slots,
 )
 from dmrepl.probe import DeviceProblem, probe_block_device, replica_views
@@ -43,6 +44,7 @@ from dmrepl.sites.base import (
     SiteBroken,
     SiteContext,
     SiteDown,
+    SpooledDelta,
 )
 from dmrepl.units import format_sectors
 
@@ -157,13 +159,18 @@ class JournaledSite:
         return header.seq
 
     def recover(self) -> Delivery | None:
-        """Finish applying a committed journal left by an interrupted run."""
+        """Finish applying a committed journal left by an interrupted run, once its delta
+        (inline, or the payload it refers to) verifies end to end as the one committed."""
         header = self._read_header()
         if header is None or header.state is not JournalState.COMMITTED:
+            stale = header is not None and self._spec.journal is None
+            if stale and payload_path(self.journal_path).exists():
+                with self._open_journal() as journal:
+                    self._guard(journal.drop_payload)  # a link a killed run left uncommitted
             return None
         with self._open_journal() as journal:
             try:
-                staged, summary = self._guard(lambda: journal.verify_staged(journal.header.length))
+                staged, _ = self._guard(journal.verify_committed)
             except delta.CorruptDelta as exc:
                 raise SiteBroken(
                     f"site {self.name}: the committed delta in its journal is damaged: "
@@ -171,16 +178,59 @@ class JournaledSite:
                     hint=f"re-seed the site: `dmrepl seed {self._spec.group} --site {self.name}`",
                 ) from None
             self._check_header(staged)
-            return self._apply(journal, summary)
+            return self._apply(journal)
 
     def receive(self, stream: BinaryIO) -> Delivery:
         """Journal, verify, commit and apply one delta stream; return what was applied."""
         with self._open_journal() as journal:
             phases.reached("journal-write")
-            length = self._guard(lambda: journal.stage(stream))
-            _, summary = self._guard(lambda: journal.commit(length, accept=self._check_header))
-            phases.reached("journal-committed")
-            return self._apply(journal, summary)
+            return self._receive_copy(journal, stream)
+
+    def receive_spooled(self, spooled: SpooledDelta) -> Delivery:
+        """Apply a spool file without copying it into the journal (`SpoolReader`).
+
+        The default journal links the file as its payload and commits a reference to it
+        (length and stream checksum), so the bytes are written once, at capture, and read
+        once, here. A delta this process captured (`spooled.crc` known) is verified while
+        it is applied; one an earlier run wrote is verified first. A configured journal
+        (a device, or a file elsewhere), or a file system that cannot link the file
+        there, takes the copy of `receive`."""
+        with self._open_journal() as journal:
+            phases.reached("journal-write")
+            if self._guard(lambda: journal.link_payload(spooled.path)):
+                return self._receive_linked(journal, spooled)
+            with spooled.path.open("rb", buffering=blockio.CHUNK_BYTES) as stream:
+                return self._receive_copy(journal, stream)
+
+    def _receive_copy(self, journal: Journal, stream: BinaryIO) -> Delivery:
+        length = self._guard(lambda: journal.stage(stream))
+        self._guard(lambda: journal.commit(length, accept=self._check_header))
+        phases.reached("journal-committed")
+        return self._apply(journal)
+
+    def _receive_linked(self, journal: Journal, spooled: SpooledDelta) -> Delivery:
+        source = f"{spooled.path} (linked as {journal.payload_path})"
+        fd = os.open(journal.payload_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            with delta.FileReader(fd, 0, size) as reader:
+                stream = cast(BinaryIO, reader)
+                if spooled.crc is None:  # written by an earlier run: verified before it is used
+                    header, summary = delta.verify(stream, source)
+                    crc = summary.stream_crc
+                else:
+                    header, crc = delta.read_header(stream, source), spooled.crc
+                    if size != spooled.size:
+                        raise delta.CorruptDelta(
+                            source, min(size, spooled.size),
+                            f"it is {size} bytes; this run captured {spooled.size}",
+                        )  # fmt: skip
+        finally:
+            os.close(fd)
+        self._check_header(header)
+        self._guard(lambda: journal.commit_payload(header.seq, size, crc))
+        phases.reached("journal-committed")
+        return self._apply(journal, verify=spooled.crc is not None)
 
     def compare_seeder(self) -> CompareSeeder | None:
         return self
@@ -278,13 +328,13 @@ class JournaledSite:
                 lambda: journal.stage_chunks(chunks, start=start, checkpoint=checkpoint)
             )
             try:
-                _, summary = self._guard(lambda: journal.commit(length, accept=self._check_header))
+                self._guard(lambda: journal.commit(length, accept=self._check_header))
             except delta.CorruptDelta:
                 self._staging_path.unlink(missing_ok=True)  # never resume into bad bytes
                 raise
             self._staging_path.unlink(missing_ok=True)
             phases.reached("journal-committed")
-            return self._apply(journal, summary)
+            return self._apply(journal)
 
     @property
     def _staging_path(self) -> Path:
@@ -379,7 +429,8 @@ class JournaledSite:
                 )
             except safefile.UnsafePath as exc:
                 raise ReplicaMismatch(f"site {self.name}: {exc.message}", hint=exc.hint) from None
-        return self._guard(lambda: Journal(self.journal_path, create=self._spec.journal is None))
+        default = self._spec.journal is None
+        return self._guard(lambda: Journal(self.journal_path, create=default, payloads=default))
 
     def _guard(self, step: Callable[[], T]) -> T:
         """Run a journal step; its errors become this site's failures."""
@@ -394,24 +445,44 @@ class JournaledSite:
                 f"site {self.name}: journal {self.journal_path}: {exc.strerror or exc}"
             ) from None
 
-    def _apply(self, journal: Journal, summary: delta.DeltaSummary) -> Delivery:
-        """Write the committed (and verified) delta's records to the replicas, fsync, mark."""
-        source = f"{self.journal_path} (journal)"
-        with ExitStack() as fds, journal.staged(journal.header.length) as reader:
+    def _apply(self, journal: Journal, *, verify: bool = False) -> Delivery:
+        """Write the committed delta's records to the replicas, fsync, mark APPLIED.
+
+        Without `verify` the delta was verified end to end just before (commit or replay),
+        so its checksums are not computed again. With it (a payload this process captured
+        and verified as it wrote it, not read back since) they are checked as the records
+        are applied: one read instead of two. A failure found that way means the replicas
+        are between two cuts; the journal keeps the commit, whose replay then refuses the
+        damaged payload, and the site is re-seeded."""
+        source = journal.committed_source()
+        with ExitStack() as fds:
+            reader = self._guard(lambda: fds.enter_context(journal.committed()))
             header = delta.read_header(reader, source)
-            targets = self._open_replicas(fds, header)
+            targets = self._replica_writers(fds, header)
+            applying = delta.records(reader, header, source, checksums=verify)
             try:
-                # verified end to end just before (commit or replay): no second CRC pass
-                for record in delta.records(reader, header, source, checksums=False):
-                    blockio.write_at(targets[record.device], record.offset, record.data)
+                while True:
+                    try:
+                        record = next(applying)
+                    except StopIteration as done:
+                        summary: delta.DeltaSummary = done.value
+                        break
+                    targets[record.device].write_at(record.offset, record.data)
                     phases.reached("apply")
-                for fd in targets.values():
-                    os.fsync(fd)
+                for target in targets.values():
+                    target.fsync()
             except OSError as exc:
                 raise SiteDown(
                     f"site {self.name}: writing the replicas failed: {exc.strerror or exc}",
                     hint="the journal keeps the delta; the next run finishes the apply",
                 ) from None
+            except delta.CorruptDelta as exc:
+                raise delta.CorruptDelta(
+                    exc.source, exc.offset, exc.problem,
+                    message=f"{exc.message} (found while applying it: the replicas of site "
+                    f"{self.name} are between two cuts)",
+                    hint=f"re-seed the site: `dmrepl seed {self._spec.group} --site {self.name}`",
+                ) from None  # fmt: skip
         phases.reached("applied")
         self._guard(lambda: journal.mark_applied(header.seq))
         return Delivery(header.seq, header.base_seq, summary.data_bytes)
@@ -425,6 +496,21 @@ class JournaledSite:
                 f"the group has {expected}",
                 hint="the group's devices changed; re-seed the site",
             )
+
+    def _replica_writers(
+        self, fds: ExitStack, header: delta.DeltaHeader
+    ) -> dict[int, blockio.DeviceWriter]:
+        """A writer per device index of the delta, closed with `fds`."""
+        targets: dict[int, blockio.DeviceWriter] = {}
+        for index, device in enumerate(header.devices):
+            path = self._spec.replicas[device.name]
+            try:
+                writer = blockio.DeviceWriter(path)
+            except OSError as exc:
+                raise SiteDown(f"site {self.name}: cannot open {path}: {exc.strerror}") from None
+            fds.callback(writer.close)
+            targets[index] = writer
+        return targets
 
     def _open_replicas(self, fds: ExitStack, header: delta.DeltaHeader) -> dict[int, int]:
         targets: dict[int, int] = {}

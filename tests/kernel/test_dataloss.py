@@ -160,3 +160,27 @@ def test_a_lost_or_corrupt_state_store_is_rebuilt_and_no_site_loses_its_place(
     assert site_digests(bed, "dr") == {"pa": digest("/dev/mapper/pa")}
     cursors = {s["site"]: s["cursor"] for s in site_cursors(bed)}
     assert cursors == {"dr": 4, "vault": 4}
+
+
+def test_a_resync_killed_after_its_commit_is_replayed_though_its_spool_file_is_removed(
+    bed: Bed,
+) -> None:
+    """The journal refers to the spool file it applies (linked as its payload). A resync
+    delta lives in the spool's `resync/` only until delivered, and the next run removes
+    every undelivered one before the sites recover: the commit must still be finished."""
+    bed.group_fields["spool_size"] = "64KiB"  # any delta passes the cap: sites resync
+    bed.add_device("pa")
+    bed.add_site("dr")
+    bed.cli("up")
+    bed.cli("sync", bed.group)
+    write_raw("/dev/mapper/pa", [3, 9, 20])
+    bed.killed_at("journal-committed", "sync", bed.group)
+    resync = StateDir(bed.state_dir).resync(bed.group)
+    assert [p.name for p in resync.iterdir()], "the killed cycle delivered a resync delta"
+    result = bed.cli("sync", bed.group)
+    said = result.stdout + result.stderr
+    assert "capture of a cut never recorded" in said, said  # the resync file went first
+    assert "site dr: finished applying cut 2 from its journal" in said, said
+    assert "site dr: in sync" in result.stdout, said
+    assert site_digests(bed, "dr") == {"pa": digest("/dev/mapper/pa")}
+    assert not list(StateDir(bed.state_dir).journals.glob("*.payload"))

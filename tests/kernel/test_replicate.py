@@ -291,7 +291,22 @@ def test_a_corrupt_spool_delta_is_never_applied(bed: Bed, make_dm: object) -> No
     assert digest(far) == digest("/dev/mapper/xa")
 
 
-def test_a_corrupt_journal_is_never_applied_and_seed_repairs(pair: Bed) -> None:
+@pytest.mark.parametrize("journal", ["configured", "default"])
+def test_a_corrupt_journal_is_never_applied_and_seed_repairs(
+    bed: Bed, workdir: Path, journal: str
+) -> None:
+    """A configured journal holds the committed delta in its data area; the default one
+    refers to the spool file, linked beside it as its payload: either is damaged."""
+    fields = {}
+    if journal == "configured":
+        (workdir / "dr.journal").touch(mode=0o600)
+        fields["journal"] = str(workdir / "dr.journal")
+    bed.add_device("pa")
+    bed.add_device("pb")
+    bed.add_site("dr", **fields)
+    bed.cli("up")
+    sync(bed)
+    pair = bed
     before = site_digests(pair, "dr")
     write_raw("/dev/mapper/pa", [2, 3])
     killed = subprocess.run(
@@ -300,11 +315,15 @@ def test_a_corrupt_journal_is_never_applied_and_seed_repairs(pair: Bed) -> None:
         capture_output=True, text=True,
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr
-    journal = StateDir(pair.state_dir).journal(pair.group, "dr")
-    with journal.open("r+b") as f:
-        f.seek(8192 + 300)
+    if journal == "configured":
+        damaged, at = workdir / "dr.journal", 8192 + 300
+    else:
+        damaged, at = StateDir(pair.state_dir).journals / f"{pair.group}.dr.payload", 300
+        assert (StateDir(pair.state_dir).journal(pair.group, "dr")).stat().st_size == 8192
+    with damaged.open("r+b") as f:
+        f.seek(at)
         byte = f.read(1)
-        f.seek(8192 + 300)
+        f.seek(at)
         f.write(bytes([byte[0] ^ 0xFF]))
     result = sync(pair, check=False)
     assert result.returncode == 17

@@ -171,3 +171,10 @@ def test_apply_writes_nothing_from_a_damaged_delta(case: tuple[str, bytes, bytes
 def identity(header: delta.DeltaHeader) -> tuple[object, ...]:
     devices = tuple((d.name, d.sectors, d.base_era is None) for d in header.devices)
     return (header.group, header.seq, header.base_seq, devices)
+
+
+@given(st.binary(max_size=70000), st.integers(min_value=0, max_value=2**32 - 1))
+def test_the_fast_crc32_is_zlibs(data: bytes, start: int) -> None:
+    """Deltas are checksummed with ISA-L's CRC-32: the very values zlib computes."""
+    assert delta.crc32(data, start) == zlib.crc32(data, start)
+    assert delta.crc32(memoryview(data)) == zlib.crc32(data)

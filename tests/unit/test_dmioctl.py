@@ -10,7 +10,9 @@ import pytest
 
 from dmrepl import dm, dmioctl
 from dmrepl.dmioctl import HEADER, TARGET_SPEC, Command, Flag, Request
+from dmrepl.executor import Runner
 from dmrepl.ops import Op
+from dmrepl.status import parse_status
 
 NAME_AT = 48  # offsetof(struct dm_ioctl, name)
 
@@ -113,3 +115,18 @@ def test_issue_reports_the_kernels_error(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(dmioctl.IoctlFailed, match="DEV_STATUS on ca: No such file") as caught:
         dmioctl.issue(Request(Command.DEV_STATUS, "ca"))
     assert caught.value.errno == errno.ENOENT
+
+
+def test_a_status_read_by_ioctl_is_what_dmsetup_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = [(0, 65536, "snapshot", "16/131072 16"), (65536, 8, "zero", "")]
+    asked: list[Request] = []
+
+    def kernel(request: Request) -> dmioctl.Reply:
+        asked.append(request)
+        return dmioctl.unpack(kernel_answer(Flag.ACTIVE_PRESENT, 0, lines))
+
+    monkeypatch.setattr(dmioctl, "issue", kernel)
+    text = Runner().run(dm.status("ca-pit")).stdout
+    assert text == "0 65536 snapshot 16/131072 16\n65536 8 zero \n"
+    assert [line.params for line in parse_status(text)] == ["16/131072 16", ""]
+    assert asked == [dmioctl.table_status("ca-pit", table=False)]
