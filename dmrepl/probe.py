@@ -51,6 +51,19 @@ class BlockDevice:
         return a[0] < b[1] and b[0] < a[1]
 
 
+def read_small(path: Path) -> str:
+    """A small sysfs or procfs file, in three system calls (`Path.read_text` makes about ten,
+    each of which costs some 60 µs in user-mode Linux, where they are traced)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
+
+
 def dev_id_of(path: str) -> str | None:
     """ "MAJOR:MINOR" of a block device node, or None if it is missing or not a block device."""
     try:
@@ -119,13 +132,15 @@ def probe_block_device(path: str, *, role: str) -> BlockDevice:
         raise DeviceProblem(
             f"{role} {path} is not a block device", hint="give a disk, partition, LV or loop device"
         )
-    sysfs = (SYS_DEV_BLOCK / dev_id).resolve()
-    size = int((sysfs / "size").read_text())
-    holders_dir = sysfs / "holders"
-    holders = tuple(sorted(p.name for p in holders_dir.iterdir())) if holders_dir.exists() else ()
+    sysfs = SYS_DEV_BLOCK / dev_id  # a link the kernel follows on open
+    size = int(read_small(sysfs / "size"))
+    try:
+        holders = tuple(sorted(os.listdir(sysfs / "holders")))
+    except FileNotFoundError:
+        holders = ()
     if (sysfs / "partition").exists():
-        start = int((sysfs / "start").read_text())
-        disk_id = (sysfs.parent / "dev").read_text().strip()
+        start = int(read_small(sysfs / "start"))
+        disk_id = read_small(sysfs.resolve().parent / "dev").strip()
     else:
         start, disk_id = 0, dev_id
     return BlockDevice(
@@ -142,7 +157,7 @@ def probe_block_device(path: str, *, role: str) -> BlockDevice:
 def mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> dict[str, list[str]]:
     """Mount points by "MAJOR:MINOR" of the mounted device."""
     found: dict[str, list[str]] = {}
-    for line in mountinfo.read_text().splitlines():
+    for line in read_small(mountinfo).splitlines():
         fields = line.split()
         found.setdefault(fields[2], []).append(fields[4])
     return found
@@ -223,8 +238,8 @@ def loop_devices(sys_block: Path = SYS_BLOCK) -> list[LoopDevice]:
     found = []
     for entry in sorted(sys_block.glob("loop[0-9]*")):
         try:
-            name = (entry / "loop" / "backing_file").read_text().rstrip("\n")
-            holders = tuple(sorted(p.name for p in (entry / "holders").iterdir()))
+            name = read_small(entry / "loop" / "backing_file").rstrip("\n")
+            holders = tuple(sorted(os.listdir(entry / "holders")))
         except OSError:
             continue  # not attached, or detached while we looked
         deleted = name.endswith(_DELETED)
