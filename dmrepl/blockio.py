@@ -27,20 +27,6 @@ def size_bytes(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-def read_extents(fd: int, extents: Iterable[Extent]) -> Iterator[tuple[int, bytes]]:
-    """(sector offset, data) pieces of at most 1 MiB covering sector `extents`."""
-    for extent in extents:
-        offset = extent.begin * SECTOR
-        end = extent.end * SECTOR
-        while offset < end:
-            want = min(CHUNK_BYTES, end - offset)
-            data = os.pread(fd, want, offset)
-            if len(data) != want:
-                raise OSError(f"short read at byte {offset}: {len(data)} of {want}")
-            yield offset // SECTOR, data
-            offset += want
-
-
 class ExtentReader:
     """Reads sector extents of a device in pieces of at most 1 MiB into one reused,
     page-aligned buffer, past the page cache where the device allows it (O_DIRECT).
