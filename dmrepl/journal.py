@@ -43,7 +43,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from dmrepl import delta, safefile
+from dmrepl import delta, deltafiles, safefile
 from dmrepl.errors import DmreplError
 
 MAGIC = b"DMREPLJN"
@@ -366,11 +366,7 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
-        fd = os.open(self.payload_path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        deltafiles.fsync_directory(self.payload_path.parent)
         self._write_header(
             JournalState.COMMITTED, seq, length, Payload(self.payload_path.name, crc)
         )
