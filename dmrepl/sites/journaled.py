@@ -264,13 +264,13 @@ class JournaledSite:
         self._check_header(header)
         written = 0
         with ExitStack() as fds:
-            targets = self._open_replicas(fds, header)
+            targets = self._replica_writers(fds, header)
             try:
                 for record in delta.records(stream, header, source):
-                    blockio.write_at(targets[record.device], record.offset, record.data)
+                    targets[record.device].write_at(record.offset, record.data)
                     written += len(record.data)
-                for fd in targets.values():
-                    os.fsync(fd)
+                for target in targets.values():
+                    target.fsync()
             except OSError as exc:
                 raise SiteDown(
                     f"site {self.name}: writing the replicas failed: {exc.strerror or exc}"
@@ -510,16 +510,4 @@ class JournaledSite:
                 raise SiteDown(f"site {self.name}: cannot open {path}: {exc.strerror}") from None
             fds.callback(writer.close)
             targets[index] = writer
-        return targets
-
-    def _open_replicas(self, fds: ExitStack, header: delta.DeltaHeader) -> dict[int, int]:
-        targets: dict[int, int] = {}
-        for index, device in enumerate(header.devices):
-            path = self._spec.replicas[device.name]
-            try:
-                fd = os.open(path, os.O_WRONLY)
-            except OSError as exc:
-                raise SiteDown(f"site {self.name}: cannot open {path}: {exc.strerror}") from None
-            fds.callback(os.close, fd)
-            targets[index] = fd
         return targets
