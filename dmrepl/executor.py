@@ -117,7 +117,7 @@ class Runner:
         """Run `op` and return its result; raise `CommandFailed` on an exit code not in ok_codes."""
         answered = kernelops.perform(op) if self.ioctls else None
         if answered is not None:
-            log.debug("ioctl: %s: exit %d", op.render(), answered.exit_code)
+            log.debug("ioctl: %s: exit %d", op.argv, answered.exit_code)
             if answered.exit_code not in tuple(ok_codes):
                 raise CommandFailed(op.argv, answered.exit_code, "", answered.stderr)
             return answered

@@ -46,13 +46,18 @@ def _answer_for(op: Op) -> Answer | None:
         return None
     request = dmioctl.request_for(op)  # suspend, resume, message, load
     if request is not None:
-        return lambda: _issued(request)
+        return _silent(dmioctl.issue, request)
     return _dmsetup(argv[1], argv[2:])
 
 
-def _issued(request: dmioctl.Request) -> str:
-    dmioctl.issue(request)
-    return ""
+def _silent(action: Callable[..., object], *args: str | dmioctl.Request) -> Answer:
+    """An answer that does `action(*args)` and prints nothing, as the command would."""
+
+    def answer() -> str:
+        action(*args)
+        return ""
+
+    return answer
 
 
 def _dmsetup(verb: str, args: tuple[str, ...]) -> Answer | None:
@@ -66,11 +71,11 @@ def _dmsetup(verb: str, args: tuple[str, ...]) -> Answer | None:
             if set(wanted) <= INFO_FIELDS and len(names) <= 1:
                 return lambda: _info_rows(names, wanted, sep)
         case "create", (name, "--uuid", uuid, "--notable"):
-            return lambda: _created(name, uuid)
+            return _silent(dmioctl.issue, dmioctl.create(name, uuid))
         case "mknodes", (name,):
-            return lambda: _made_node(name)
+            return _silent(dmioctl.make_node, name)
         case "remove", ("--retry", name):
-            return lambda: _removed(name)
+            return _silent(dmioctl.remove_device, name)
     return None
 
 
@@ -79,7 +84,7 @@ def _losetup(args: tuple[str, ...]) -> Answer | None:
         case ("--find", "--show", path):
             return lambda: loopioctl.attach(path) + "\n"
         case ("--detach", node):
-            return lambda: _detached(node)
+            return _silent(loopioctl.detach, node)
     return None
 
 
@@ -128,23 +133,3 @@ def _info_rows(names: list[str], fields: list[str], separator: str) -> str:
     if not rows:
         return "No devices found\n"
     return "".join(row + "\n" for row in rows)
-
-
-def _created(name: str, uuid: str) -> str:
-    dmioctl.issue(dmioctl.create(name, uuid))
-    return ""
-
-
-def _made_node(name: str) -> str:
-    dmioctl.make_node(name)
-    return ""
-
-
-def _removed(name: str) -> str:
-    dmioctl.remove_device(name)
-    return ""
-
-
-def _detached(node: str) -> str:
-    loopioctl.detach(node)
-    return ""
