@@ -112,7 +112,23 @@ def mirror_target(device: DeviceSpec, joined: tuple[str, ...]) -> Target:
     )
 
 
-def pit_spec(stack: StackSpec, cow: str, chunk_sectors: int = 8) -> LayerSpec:
+# The largest `-pit` chunk: dm-snapshot splits every bio at its chunk size
+# (max_io_len), so a capture reading 1 MiB pieces through 4 KiB chunks issues 256
+# bios per piece. Measured on user-mode Linux 6.1 (O_DIRECT, 1 MiB reads of a
+# loop-backed origin): 4 KiB chunks 1.5x the origin's time, 64 KiB and larger the same.
+MAX_PIT_CHUNK_SECTORS = 128
+
+
+def pit_chunk_sectors(block_sectors: int) -> int:
+    """The `-pit` chunk for an era block: the block, at most 64 KiB (a power of two).
+
+    A chunk is also what one first write copies out while a cut is held, so it is never
+    larger than the era block, the granularity the replication already works in.
+    """
+    return min(MAX_PIT_CHUNK_SECTORS, 1 << (block_sectors.bit_length() - 1))
+
+
+def pit_spec(stack: StackSpec, cow: str) -> LayerSpec:
     """The point-in-time snapshot of a cut: of the device under `-orig`, COW on `cow`.
 
     Transient (N): it lives only while a cut is captured, so nothing needs to survive a
@@ -126,7 +142,7 @@ def pit_spec(stack: StackSpec, cow: str, chunk_sectors: int = 8) -> LayerSpec:
         layer_name(device.name, Layer.PIT),
         layer_uuid(device.group, device.name, Layer.PIT),
         stack.origin_sectors,
-        Snapshot(below.device, cow, "N", chunk_sectors),
+        Snapshot(below.device, cow, "N", pit_chunk_sectors(device.block_sectors)),
     )
 
 

@@ -333,6 +333,38 @@ def test_a_corrupt_journal_is_never_applied_and_seed_repairs(
     assert site_digests(pair, "dr") == gate_digests(pair)
 
 
+@pytest.mark.parametrize(("block_size", "chunk_sectors"), [("64KiB", 128), ("12KiB", 16)])
+def test_pit_chunks_follow_the_era_block_and_an_unaligned_tail_is_replicated(
+    bed: Bed, block_size: str, chunk_sectors: int
+) -> None:
+    """The `-pit` chunk is the era block rounded down to a power of two, at most 64 KiB;
+    an origin that ends inside a chunk (and an era block) is still captured to its end."""
+    size = 8 * MiB + 12 * 1024
+    origin, replica = bed.make_loop("ua-origin", size), bed.make_loop("ua-replica", size)
+    bed.add_device("ua", origin=origin, block_size=block_size)
+    bed.add_site("dr", replicas={"ua": replica})
+    bed.cli("up")
+    sync(bed)
+    gate = "/dev/mapper/ua"
+    write_random(gate, size - 4096, 4096)  # the last sector of the tail
+    write_random(gate, 3 * MiB + 512, 1024)
+    pit_tables: list[str] = []
+
+    def hook(phase: str) -> None:
+        if phase == "captured":
+            pit_tables.append(bed.runner.run(dm.table("ua-pit")).stdout)
+
+    phases.set_hook(hook)
+    try:
+        result = sync(bed)
+    finally:
+        phases.set_hook(None)
+    assert "site dr: in sync" in result.stdout, result.stdout + result.stderr
+    (table,) = pit_tables
+    assert table.split()[2:3] == ["snapshot"] and table.split()[-1] == str(chunk_sectors)
+    assert digest(replica) == digest(gate)
+
+
 def test_replica_size_must_match_the_origin(bed: Bed) -> None:
     bed.add_device("za")
     small = bed.make_loop("za-small", 16 * MiB)

@@ -16,7 +16,7 @@ from dmrepl.cut import cut_steps, held_cut, opened_gate_counters, recover
 from dmrepl.executor import CommandFailed, Runner
 from dmrepl.ops import Op, Result
 from dmrepl.policy import WriteCounters
-from dmrepl.stack import Layer, StackSpec, plan_stack
+from dmrepl.stack import Layer, StackSpec, pit_chunk_sectors, pit_spec, plan_stack
 from tests.unit.factories import device_spec
 
 ERA_NOW = 7  # what `dmsetup status <era>` reports after the take
@@ -206,3 +206,16 @@ def test_counters_opened_before_the_stall_are_read_anew_each_time(
         assert read() == {"d": WriteCounters(5, 40)}  # a gate not there is left out
         stat.write_text("1 0 8 0 7 0 56 0 0 0 0\n")
         assert read() == {"d": WriteCounters(7, 56)}
+
+
+@pytest.mark.parametrize(
+    ("block_sectors", "chunk_sectors"),
+    [(8, 8), (24, 16), (128, 128), (256, 128), (4096, 128)],
+)
+def test_the_pit_chunk_is_the_era_block_as_a_power_of_two_capped_at_64_kib(
+    block_sectors: int, chunk_sectors: int
+) -> None:
+    stack = plan_stack(device_spec(block_sectors=block_sectors), 2097152, 8192)
+    assert pit_chunk_sectors(block_sectors) == chunk_sectors
+    pit = pit_spec(stack, "/dev/loop9")
+    assert pit.table.endswith(f" snapshot /dev/vdb /dev/loop9 N {chunk_sectors}\n")
