@@ -85,6 +85,7 @@ from dmrepl.status import parse_era_status, parse_status_line
 from dmrepl.tables import Era, Linear, Zero, single
 
 SECTOR = 512
+QUIET_S = 0.3  # how long the used count must hold before the digest counts as done
 IDLE_DIGEST_ATTEMPTS = 6  # idle times of 1, 2, 4, ... 32 s (or more) before giving up
 
 MakeLoop = Callable[[str, int], str]  # (name, size in bytes) -> /dev/loopN
@@ -332,19 +333,23 @@ class _EraUnderTest:
             raise StressFailed(step, exc.strerror or str(exc), exc.errno) from exc
 
     def wait_quiet(self, step: str, timeout_s: float) -> float:
-        """Read the status until two reads agree: digestion has stopped allocating.
+        """Read the status until the used count has held for QUIET_S: digestion has stopped.
 
         While the worker digests a writeset with marked bits it shadows era
         array blocks again after every commit (each read is one), so the used
-        count moves between reads. Returns the seconds until the count settled.
+        count moves between reads; two reads in a row can still agree while a
+        digest goes on, so the count must hold over several spaced reads.
+        Returns the seconds until the count settled.
         """
         started = time.monotonic()
         previous, settled_at = self.used(step), started
         while time.monotonic() - started < timeout_s:
-            current = self.used(step)
-            if current == previous:
+            time.sleep(QUIET_S / 3)
+            current, now = self.used(step), time.monotonic()
+            if current != previous:
+                previous, settled_at = current, now
+            elif now - settled_at >= QUIET_S:
                 break
-            previous, settled_at = current, time.monotonic()
         return settled_at - started
 
     def close(self) -> None:

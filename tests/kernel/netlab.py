@@ -56,7 +56,7 @@ TOOLS = {
     "nbd-server": "nbd-server",
     "nbd-client": "nbd-client",
 }
-START_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 60.0  # a daemon starting on a loaded host
 
 
 def missing_tools() -> list[str]:
@@ -600,7 +600,7 @@ def wait_listening(
         time.sleep(0.02)
 
 
-def wait_gone(pid: int, timeout_s: float = 10.0) -> None:
+def wait_gone(pid: int, timeout_s: float = 60.0) -> None:
     """Wait until process `pid` has exited (it is not our child: it may be a daemon's)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -19,7 +19,9 @@ from tests.kernel.test_replicate import digest, pit_digests, sync, write_raw
 __all__ = ["pit_digests"]  # a fixture used here
 
 MiB = 2**20
-NBD_TIMEOUT_S = 5  # nbd-client -t: a request unanswered this long fails with EIO
+# nbd-client -t: a request unanswered this long fails with EIO. Long enough that a starved
+# nbd-server on a loaded host is not taken for a dead one; the waits below allow for it.
+NBD_TIMEOUT_S = 15
 
 
 def export_file(lab: NetLab, name: str, mib: int) -> Path:

@@ -9,7 +9,6 @@ import mmap
 import os
 import select
 import socket
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -38,15 +37,16 @@ def ssh(
 
 
 def round_trip_s(count: int = 7) -> float:
-    """Median time for a TCP connect to a closed port of the DR host to be refused: one round
-    trip (SYN out, RST back), and no server process woken that would compete for the CPU."""
+    """Shortest time for a TCP connect to a closed port of the DR host to be refused: one round
+    trip (SYN out, RST back), and no server process woken that would compete for the CPU.
+    The shortest, because a loaded host only ever adds delay."""
     times = []
     for _ in range(count):
         started = time.monotonic()
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((DR_IP, CLOSED_PORT), timeout=10).close()
         times.append(time.monotonic() - started)
-    return statistics.median(times)
+    return min(times)
 
 
 def report(name: str, seconds: float) -> None:
@@ -101,11 +101,12 @@ def test_netem_adds_latency_both_ways(netlab: NetLab) -> None:
     sshd = netlab.start_sshd()
     client = sshd.authorize("true")
     base_rtt = round_trip_s()
-    base_ssh = ssh(client)[1]
+    base_ssh = min(ssh(client)[1] for _ in range(3))
     netlab.netem(delay_ms=40)
     slow_rtt = round_trip_s()
-    done, slow_ssh = ssh(client)
-    assert done.returncode == 0, done.stderr
+    sessions = [ssh(client) for _ in range(3)]
+    assert all(done.returncode == 0 for done, _ in sessions), sessions[0][0].stderr
+    slow_ssh = min(seconds for _, seconds in sessions)
     for name, seconds in (
         ("round trip", base_rtt),
         ("round trip, netem 40 ms", slow_rtt),
@@ -114,7 +115,7 @@ def test_netem_adds_latency_both_ways(netlab: NetLab) -> None:
     ):
         report(name, seconds)
     # 40 ms each way.
-    assert 0.078 <= slow_rtt - base_rtt <= 0.2
+    assert 0.078 <= slow_rtt - base_rtt <= 0.3
     # An ssh session takes several round trips (TCP, banners, key exchange, auth, channel).
     assert slow_ssh - base_ssh >= 4 * 0.08
 
@@ -142,7 +143,7 @@ def test_cut_stalls_the_link_and_restore_resumes_it(netlab: NetLab) -> None:
         failed, took = ssh(client, "-o", "ConnectTimeout=2")
         report("ssh attempt over a cut link (ConnectTimeout=2)", took)
         assert failed.returncode == 255 and "timed out" in failed.stderr
-        assert took < 10
+        assert took < 30  # ConnectTimeout=2, plus starting ssh on a loaded host
 
         restored = time.monotonic()
         netlab.restore()

@@ -18,9 +18,11 @@ from tests.kernel.test_replicate import MiB, digest, write_raw
 GRID = "10s:2"
 
 
-def _next_interval(seconds: int) -> None:
-    """Sleep until just after the next multiple of `seconds` of Unix time."""
-    time.sleep(seconds - time.time() % seconds + 0.2)
+def next_interval(seconds: int, after: float | None = None) -> None:
+    """Sleep until just after the multiple of `seconds` of Unix time that follows `after`
+    (default: now); no sleep if that moment has passed already."""
+    moment = time.time() if after is None else after
+    time.sleep(max(0.0, moment - moment % seconds + seconds + 0.2 - time.time()))
 
 
 def test_a_keep_grid_compacts_and_kept_cuts_restore(bed: Bed, workdir: Path) -> None:
@@ -33,12 +35,13 @@ def test_a_keep_grid_compacts_and_kept_cuts_restore(bed: Bed, workdir: Path) -> 
     at_cut: dict[int, str] = {}  # the gate's digest at each cut
     created: dict[int, float] = {}  # each cut's creation time, from its delta header
     said = []
-    # Three cycles in one 10 s interval, then two in the next: cuts 1, 2 and 4 are dropped
-    # (when every cycle takes under 3 s; the expectation below follows the real times).
-    _next_interval(10)
+    # Three cycles in one 10 s interval, then two from the interval after the third cut's:
+    # cuts 1, 2 and 4 are dropped when every cycle takes under 3 s; slower cycles move the
+    # cuts, and the expectation below follows their real times.
+    next_interval(10)
     for cycle in range(5):
         if cycle == 3:
-            _next_interval(10)
+            next_interval(10, after=created[max(created)])
         write_raw(gate, [cycle, 10 + 3 * cycle, 40])
         said.append(bed.cli("sync", bed.group).stderr)
         newest = deltafiles.list_files(archive, bed.group)[-1]

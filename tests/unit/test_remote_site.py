@@ -185,7 +185,7 @@ def test_a_link_that_moves_nothing_is_down_within_the_stall_timeout(tmp_path: Pa
     started = time.monotonic()
     with pytest.raises(SiteDown, match=r"no progress for 1 s \(stall_timeout\)"):
         site.check()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # not the 60 s the far end sleeps
 
 
 def test_ssh_failing_is_down_with_what_ssh_said(tmp_path: Path) -> None:
