@@ -229,7 +229,7 @@ def test_a_link_cut_mid_delta_is_down_within_the_stall_timeout_and_the_next_sync
     assert "site dr: down" in result.stdout, result.stdout
     assert f"no progress for {stall_s} s (stall_timeout)" in result.stdout + result.stderr
     assert returned - cut_started >= stall_s
-    assert detected <= stall_s + 10  # and the sync wraps up without delay (a loaded host)
+    assert detected <= stall_s + 3  # and the sync wraps up without delay
     assert 0 < received < length
 
     lingered = receivers(netlab)
