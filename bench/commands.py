@@ -14,15 +14,24 @@ run, for `true`:
 - `dmrepl.executor.Runner.run` (today: `subprocess`, vfork + exec).
 
 The ways take turns, one call each per round, so a busy host slows them alike.
-Prints a Markdown table of the median time per command and its ratio to
-`subprocess.run`, on this host and then in the test guest (user-mode Linux
-unless DMREPL_VM=qemu), where every guest process's system calls are traced.
+The `sh` ways run in an interpreter of their own, with their own
+`subprocess.run` floor: sh forks the whole Python process, which leaves every
+page of it shared copy-on-write with the child, so the next way to run in that
+process pays a minor page fault for each page it writes (measured here: 171
+for `Runner.run` right after an `sh` call, none otherwise). dmrepl never forks
+itself during a cycle; billing those faults to the executor measured sh, not it.
+
+Prints a Markdown table of the median time and minor page faults per command
+and the time's ratio to `subprocess.run`, on this host and then in the test
+guest (user-mode Linux unless DMREPL_VM=qemu), where every guest process's
+system calls are traced.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,39 +49,91 @@ from dmrepl.ops import probe
 RESULTS_FILE = "commands.json"
 
 
-def per_call_ms(ways: list[tuple[str, Callable[[], object]]], runs: int) -> list[float]:
-    """Median milliseconds per call of each way over `runs` rounds (after one warm-up call).
+Way = tuple[str, Callable[[], object]]
+Measured = tuple[str, float, float]  # way, median ms per call, median minor page faults per call
 
-    Every round calls each way once, in turn, so a busy host slows all of them alike.
+
+def per_call(ways: list[Way], runs: int) -> list[Measured]:
+    """Median milliseconds and minor page faults per call of each way over `runs` rounds.
+
+    One warm-up call each first; then every round calls each way once, in turn,
+    so a busy host slows all of them alike.
     """
     times: list[list[float]] = [[] for _ in ways]
+    faults: list[list[int]] = [[] for _ in ways]
     for _, call in ways:
         call()
     for _ in range(runs):
-        for spent, (_, call) in zip(times, ways, strict=True):
+        for spent, faulted, (_, call) in zip(times, faults, ways, strict=True):
+            faults_before = _minor_faults()
             started = time.perf_counter()
             call()
             spent.append(time.perf_counter() - started)
-    return [statistics.median(spent) * 1000 for spent in times]
-
-
-def measure(runs: int) -> list[tuple[str, float]]:
-    """(way, median ms per command) for each way, side by side in this process."""
-    true = sh.Command("true")
-    runner = Runner()
-    ways: list[tuple[str, Callable[[], object]]] = [
-        ("subprocess.run", lambda: subprocess.run(["true"], check=True)),
-        ("sh, plain", lambda: true(_return_cmd=True)),
-        ("sh with _timeout=120", lambda: true(_return_cmd=True, _timeout=120)),
-        ("dmrepl Runner.run", lambda: runner.run(probe("true"))),
+            faulted.append(_minor_faults() - faults_before)
+    return [
+        (name, statistics.median(spent) * 1000, statistics.median(faulted))
+        for (name, _), spent, faulted in zip(ways, times, faults, strict=True)
     ]
-    return list(zip((name for name, _ in ways), per_call_ms(ways, runs), strict=True))
 
 
-def table(title: str, results: list[tuple[str, float]]) -> str:
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _subprocess_run() -> object:
+    return subprocess.run(["true"], check=True)
+
+
+def measure_executor(runs: int) -> list[Measured]:
+    """`subprocess.run` and `Runner.run`, side by side in this process (which never forks)."""
+    runner = Runner()
+    return per_call(
+        [
+            ("subprocess.run", _subprocess_run),
+            ("dmrepl Runner.run", lambda: runner.run(probe("true"))),
+        ],
+        runs,
+    )
+
+
+def measure_sh(runs: int) -> list[Measured]:
+    """`subprocess.run` and the two `sh` ways, side by side in this process."""
+    true = sh.Command("true")
+    return per_call(
+        [
+            ("subprocess.run (beside sh)", _subprocess_run),
+            ("sh, plain", lambda: true(_return_cmd=True)),
+            ("sh with _timeout=120", lambda: true(_return_cmd=True, _timeout=120)),
+        ],
+        runs,
+    )
+
+
+def measure(runs: int) -> list[Measured]:
+    """Every way: the executor's here, then sh's in a fresh interpreter (sh forks its process)."""
+    executor = measure_executor(runs)
+    child = subprocess.run(
+        [sys.executable, "-m", "bench.commands", "--runs", str(runs), "--sh-ways"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    beside_sh = [
+        (str(name), float(ms), float(faults)) for name, ms, faults in json.loads(child.stdout)
+    ]
+    return executor + beside_sh
+
+
+def table(title: str, results: list[Measured]) -> str:
+    """Markdown: time and faults per way; time as a multiple of the first way's (the floor)."""
+    lines = [
+        f"{title}\n",
+        "| way | ms per command | ÷ subprocess.run | minor page faults per command |",
+        "|---|---:|---:|---:|",
+    ]
     floor = results[0][1]
-    lines = [f"{title}\n", "| way | ms per command | ÷ subprocess.run |", "|---|---:|---:|"]
-    lines += [f"| {name} | {ms:.1f} | {ms / floor:.1f}x |" for name, ms in results]
+    for name, ms, faults in results:
+        lines.append(f"| {name} | {ms:.2f} | {ms / floor:.1f}x | {faults:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -81,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=100, help="calls per way (default 100)")
     parser.add_argument("--host-only", action="store_true", help="do not measure in the guest")
     parser.add_argument("--guest", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--sh-ways", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.sh_ways:
+        print(json.dumps(measure_sh(args.runs)))
+        return 0
     if args.guest:
         (args.guest / RESULTS_FILE).write_text(json.dumps({"ways": measure(args.runs)}))
         return 0
@@ -91,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     run = run_guest_half("bench.commands", f" --runs {args.runs}", RESULTS_FILE, None)
     if run.payload is None:
         return 1
-    guest = [(str(name), float(ms)) for name, ms in run.payload["ways"]]
+    guest = [(str(name), float(ms), float(faults)) for name, ms, faults in run.payload["ways"]]
     print(table(f"In the guest ({vm.describe()}): the same", guest))
     return 0
 
