@@ -3,8 +3,8 @@
 The metadata is read with O_DIRECT (the kernel writes it through its own
 buffers, so our page cache could hold stale blocks), sorted by block number and
 fetched in contiguous runs of up to `RUN_BLOCKS` blocks. Memory stays bounded:
-one run buffer, the list of array-block locations, and the result bitmap (one
-bit per era block).
+one run buffer, the list of array-block locations, and the pieces of the result
+bitmap that hold a changed era block (`erameta.BlockSet`).
 """
 
 from __future__ import annotations

@@ -16,9 +16,11 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dmrepl import era, erameta, erareader
-from dmrepl.erameta import BLOCK_SIZE, BlockSet, MetadataDoubt
+from dmrepl.erameta import BLOCK_SIZE, PIECE_BITS, PIECE_BYTES, BlockSet, MetadataDoubt
 from dmrepl.executor import Runner
 from dmrepl.ops import Op
 from dmrepl.ranges import Extent
@@ -121,6 +123,10 @@ def test_short_device(tmp_path: Path) -> None:
         erareader.written_since(str(path), 1)
 
 
+def _members(listed: list[Extent]) -> set[int]:
+    return {b for x in listed for b in range(x.begin, x.end)}
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_block_set_extents(seed: int) -> None:
     rng = random.Random(seed)
@@ -130,14 +136,101 @@ def test_block_set_extents(seed: int) -> None:
     for block in members:
         result.add(block)
     listed = result.extents()
-    assert {b for x in listed for b in range(x.begin, x.end)} == members
+    assert _members(listed) == members
     assert all(a.end < b.begin for a, b in itertools.pairwise(listed))
 
 
-def test_block_set_merge_bytes_clips() -> None:
+@given(
+    st.integers(1, 5 * PIECE_BITS).flatmap(
+        lambda nr_blocks: st.tuples(
+            st.just(nr_blocks),
+            st.lists(
+                st.tuples(st.integers(0, nr_blocks - 1), st.integers(1, PIECE_BITS + 9)),
+                max_size=12,
+            ),
+        )
+    )
+)
+def test_block_set_runs_across_pieces(case: tuple[int, list[tuple[int, int]]]) -> None:
+    """Runs of blocks anywhere, across piece boundaries: the extents are the set, coalesced."""
+    nr_blocks, runs = case
+    members = {b for start, length in runs for b in range(start, min(start + length, nr_blocks))}
+    result = BlockSet(nr_blocks)
+    for block in members:
+        result.add(block)
+    listed = result.extents()
+    assert _members(listed) == members
+    assert all(a.end < b.begin for a, b in itertools.pairwise(listed))
+    assert len(result.pieces) == len({b // PIECE_BITS for b in members})
+
+
+@given(
+    st.integers(1, 4 * PIECE_BITS).flatmap(
+        lambda nr_blocks: st.tuples(
+            st.just(nr_blocks),
+            st.lists(st.tuples(st.integers(0, nr_blocks), st.integers(0, nr_blocks)), max_size=6),
+            st.lists(st.integers(0, nr_blocks - 1), max_size=6),
+        )
+    )
+)
+def test_block_set_add_range_matches_adding_each(
+    case: tuple[int, list[tuple[int, int]], list[int]],
+) -> None:
+    nr_blocks, ranges, singles = case
+    by_range, by_block = BlockSet(nr_blocks), BlockSet(nr_blocks)
+    for begin, end in ranges:
+        by_range.add_range(begin, end)
+        for block in range(begin, end):
+            by_block.add(block)
+    for block in singles:
+        by_range.add(block)
+        by_block.add(block)
+    assert by_range.extents() == by_block.extents()
+    assert by_range.pieces == by_block.pieces
+
+
+@pytest.mark.parametrize(
+    ("eras", "since", "expected"),
+    [
+        ([1, 2, 3, 2], 4, []),  # nothing this recent
+        ([5, 6, 5, 7], 5, [Extent(100, 104)]),  # everything
+        ([5, 1, 6, 2], 5, [Extent(100, 101), Extent(102, 103)]),  # some
+    ],
+    ids=["none", "all", "some"],
+)
+def test_mark_eras_since(eras: list[int], since: int, expected: list[Extent]) -> None:
+    result = BlockSet(200)
+    entries = memoryview(b"".join(value.to_bytes(4, "little") for value in eras))
+    erameta.mark_eras_since(result, entries, 100, since)
+    assert result.extents() == expected
+
+
+def test_block_set_keeps_only_pieces_with_members() -> None:
+    result = BlockSet(258 * PIECE_BITS)  # a writeset of 16 TiB in 2 MiB era blocks
+    for piece in range(258):
+        result.merge_piece(piece, bytes(PIECE_BYTES))
+    assert result.pieces == {}
+    result.merge_piece(7, b"\x00\x80")  # block 7 * PIECE_BITS + 15
+    result.merge_piece(7, b"\x01")  # OR-ed into the same piece
+    result.add(8 * PIECE_BITS)  # the next piece
+    result.add(8 * PIECE_BITS - 1)  # the end of piece 7: one extent with the next
+    assert result.extents() == [
+        Extent(7 * PIECE_BITS, 7 * PIECE_BITS + 1),
+        Extent(7 * PIECE_BITS + 15, 7 * PIECE_BITS + 16),
+        Extent(8 * PIECE_BITS - 1, 8 * PIECE_BITS + 1),
+    ]
+    assert sorted(result.pieces) == [7, 8]
+    with pytest.raises(ValueError, match="do not fit"):
+        result.merge_piece(0, bytes(PIECE_BYTES + 1))
+
+
+def test_block_set_merge_piece_clips() -> None:
     result = BlockSet(10)  # two bytes, six spare bits
-    result.merge_bytes(0, b"\x01\xff\xff\xff")
+    result.merge_piece(0, b"\x01\xff\xff\xff")
     assert result.extents() == [Extent(0, 1), Extent(8, 10)]
+    beyond = BlockSet(PIECE_BITS + 3)  # spare bits in a second piece
+    beyond.merge_piece(1, b"\xff")
+    assert beyond.extents() == [Extent(PIECE_BITS, PIECE_BITS + 3)]
 
 
 class ToolRunner(Runner):
