@@ -14,8 +14,17 @@ the code `dmrepl changes` runs (without `-pit` images).
   gates resumed), the change list since the previous cut read, the cut released.
 - both list paths: while each cut is held its changes are listed twice, by
   dmrepl's own metadata reader (`DMREPL_ERA_LIST=reader`, the default path) and
-  by era_invalidate (`DMREPL_ERA_LIST=tool`), in alternating order, and the two
-  lists must be equal. "cut + list" is take + list + release for each path.
+  then by era_invalidate (`DMREPL_ERA_LIST=tool`), and the two lists must be
+  equal. "cut + list" is take + list + release for each path. The tool's list is
+  made in a fresh interpreter (`--tool-list`, timed inside it): dmrepl streams
+  era_invalidate through sh, which forks the whole Python process, and every
+  page that fork shares copy-on-write costs the next code to write it a page
+  fault (in user-mode Linux about 0.05 ms each), which billed this process's
+  release and next cut for the tool's run.
+- the kernel alone: after each cut of a size (and a few more blocks written),
+  the same take and release as bare ioctls back to back, nothing listed in
+  between (`kernel_alone`): what dm-era costs per cut at that size, whatever
+  lists the changes.
 - by changes: one device; N distinct era blocks (never adjacent, so N ranges) are
   written with buffered 4 KiB writes and one fsync, then cuts list the changes
   since the era the writes began in.
@@ -31,6 +40,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,12 +51,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.vmrun import run_guest_half
-from dmrepl import dm, era, loop
+from dmrepl import dm, dmioctl, era, loop
 from dmrepl.config import DeviceSpec
-from dmrepl.cut import held_cut, list_changes
+from dmrepl.cut import cut_steps, held_cut, list_changes
 from dmrepl.executor import CommandFailed, Runner
 from dmrepl.ops import Op, Result, probe
-from dmrepl.ranges import total_length
+from dmrepl.ranges import Extent, blocks_to_sectors, total_length
 from dmrepl.sizing import metadata_size
 from dmrepl.stack import Layer, StackSpec, plan_stack
 from dmrepl.tables import Zero, single
@@ -217,34 +227,32 @@ def timed_cut(
     stack: StackSpec,
     since: int | None,
     say: Callable[[str], object],
-    reader_first: bool = True,
 ) -> dict[str, Any]:
     """Take one cut, list changes since era `since` (None: since the era before the cut).
 
-    The list is made by both paths (`reader_first` says which goes first), which
-    must agree. Returns the cut's timings, the commands it ran and what the list held.
+    The list is made by both paths, which must agree: the reader here, as
+    `dmrepl changes` makes it, then era_invalidate in a fresh interpreter
+    (`tool_list`). Returns the cut's timings, the commands it ran and what the list held.
     """
     name = stack.device.name
     mark = runner.mark()
     started = time.monotonic()
-    lists: dict[str, list[Any]] = {}
-    list_s: dict[str, float] = {}
     with held_cut(runner, (stack,), say=lambda _: None) as held:
         taken = time.monotonic()
         in_take = runner.since(mark)
         first = held.eras[name] if since is None else since
-        for mode in ("reader", "tool") if reader_first else ("tool", "reader"):
-            os.environ[era.LIST_ENV] = mode
-            begun = time.monotonic()
-            lists[mode] = list_changes(runner, held, {name: first})[name]
-            list_s[mode] = time.monotonic() - begun
+        os.environ[era.LIST_ENV] = "reader"
+        begun = time.monotonic()
+        listed = list_changes(runner, held, {name: first})[name]
+        list_s = time.monotonic() - begun
         os.environ.pop(era.LIST_ENV)
+        by_tool, list_tool_s = tool_list(stack.require(Layer.ACCESS).path, first)
         stall, cut_era, steps = held.stall_s, held.eras[name], held.steps
         release_started = time.monotonic()
     released = time.monotonic()
-    if lists["reader"] != lists["tool"]:
+    block_sectors, origin_sectors = stack.device.block_sectors, stack.origin_sectors
+    if listed != list(blocks_to_sectors(by_tool, block_sectors, origin_sectors)):
         raise AssertionError(f"era {cut_era} since {first}: the reader and era_invalidate differ")
-    listed = lists["reader"]
     commands = runner.since(mark)
     take_s, release_s = taken - started, released - release_started
     record = {
@@ -252,12 +260,11 @@ def timed_cut(
         "since": first,
         "take_s": take_s,
         "stall_s": stall,
-        "list_s": list_s["reader"],
-        "list_tool_s": list_s["tool"],
+        "list_s": list_s,
+        "list_tool_s": list_tool_s,
         "release_s": release_s,
-        "total_s": take_s + list_s["reader"] + release_s,
-        "total_tool_s": take_s + list_s["tool"] + release_s,
-        "era_invalidate_s": sum(s for label, s in commands if label == "era_invalidate"),
+        "total_s": take_s + list_s + release_s,
+        "total_tool_s": take_s + list_tool_s + release_s,
         "take_message_s": sum(s for label, s in steps if "take_metadata_snap" in label),
         "take_commands": in_take,
         "commands": len(commands),
@@ -265,11 +272,59 @@ def timed_cut(
         "changed_sectors": total_length(listed),
     }
     say(
-        f"  cut era {cut_era}: take {take_s:.2f} s (stall {stall:.2f} s), list "
-        f"{list_s['reader']:.3f} s by the reader, {list_s['tool']:.2f} s by era_invalidate "
-        f"({record['ranges']} ranges), release {release_s:.2f} s"
+        f"  cut era {cut_era}: take {take_s:.3f} s (stall {stall:.3f} s), list "
+        f"{list_s:.3f} s by the reader, {list_tool_s:.2f} s by era_invalidate "
+        f"({record['ranges']} ranges), release {release_s:.3f} s"
     )
     return record
+
+
+def tool_list(access: str, since: int) -> tuple[list[Extent], float]:
+    """era_invalidate's list of the snapshot held on `access`, and its seconds.
+
+    Made by dmrepl's code (`era.written_since` with DMREPL_ERA_LIST=tool) in a
+    fresh interpreter, so that sh's fork of it bills nothing to this process.
+    """
+    child = subprocess.run(
+        [sys.executable, "-m", "bench.cut_cost", "--tool-list", access, str(since)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, era.LIST_ENV: "tool"},
+    )
+    answer = json.loads(child.stdout)
+    return [Extent(begin, end) for begin, end in answer["extents"]], float(answer["seconds"])
+
+
+def _tool_list_here(access: str, since: int) -> int:
+    """The child of `tool_list`: print the list and how long it took, as JSON."""
+    runner = Runner(timeout_s=1800)
+    started = time.monotonic()
+    extents = era.written_since(runner, access, since)
+    seconds = time.monotonic() - started
+    print(json.dumps({"seconds": seconds, "extents": [[x.begin, x.end] for x in extents]}))
+    return 0
+
+
+def kernel_alone(stack: StackSpec) -> tuple[float, float]:
+    """A cut's kernel operations alone: (take, release) seconds, each as bare ioctls back to back.
+
+    The take is the cut's steps (suspend the gate, `take_metadata_snap`, resume the
+    gate), the release its `drop_metadata_snap`: what any tool using dm-era must
+    pay per cut, whatever it lists with. Nothing is listed in between.
+    """
+    steps = cut_steps((stack,), None)
+    takes = [dmioctl.request_for(step.op) for step in steps]
+    drops = [dmioctl.request_for(step.release) for step in steps if step.release is not None]
+    started = time.monotonic()
+    for request in takes:
+        assert request is not None, "a cut step with no ioctl"
+        dmioctl.issue(request)
+    taken = time.monotonic()
+    for request in reversed(drops):
+        assert request is not None, "a release with no ioctl"
+        dmioctl.issue(request)
+    return taken - started, time.monotonic() - taken
 
 
 def measure_size(
@@ -288,11 +343,14 @@ def measure_size(
         gate = stack.require(Layer.GATE).path
         cuts = []
         previous: int | None = None
-        for index in range(grid.cuts_per_size):
+        for _ in range(grid.cuts_per_size):
             write_blocks(gate, blocks, time.monotonic() + grid.write_budget_s)
             since = None if previous is None else previous + 1
-            cut = timed_cut(runner, stack, since, say, reader_first=index % 2 == 0)
-            previous = cut["era"]
+            cut = timed_cut(runner, stack, since, say)
+            write_blocks(gate, blocks, time.monotonic() + grid.write_budget_s)
+            cut["kernel_take_s"], cut["kernel_release_s"] = kernel_alone(stack)
+            cut["kernel_s"] = cut["kernel_take_s"] + cut["kernel_release_s"]
+            previous = cut["era"] + 1  # the floor's take closed an era too
             cuts.append(cut)
     return {
         "origin_sectors": origin_sectors,
@@ -384,17 +442,21 @@ def _median(cuts: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(cut[key] for cut in cuts))
 
 
+def _cell(cuts: list[dict[str, Any]], key: str) -> str:
+    return f"{_median(cuts, key):.3f}" if key in cuts[0] else ""  # older results lack some
+
+
 def render_tables(payload: dict[str, Any]) -> str:
     """The Markdown tables of docs/cuts.md (seconds, medians over a point's cuts)."""
     keys = (
         "stall_s", "take_message_s", "list_s", "list_tool_s", "release_s", "total_s",
-        "total_tool_s",
+        "total_tool_s", "kernel_s",
     )  # fmt: skip
     lines = [
         "| origin | era blocks | metadata | cuts | commands per cut | writer stall"
         " | of which `take_metadata_snap` | list (reader) | list (era_invalidate) | release"
-        " | cut + list (reader) | cut + list (era_invalidate) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | cut + list (reader) | cut + list (era_invalidate) | kernel alone: take + release |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     sizes = payload["sizes"]
     for p in sizes:
@@ -404,7 +466,7 @@ def render_tables(payload: dict[str, Any]) -> str:
             _size(p["metadata_sectors"]),
             str(len(p["cuts"])),
             "/".join(str(n) for n in sorted({cut["commands"] for cut in p["cuts"]})),
-            *(f"{_median(p['cuts'], key):.3f}" for key in keys),
+            *(_cell(p["cuts"], key) for key in keys),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if len(sizes) > 1:
@@ -413,9 +475,17 @@ def render_tables(payload: dict[str, Any]) -> str:
         cells = [f"**{_size(large['origin_sectors'])} ÷ {_size(small['origin_sectors'])}**"]
         cells += [f"{factor:.0f}x", "", "", ""]
         for key in keys:
-            low = _median(small["cuts"], key)
+            low = _median(small["cuts"], key) if key in small["cuts"][0] else 0
             cells.append(f"{_median(large['cuts'], key) / low:.2f}x" if low > 0 else "")
         lines.append("| " + " | ".join(cells) + " |")
+        if "kernel_s" in large["cuts"][0]:
+            floor, whole = _median(large["cuts"], "kernel_s"), _median(small["cuts"], "total_s")
+            lines += [
+                "",
+                f"The kernel's operations alone at {_size(large['origin_sectors'])} take"
+                f" {floor / whole:.2f}x dmrepl's whole cut + list at"
+                f" {_size(small['origin_sectors'])}.",
+            ]
 
     if not payload["changes"]:
         return "\n".join(lines)
@@ -447,8 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also copy the raw results here")
     parser.add_argument("--render", type=Path, help="print the tables of saved results; no VM")
     parser.add_argument("--guest", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tool-list", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     grid = GRIDS[args.grid]
+    if args.tool_list:
+        return _tool_list_here(args.tool_list[0], int(args.tool_list[1]))
     if args.guest:
         return run_guest(args.guest, grid)
     if args.render:
