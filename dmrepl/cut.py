@@ -21,9 +21,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmrepl import dm, era, loop, probe, safefile
+from dmrepl import dm, era, loop, probe, safefile, sizing
 from dmrepl.dm import mapper_path
-from dmrepl.errors import DmreplError
+from dmrepl.errors import DmreplError, ExitCode
 from dmrepl.executor import Runner
 from dmrepl.ops import Op
 from dmrepl.policy import WriteCounters
@@ -33,9 +33,18 @@ from dmrepl.stack import Layer, LayerSpec, StackSpec, layer_name, pit_spec
 from dmrepl.statedir import StateDir
 from dmrepl.status import parse_snapshot_status, parse_status_line
 
+DIGEST_WAIT_S = 60.0  # how long a cut waits for the digest (below systemd's 90 s stop timeout)
+DIGEST_POLL_S = 0.25
+
 
 class CowOverflow(DmreplError):
     """A `-pit` snapshot ran out of copy-on-write space: its image is no longer the cut."""
+
+
+class MetadataFull(DmreplError):
+    """dm-era has not digested earlier eras: a cut now could fill its metadata device."""
+
+    exit_code = ExitCode.METADATA_FULL
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,7 @@ def held_cut(
     while they are suspended, so they count exactly the writes before the cut.
     The stalled steps are ioctls (`Runner.run_dm`); each one's time is in `HeldCut.steps`.
     """
+    wait_for_metadata_room(runner, stacks, say=say, patient=not gates_held)
     cows = None if cow_for is None else {s.device.name: cow_for(s) for s in stacks}
     names = [s.device.name for s in stacks]
     steps = cut_steps(stacks, cows, gates_held=gates_held)
@@ -230,6 +240,50 @@ def held_cut(
             devices, stall, latch, counters, _durations(started, timings), started or ended
         )
         latch.check()
+
+
+def wait_for_metadata_room(
+    runner: Runner,
+    stacks: tuple[StackSpec, ...],
+    *,
+    say: Say,
+    patient: bool = True,
+    timeout_s: float = DIGEST_WAIT_S,
+    poll_s: float = DIGEST_POLL_S,
+) -> float:
+    """Wait until every era device has the free metadata a cut may need; the seconds waited.
+
+    Each take archives the current writeset, which dm-era's worker then digests
+    into the era array one bit at a time (in the test guest about 0.3 s for
+    8 Mi era blocks). Cuts taken faster pile archived writesets up, each as
+    large as the device's bitmap, and a full metadata device makes dm-era fail
+    writes. Not `patient` (the caller already holds the writers): look once.
+    Raises `MetadataFull` when the room has not come after `timeout_s`.
+    """
+    started = time.monotonic()
+    for stack in stacks:
+        name = stack.require(Layer.ERA).name
+        need = sizing.cut_headroom_blocks(stack.origin_sectors, stack.device.block_sectors)
+        told = False
+        while True:
+            status = era.read_status(runner, name, checked=False)
+            free = status.metadata_total_blocks - status.metadata_used_blocks
+            if free >= need:
+                break
+            if not patient or time.monotonic() - started >= timeout_s:
+                raise MetadataFull(
+                    f"{name}: {free} metadata blocks free, and a cut may need {need}: dm-era"
+                    " has not yet digested earlier eras, and a cut now could fill its metadata"
+                    " (dm-era then fails writes)",
+                    hint="retry later; take cuts less often, or give the device larger era"
+                    " blocks or more metadata (`dmrepl size` prints what it needs)",
+                )
+            if not told:
+                say(f"{name}: waiting for dm-era to digest earlier eras ({free} metadata blocks"
+                    f" free, a cut may need {need})")  # fmt: skip
+                told = True
+            time.sleep(poll_s)
+    return time.monotonic() - started
 
 
 def step_label(op: Op) -> str:

@@ -33,6 +33,7 @@ class ExitCode(IntEnum):
     NOT_RUNNING = 18  # the group's stacks are not running (run `dmrepl up`)
     MISMATCH = 19  # `verify`: a site's replicas differ from the cut they hold
     NOT_PRIMARY = 20  # the group was demoted on this host: it is a site of the new primary
+    METADATA_FULL = 21  # dm-era has not digested earlier eras: a cut now could fill its metadata
     INTERRUPTED = 130  # SIGINT/SIGTERM: what was done has been undone
 
 

@@ -328,17 +328,36 @@ def metadata_size(
             f" than the {MAX_METADATA_BLOCKS} blocks (about 15.9 GiB) a dm-era metadata device"
             f" can use; use an era block size of at least {larger} sectors"
         )
+    steady = _steady_blocks(era_blocks, worst)
+    return MetadataSize(era_blocks=era_blocks, steady_blocks=steady, worst_blocks=worst)
+
+
+def _steady_blocks(era_blocks: int, device_blocks: int) -> int:
+    """Blocks in use with nothing archived or held: fixed blocks, one era array, one writeset."""
     array = era_array_blocks(era_blocks)
     bitset = writeset_blocks(era_blocks)
-    steady = (
+    return (
         _STEADY_FIXED_BLOCKS
-        + space_map_bitmaps(worst)
+        + space_map_bitmaps(device_blocks)
         + array
         + btree_nodes(array)
         + bitset
         + btree_nodes(bitset)
     )
-    return MetadataSize(era_blocks=era_blocks, steady_blocks=steady, worst_blocks=worst)
+
+
+def cut_headroom_blocks(origin_sectors: int, block_sectors: int) -> int:
+    """Free metadata blocks a cut may need above the steady state (the model, without margin).
+
+    The model allows DEFAULT_PENDING_WRITESETS archived writesets awaiting the
+    digest. Cuts taken faster than dm-era digests leave more, each as large as
+    the current writeset; a cut taken with less free than this could fill the
+    metadata device, and dm-era then fails writes.
+    """
+    era_blocks = era_block_count(origin_sectors, block_sectors)
+    worst = _worst_blocks(era_blocks, DEFAULT_PENDING_WRITESETS)
+    raw = _worst_raw(era_blocks, space_map_bitmaps(worst), DEFAULT_PENDING_WRITESETS)
+    return raw - _steady_blocks(era_blocks, worst)
 
 
 def published_regression_bytes(origin_sectors: int) -> int:

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from dmrepl import builder, dm, dmioctl, era, loop
-from dmrepl.config import load_config
+from dmrepl.config import DeviceSpec, load_config
 from dmrepl.cut import CowOverflow, check_pits, cow_devices, held_cut, recover
 from dmrepl.demo import write_random
 from dmrepl.executor import CommandFailed, Runner
-from dmrepl.stack import Layer, pit_spec
+from dmrepl.sizing import metadata_size
+from dmrepl.stack import Layer, pit_spec, plan_stack
 from dmrepl.statedir import StateDir
+from dmrepl.tables import Zero, single
 from tests.kernel.stacks import Bed, read_bytes
 
 MiB = 2**20
@@ -382,3 +387,42 @@ def test_a_failure_inside_the_stall_undoes_every_step(group: Bed) -> None:
     assert not any(held for _, held in after["eras"].values())  # type: ignore[attr-defined]
     write_blocks("/dev/mapper/cb", [4])  # writers go on, and the next cut sees the write
     assert blocks_of(changes(group), "cb") == [4]
+
+
+def test_cuts_faster_than_the_digest_wait_and_never_fill_the_metadata(
+    runner: Runner,
+    make_loop: Callable[[str, int], str],
+    make_dm: Callable[[str, str], str],
+    cleanup: ExitStack,
+) -> None:
+    """16 TiB in 2 MiB era blocks: dm-era digests each archived writeset (8 Mi bits) in
+    about 0.3 s, a cut takes about 20 ms. On metadata of exactly the size dmrepl requires,
+    90 back-to-back cuts would pile up archived writesets of 261 blocks each until it is full
+    (room for about 74 above the steady state; dm-era then fails writes). The cut waits for
+    the digest instead."""
+    origin_sectors, block_sectors = 16 * 2**40 // 512, 4096
+    size = metadata_size(origin_sectors, block_sectors)
+    zero = make_dm("pile-zero", single(origin_sectors, Zero()))
+    metadata = make_loop("pile-meta", size.required_sectors * 512)
+    device = DeviceSpec(
+        group="pile", name=f"kt{os.getpid()}pile", origin=zero, metadata=metadata,
+        metadata_offset=0, metadata_size=None, block_sectors=block_sectors, cow=None,
+        cow_sectors=None, mirror=None,
+    )  # fmt: skip
+    stack = plan_stack(device, origin_sectors, size.required_sectors)
+    for layer in stack.layers:  # removed in reverse at teardown
+        runner.run(dm.create(layer.name, layer.table, layer.uuid))
+        cleanup.callback(runner.run_best_effort, dm.remove(layer.name))
+    gate, era_dev = stack.require(Layer.GATE).path, stack.require(Layer.ERA).name
+    said: list[str] = []
+    fullest = 0
+    for cut in range(90):
+        write_random(gate, (cut % 16) * 2**40, 4096)  # one era block a TiB apart
+        with held_cut(runner, (stack,), say=said.append):
+            status = era.read_status(runner, era_dev, checked=False)
+            fullest = max(fullest, status.metadata_used_blocks)
+    waits = [line for line in said if "waiting for dm-era to digest earlier eras" in line]
+    assert waits, "no cut waited: the pile-up this test needs did not happen"
+    assert fullest < status.metadata_total_blocks == size.worst_blocks
+    write_random(gate, 17 * 2**40 // 2 + 4096, 4096)  # dm-era still takes writes
+    assert not era.read_status(runner, era_dev, checked=False).snapshot_held  # and answers

@@ -6,13 +6,22 @@ suspend and resume stalls every writer; these tests pin that sequence.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-from dmrepl import dm, dmioctl, probe
-from dmrepl.cut import cut_steps, held_cut, opened_gate_counters, recover
+from dmrepl import dm, dmioctl, probe, sizing
+from dmrepl.cut import (
+    MetadataFull,
+    cut_steps,
+    held_cut,
+    opened_gate_counters,
+    recover,
+    wait_for_metadata_room,
+)
+from dmrepl.errors import ExitCode
 from dmrepl.executor import CommandFailed, Runner
 from dmrepl.ops import Op, Result
 from dmrepl.policy import WriteCounters
@@ -27,16 +36,18 @@ class ScriptedRunner(Runner):
 
     ioctls = False  # every op, ioctl or not, is recorded by `run`
 
-    def __init__(self, held_root: str = "-") -> None:
+    def __init__(self, held_root: str = "-", used: Iterable[int] = ()) -> None:
         super().__init__()
         self.ops: list[tuple[str, ...]] = []
         self.held_root = held_root
+        self.used = list(used)  # metadata blocks used, one per status read; then 10
 
     def run(self, op: Op, *, ok_codes: Iterable[int] = (0,)) -> Result:
         self.ops.append(op.argv)
         stdout = ""
         if op.argv[:2] == ("dmsetup", "status") and op.argv[2].endswith("-era"):
-            stdout = f"0 2097152 era 8 10/1024 {ERA_NOW} {self.held_root}\n"
+            used = self.used.pop(0) if self.used else 10
+            stdout = f"0 2097152 era 8 {used}/1024 {ERA_NOW} {self.held_root}\n"
         return Result(op.argv, 0, stdout, "", 0.0)
 
 
@@ -50,7 +61,9 @@ def test_writers_stall_only_for_the_seven_steps_of_the_cut(stack: StackSpec) -> 
     gate, era_dev = stack.require(Layer.GATE).name, stack.require(Layer.ERA).name
     origin, pit = stack.require(Layer.ORIGIN).name, f"{stack.device.name}-pit"
     with held_cut(runner, (stack,), cow_for=lambda _: "/dev/loop9", say=lambda _: None) as held:
-        taken = list(runner.ops)
+        room, taken = runner.ops[:1], runner.ops[1:]
+    # First, whether dm-era's metadata has room for a cut (wait_for_metadata_room).
+    assert room == [("dmsetup", "status", era_dev)]
     # The image's device is made empty before writers stall: no table, nothing registered.
     assert taken[0][:3] == ("dmsetup", "create", pit) and taken[0][-1] == "--notable"
     stalled = taken[1 : taken.index(("dmsetup", "resume", gate)) + 1]
@@ -69,7 +82,9 @@ def test_writers_stall_only_for_the_seven_steps_of_the_cut(stack: StackSpec) -> 
         ("dmsetup", "status", era_dev),
     ]
     assert held.eras == {stack.device.name: ERA_NOW - 1}
-    assert ("dmsetup", "message", era_dev, "0", "drop_metadata_snap") in runner.ops[len(taken) :]
+    assert ("dmsetup", "message", era_dev, "0", "drop_metadata_snap") in runner.ops[
+        len(taken) + 1 :
+    ]
     assert [label for label, _ in held.steps] == [
         f"suspend {gate}",
         "read the gates' write counters",
@@ -108,7 +123,7 @@ def test_the_stalled_steps_are_ioctls_and_the_rest_commands(
         ("DEV_SUSPEND", origin),
         ("DEV_SUSPEND", gate),
     ]
-    assert [op[1] for op in commands] == ["create", "mknodes", "status"]
+    assert [op[1] for op in commands] == ["status", "create", "mknodes", "status"]
 
 
 def test_recover_uses_the_callers_observation(stack: StackSpec) -> None:
@@ -154,7 +169,9 @@ def test_a_cut_runs_exactly_the_steps_dry_run_prints() -> None:
     with held_cut(runner, stacks, cow_for=lambda s: cows[s.device.name], say=lambda _: None):
         taken = list(runner.ops)
     steps = cut_steps(stacks, cows)
-    assert taken[: len(steps)] == [step.op.argv for step in steps]
+    eras = [("dmsetup", "status", s.require(Layer.ERA).name) for s in stacks]
+    assert taken[: len(stacks)] == eras  # the metadata's room, before anything else
+    assert taken[len(stacks) : len(stacks) + len(steps)] == [step.op.argv for step in steps]
     released = runner.ops[len(taken) :]
     assert released == [s.release.argv for s in reversed(steps) if s.release is not None]
 
@@ -219,3 +236,47 @@ def test_the_pit_chunk_is_the_era_block_as_a_power_of_two_capped_at_64_kib(
     assert pit_chunk_sectors(block_sectors) == chunk_sectors
     pit = pit_spec(stack, "/dev/loop9")
     assert pit.table.endswith(f" snapshot /dev/vdb /dev/loop9 N {chunk_sectors}\n")
+
+
+# -- room in dm-era's metadata before a cut -----------------------------------------------
+
+
+def test_a_cut_waits_for_the_digest_when_the_metadata_lacks_room(stack: StackSpec) -> None:
+    need = sizing.cut_headroom_blocks(stack.origin_sectors, stack.device.block_sectors)
+    short = 1024 - need + 1  # one block too few free
+    runner, said = ScriptedRunner(used=[short, short, 10]), []
+    with held_cut(runner, (stack,), cow_for=lambda _: "/dev/loop9", say=said.append):
+        pass
+    era_dev, gate = stack.require(Layer.ERA).name, stack.require(Layer.GATE).name
+    assert runner.ops[:3] == [("dmsetup", "status", era_dev)] * 3
+    assert runner.ops.index(("dmsetup", "suspend", gate)) == 4  # after the room and the image
+    assert said[0] == (
+        f"{era_dev}: waiting for dm-era to digest earlier eras"
+        f" ({need - 1} metadata blocks free, a cut may need {need})"
+    )
+
+
+def test_a_cut_with_the_writers_held_does_not_wait_and_touches_nothing(stack: StackSpec) -> None:
+    runner = ScriptedRunner(used=[1024])
+    cut = held_cut(runner, (stack,), say=lambda _: None, gates_held=True)
+    with pytest.raises(MetadataFull, match="0 metadata blocks free") as refused, cut:
+        pytest.fail("the cut was taken")
+    assert refused.value.exit_code == ExitCode.METADATA_FULL == 21
+    assert runner.ops == [("dmsetup", "status", stack.require(Layer.ERA).name)]
+
+
+def test_the_wait_for_room_gives_up_after_its_timeout(stack: StackSpec) -> None:
+    runner = ScriptedRunner(used=[1024] * 1000)
+    started = time.monotonic()
+    with pytest.raises(MetadataFull, match="has not yet digested earlier eras") as refused:
+        wait_for_metadata_room(runner, (stack,), say=lambda _: None, timeout_s=0.2, poll_s=0.01)
+    assert 0.2 <= time.monotonic() - started < 5
+    assert refused.value.hint is not None and "retry later" in refused.value.hint
+    assert set(runner.ops) == {("dmsetup", "status", stack.require(Layer.ERA).name)}
+
+
+def test_every_device_of_the_group_is_checked() -> None:
+    stacks = two_stacks()
+    runner = ScriptedRunner()
+    assert wait_for_metadata_room(runner, stacks, say=lambda _: None) < 1
+    assert runner.ops == [("dmsetup", "status", s.require(Layer.ERA).name) for s in stacks]

@@ -17,6 +17,7 @@ from dmrepl.sizing import (
     SizingError,
     btree_max_entries,
     btree_nodes,
+    cut_headroom_blocks,
     era_array_blocks,
     era_block_count,
     metadata_size,
@@ -318,3 +319,22 @@ def test_size_is_at_most_one_and_a_half_floors_at_every_count(era_blocks: int) -
     """Between the measured points too: the size never exceeds 1.5 times what the kernel uses."""
     size = metadata_size(era_blocks * 8, 8)
     assert size.worst_blocks <= MAX_OVER_PEAK * kernel_peak_floor(era_blocks)
+
+
+@settings(max_examples=200)
+@given(
+    origin=st.integers(1, 64 * TIB_SECTORS),
+    block=st.sampled_from([8, 128, 1024, 4096, 8192, 2**20]),
+)
+def test_a_device_of_the_required_size_has_room_for_a_cut_at_rest(origin: int, block: int) -> None:
+    """The cut's room check passes on a device of exactly the required size at steady state,
+    with at least the margin to spare, and covers two more era arrays than the steady state."""
+    try:
+        size = metadata_size(origin, block)
+    except SizingError:
+        return  # too many era blocks for one metadata device: refused elsewhere
+    headroom = cut_headroom_blocks(origin, block)
+    array = era_array_blocks(size.era_blocks)
+    writeset = writeset_blocks(size.era_blocks)
+    assert size.worst_blocks - size.steady_blocks >= headroom
+    assert headroom >= 2 * array + 4 * writeset
